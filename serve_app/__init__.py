@@ -1,0 +1,1 @@
+"""Ray Serve orchestration for Hugging Face TGI."""

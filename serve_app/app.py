@@ -1,0 +1,50 @@
+"""`build_app`: the Serve config's `import_path`, turning `args` into the application."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+
+from .config import AppConfig, TierConfig
+from .router.deployment import RouterDeployment
+from .tier.deployment import TierDeployment
+
+
+def tier_deployment(tier: TierConfig) -> Deployment:
+    """A tier's Serve deployment; its Ray resources come from the same config as the engine's
+    `--num-shard`, so the two cannot disagree."""
+    bounds = tier.replicas
+    scaling: dict[str, Any] = (
+        {"num_replicas": bounds.min}
+        if bounds.min == bounds.max
+        else {
+            "autoscaling_config": {
+                "min_replicas": bounds.min,
+                "max_replicas": bounds.max,
+                "initial_replicas": max(bounds.min, 1),
+            }
+        }
+    )
+    return TierDeployment.options(
+        name=f"tier-{tier.name}",
+        ray_actor_options={"num_cpus": tier.cpus_per_replica, "num_gpus": tier.gpus_per_replica},
+        max_ongoing_requests=tier.max_ongoing_requests,
+        health_check_period_s=5,
+        health_check_timeout_s=10,
+        graceful_shutdown_timeout_s=tier.engine.graceful_termination_timeout_s + 10,
+        **scaling,
+    )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Validate `args` as an `AppConfig` (errors name the bad field) and bind the deployments."""
+    config = AppConfig.model_validate(args)
+    tiers = {tier.name: tier_deployment(tier).bind(tier) for tier in config.tiers}
+    return RouterDeployment.options(
+        name="router",
+        num_replicas=config.router.replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000,
+    ).bind(config, tiers)

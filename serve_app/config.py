@@ -1,0 +1,160 @@
+"""The application's one configuration model.
+
+Everything the application does is decided by an `AppConfig`, parsed from the `args` of a Serve
+config file (see `configs/local.yaml`). Models forbid unknown fields so that a typo is an error at
+deploy time, pointing at the field, rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TIER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    """How one tier's engine process is launched: `text-generation-launcher` flags."""
+
+    launcher: Literal["local", "tgi"] = Field(
+        "local",
+        description="'tgi' runs text-generation-launcher; 'local' runs the CPU engine that speaks "
+        "the same protocol and takes the same flags.",
+    )
+    model_id: str = Field(
+        "smollm2-135m-instruct",
+        min_length=1,
+        description="Hugging Face model id or local path (TGI), or a GGUF path or built-in alias "
+        "(local engine).",
+    )
+    revision: str | None = None
+    quantize: str | None = Field(None, description="TGI --quantize (e.g. 'awq', 'fp8').")
+    dtype: Literal["float16", "bfloat16"] | None = None
+    max_input_tokens: PositiveInt = 1024
+    max_total_tokens: PositiveInt = 2048
+    max_concurrent_requests: PositiveInt = 128
+    max_batch_size: PositiveInt | None = Field(
+        None, description="Sequences decoded together (local engine: parallel slots)."
+    )
+    startup_timeout_s: PositiveFloat = Field(
+        900.0, description="Download, load and warm-up must finish within this."
+    )
+    graceful_termination_timeout_s: PositiveFloat = Field(
+        30.0, description="How long the engine may drain in-flight requests after SIGTERM."
+    )
+    extra_args: tuple[str, ...] = Field(
+        (), description="Further launcher flags, passed verbatim after the generated ones."
+    )
+
+    @model_validator(mode="after")
+    def _token_limits(self) -> EngineConfig:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"max_input_tokens ({self.max_input_tokens}) must be less than "
+                f"max_total_tokens ({self.max_total_tokens})"
+            )
+        return self
+
+
+class ReplicaBounds(_Strict):
+    min: Annotated[int, Field(ge=0)] = 1
+    max: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaBounds:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class TierConfig(_Strict):
+    """One model tier: its own Serve deployment whose replicas each supervise one engine."""
+
+    name: str = Field(description="Lower-case DNS label; also the Serve deployment's suffix.")
+    aliases: tuple[str, ...] = Field((), description="Further model names that select this tier.")
+    engine: EngineConfig = EngineConfig()
+    gpus_per_replica: Annotated[int, Field(ge=0)] = Field(
+        0, description="GPUs each replica reserves from Ray; the engine shards over exactly these."
+    )
+    cpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
+    default_max_tokens: PositiveInt = 256
+    max_tokens_limit: PositiveInt = Field(
+        1024, description="Largest max_tokens a client may ask for; larger asks are a 400."
+    )
+    request_timeout_s: PositiveFloat = 300.0
+    max_ongoing_requests: PositiveInt = Field(
+        64, description="Requests one replica takes at once; more wait in Serve's queue."
+    )
+    replicas: ReplicaBounds = ReplicaBounds()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TierConfig:
+        if not TIER_NAME.match(self.name):
+            raise ValueError(
+                f"name {self.name!r} must be a lower-case DNS label (a-z, 0-9, '-', at most 40)"
+            )
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds "
+                f"max_tokens_limit ({self.max_tokens_limit})"
+            )
+        room = self.engine.max_total_tokens - 1
+        if self.max_tokens_limit > room:
+            raise ValueError(
+                f"max_tokens_limit ({self.max_tokens_limit}) must be below the engine's "
+                f"max_total_tokens ({self.engine.max_total_tokens})"
+            )
+        if self.engine.launcher == "tgi" and self.gpus_per_replica == 0:
+            raise ValueError("a 'tgi' engine needs gpus_per_replica >= 1")
+        return self
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every `model` value that selects this tier, canonical name first."""
+        return (self.name, *self.aliases)
+
+
+class RouterConfig(_Strict):
+    default_tier: str | None = Field(
+        None,
+        description="Tier for TGI-native routes without an X-Tier header; the first tier "
+        "when unset.",
+    )
+    max_body_bytes: PositiveInt = 2_000_000
+    replicas: PositiveInt = 1
+
+
+class AppConfig(_Strict):
+    tiers: tuple[TierConfig, ...] = Field(min_length=1)
+    router: RouterConfig = RouterConfig()
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> AppConfig:
+        owner: dict[str, str] = {}
+        for tier in self.tiers:
+            for model_name in tier.model_names:
+                if model_name in owner:
+                    raise ValueError(
+                        f"model name {model_name!r} is used by tiers {owner[model_name]!r} "
+                        f"and {tier.name!r}"
+                    )
+                owner[model_name] = tier.name
+        default = self.router.default_tier
+        if default is not None and default not in {t.name for t in self.tiers}:
+            raise ValueError(f"router.default_tier {default!r} is not one of the tiers")
+        return self
+
+    @property
+    def default_tier(self) -> str:
+        return self.router.default_tier or self.tiers[0].name
+
+    def tier(self, name: str) -> TierConfig:
+        return next(t for t in self.tiers if t.name == name)

@@ -1,0 +1,1 @@
+"""The engine process: how it is launched, supervised and talked to."""

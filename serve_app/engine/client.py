@@ -1,0 +1,99 @@
+"""The engine's HTTP API as typed calls over one pooled connection pool.
+
+Transport failures become `EngineUnavailable`, error statuses `EngineReplyError`: the only
+place where httpx exceptions are translated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ..errors import EngineReplyError, EngineUnavailable
+from .sse import sse_data
+
+
+@dataclass(frozen=True)
+class EngineReply:
+    status: int
+    body: bytes
+
+
+def reply_error(status: int, body: bytes) -> EngineReplyError:
+    """TGI's `{"error", "error_type"}` body as an exception; any other body kept as text."""
+    try:
+        data = json.loads(body)
+        return EngineReplyError(status, str(data["error"]), str(data.get("error_type", "")))
+    except (ValueError, KeyError, TypeError):
+        return EngineReplyError(status, body.decode(errors="replace")[:500], "")
+
+
+# The status TGI gives each `error_type`; inside a stream the status is 200 and only the type
+# says what went wrong.
+TGI_ERROR_STATUS = {"validation": 422, "generation": 424, "overloaded": 429}
+
+
+def stream_error(data: str) -> EngineReplyError:
+    """An error event from inside an engine stream, with the status TGI would have used."""
+    error = reply_error(200, data.encode())
+    error.status = TGI_ERROR_STATUS.get(error.error_type, 500)
+    return error
+
+
+class EngineClient:
+    def __init__(self, base_url: str, request_timeout_s: float) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(request_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+
+    @asynccontextmanager
+    async def _translated(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise EngineUnavailable(f"engine did not answer {what} in time") from exc
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(f"engine unreachable for {what}: {exc!r}") from exc
+
+    async def healthy(self) -> bool:
+        try:
+            reply = await self._http.get("/health", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+    async def info(self) -> dict[str, Any]:
+        async with self._translated("/info"):
+            reply = await self._http.get("/info", timeout=5.0)
+        if reply.status_code != 200:
+            raise reply_error(reply.status_code, reply.content)
+        return dict(reply.json())
+
+    async def metrics(self) -> str:
+        async with self._translated("/metrics"):
+            reply = await self._http.get("/metrics", timeout=2.0)
+        return reply.text
+
+    async def post(self, path: str, payload: dict[str, Any]) -> EngineReply:
+        async with self._translated(path):
+            reply = await self._http.post(path, json=payload)
+        return EngineReply(reply.status_code, reply.content)
+
+    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[str]:
+        """SSE data payloads. A non-200 answer raises before anything is yielded; closing the
+        iterator closes the connection, which is how the engine learns to stop generating."""
+        async with self._translated(path), self._http.stream("POST", path, json=payload) as reply:
+            if reply.status_code != 200:
+                raise reply_error(reply.status_code, await reply.aread())
+            async for data in sse_data(reply.aiter_lines()):
+                yield data
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

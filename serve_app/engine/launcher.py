@@ -1,0 +1,106 @@
+"""The engine's command line and environment, built from a tier's config.
+
+Pure functions: everything here is decided from values, so that what a replica runs can be
+unit-tested for 1, 2 or 4 GPUs and for several engines on one host without starting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import TierConfig
+
+# Passed through from the replica's environment when set; never logged.
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+PASSTHROUGH_ENV = (
+    "PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
+    "HUGGINGFACE_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER",
+    "LD_LIBRARY_PATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
+    *SECRET_ENV,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Everything that must differ between engines on one host."""
+
+    http: int
+    prometheus: int
+    master: int
+    shard_uds_path: str
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+
+    def redacted(self) -> str:
+        """The command line as it may be logged: API keys and tokens masked."""
+        shown, hide_next = [], False
+        for arg in self.argv:
+            shown.append("***" if hide_next else arg)
+            hide_next = arg == "--api-key"
+        return " ".join(shown)
+
+
+def launcher_program(tier: TierConfig) -> tuple[str, ...]:
+    if tier.engine.launcher == "tgi":
+        return ("text-generation-launcher",)
+    return (sys.executable, "-m", "serve_app.local_engine")
+
+
+def build_launch(
+    tier: TierConfig,
+    ports: Ports,
+    gpu_ids: Sequence[str],
+    environ: Mapping[str, str],
+) -> LaunchSpec:
+    """The argv and environment of one tier replica's engine.
+
+    `--hostname` is always loopback: TGI falls back to `$HOSTNAME`, which Kubernetes sets to the
+    pod name. `--num-shard` is the number of GPUs Ray assigned, never TGI's "all visible GPUs".
+    """
+    engine = tier.engine
+    argv: list[str] = [
+        *launcher_program(tier),
+        "--model-id", engine.model_id,
+        "--hostname", "127.0.0.1",
+        "--port", str(ports.http),
+        "--prometheus-port", str(ports.prometheus),
+        "--shard-uds-path", ports.shard_uds_path,
+        "--max-input-tokens", str(engine.max_input_tokens),
+        "--max-total-tokens", str(engine.max_total_tokens),
+        "--max-concurrent-requests", str(engine.max_concurrent_requests),
+        "--graceful-termination-timeout", str(int(engine.graceful_termination_timeout_s)),
+        "--usage-stats", "off",
+        "--json-output",
+    ]  # fmt: skip
+    if engine.max_batch_size is not None:
+        argv += ["--max-batch-size", str(engine.max_batch_size)]
+    if gpu_ids:
+        argv += ["--num-shard", str(len(gpu_ids))]
+        if len(gpu_ids) > 1:
+            argv += ["--master-port", str(ports.master)]
+    if engine.revision:
+        argv += ["--revision", engine.revision]
+    if engine.quantize:
+        argv += ["--quantize", engine.quantize]
+    if engine.dtype:
+        argv += ["--dtype", engine.dtype]
+    argv += engine.extra_args
+
+    env = {k: environ[k] for k in PASSTHROUGH_ENV if k in environ}
+    # Only the GPUs Ray assigned are visible; an empty value hides every GPU from a CPU tier.
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+    env["PYTHONUNBUFFERED"] = "1"
+    return LaunchSpec(argv=tuple(argv), env=env)
+
+
+def shard_uds_path(workdir: Path) -> str:
+    """A socket prefix inside the replica's private directory: never shared, never stale."""
+    return os.fspath(workdir / "tgi-shard")

@@ -1,0 +1,160 @@
+"""One engine process and every process it starts: spawn, watch, terminate the whole tree.
+
+TGI's launcher starts its router, download step and shards in process groups of their own, so
+signalling the launcher's group is not enough: the tree is found through /proc and each group in
+it is signalled. The engine also gets a parent-death signal, so that it is told to stop even when
+the replica is killed with SIGKILL and cannot clean up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+from collections import deque
+from pathlib import Path
+
+from .launcher import LaunchSpec
+
+PR_SET_PDEATHSIG = 1
+TAIL_LINES = 40
+
+
+def _stop_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root`, from /proc (children before grandchildren)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, frontier = [], [root]
+    while frontier:
+        frontier = [c for p in frontier for c in children.get(p, ())]
+        found += frontier
+    return found
+
+
+def signal_tree(pids: list[int], sig: int) -> None:
+    """Signal each process and each process group among `pids`; vanished ones are skipped."""
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def log_line(raw: str) -> tuple[int, str]:
+    """A launcher output line as (level, message); TGI's `--json-output` objects unpacked."""
+    try:
+        record = json.loads(raw)
+        message = str(record["fields"]["message"])
+        level = logging.getLevelName(str(record.get("level", "INFO")).upper())
+        return (level if isinstance(level, int) else logging.INFO), message
+    except (ValueError, KeyError, TypeError):
+        return logging.INFO, raw
+
+
+class EngineProcess:
+    """A started engine. `terminate()` is the only way it should end."""
+
+    def __init__(self, spec: LaunchSpec, logger: logging.LoggerAdapter) -> None:
+        self._spec = spec
+        self._log = logger
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+
+    async def start(self) -> None:
+        self._log.info("starting engine: %s", self._spec.redacted())
+        self._proc = await asyncio.create_subprocess_exec(
+            *self._spec.argv,
+            env=dict(self._spec.env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own group, apart from the replica's
+            preexec_fn=_stop_with_parent,
+        )
+        self._pump = asyncio.create_task(self._forward_output(self._proc))
+
+    async def _forward_output(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            level, message = log_line(line)
+            self.tail.append(message)
+            self._log.log(level, "%s", message)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def wait(self) -> int:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self._pump is not None:
+            await asyncio.wait([self._pump], timeout=2)
+        return code
+
+    async def terminate(self, timeout_s: float) -> None:
+        """SIGTERM the whole tree, wait up to `timeout_s` for the engine to drain, then SIGKILL
+        whatever is left of the tree."""
+        if self._proc is None:
+            return
+        tree = [self._proc.pid, *descendants(self._proc.pid)]
+        if self.alive():
+            signal_tree([self._proc.pid], signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._proc.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                self._log.warning("engine did not stop within %.0fs; killing it", timeout_s)
+        survivors = [p for p in tree if _exists(p)]
+        signal_tree(survivors, signal.SIGKILL)
+        await self._proc.wait()
+        if self._pump is not None:
+            self._pump.cancel()
+
+    def kill_now(self) -> None:
+        """Last resort without an event loop (interpreter exit): SIGKILL the whole tree."""
+        if self._proc is not None and self._proc.returncode is None:
+            signal_tree([self._proc.pid, *descendants(self._proc.pid)], signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,116 @@
+"""An engine's life: start it, decide when it is ready, watch it, stop it in order."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..config import TierConfig
+from ..errors import EngineStartupError, EngineUnavailable
+from .client import EngineClient
+from .launcher import Ports, build_launch, shard_uds_path
+from .process import EngineProcess
+
+READY_POLL_S = 0.25
+
+
+class EngineState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel just handed out on loopback, held together so that they differ."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class EngineSupervisor:
+    def __init__(
+        self,
+        tier: TierConfig,
+        gpu_ids: Sequence[str],
+        environ: Mapping[str, str],
+        logger: logging.LoggerAdapter,
+    ) -> None:
+        self._tier = tier
+        self._log = logger
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"engine-{tier.name}-"))
+        http, prometheus, master = free_ports(3)
+        ports = Ports(http, prometheus, master, shard_uds_path(self._workdir))
+        self.spec = build_launch(tier, ports, gpu_ids, environ)
+        self.process = EngineProcess(self.spec, logger)
+        self.client = EngineClient(f"http://127.0.0.1:{http}", tier.request_timeout_s)
+        self.state = EngineState.STARTING
+
+    async def start(self) -> None:
+        """Start the engine and return once it serves the configured model.
+
+        Ready means: the process is alive, `/health` answers 200 and `/info` names the model.
+        An engine that exits or runs past the start-up timeout raises `EngineStartupError`
+        with its exit code and last log lines, which Serve shows as the replica's failure.
+        """
+        await self.process.start()
+        timeout = self._tier.engine.startup_timeout_s
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.process.alive():
+                code = await self.process.wait()
+                await self.stop()
+                raise EngineStartupError(
+                    f"engine for tier {self._tier.name!r} exited with code {code} during "
+                    f"start-up. Last output:\n{self._tail()}"
+                )
+            if await self.client.healthy():
+                model_id = (await self.client.info()).get("model_id")
+                if model_id != self._tier.engine.model_id:
+                    await self.stop()
+                    raise EngineStartupError(
+                        f"engine serves model {model_id!r}, not {self._tier.engine.model_id!r}"
+                    )
+                self.state = EngineState.READY
+                self._log.info("engine ready (pid %s)", self.process.pid)
+                return
+            await asyncio.sleep(READY_POLL_S)
+        await self.stop()
+        raise EngineStartupError(
+            f"engine for tier {self._tier.name!r} was not ready within {timeout:.0f}s "
+            f"(engine.startup_timeout_s). Last output:\n{self._tail()}"
+        )
+
+    async def check(self) -> None:
+        """Raise unless the engine process is alive and answers its health check."""
+        if not self.process.alive():
+            raise EngineUnavailable(
+                f"engine exited with code {self.process.returncode}. Last output:\n{self._tail()}"
+            )
+        if not await self.client.healthy():
+            raise EngineUnavailable("engine /health is not 200")
+
+    async def stop(self) -> None:
+        if self.state is EngineState.STOPPED:
+            return
+        self.state = EngineState.STOPPING
+        # TGI drains for up to its graceful timeout after SIGTERM; allow that plus a margin.
+        await self.process.terminate(self._tier.engine.graceful_termination_timeout_s + 5)
+        await self.client.aclose()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        self.state = EngineState.STOPPED
+
+    def _tail(self) -> str:
+        return "\n".join(self.process.tail) or "(no output)"

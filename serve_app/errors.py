@@ -1,0 +1,60 @@
+"""The application's error vocabulary. No HTTP here: the router maps these to status codes once.
+
+    ServeAppError
+    ├── RequestError          the client asked for something invalid
+    │   ├── InvalidRequest    a field is wrong (names the field in `param`)
+    │   ├── ModelNotFound     no tier answers to that model name
+    │   └── PayloadTooLarge   the body is over the router's limit
+    ├── EngineReplyError      the engine answered with an error status and body
+    ├── EngineUnavailable     the engine could not be reached, or did not answer in time
+    └── EngineStartupError    the engine exited or timed out while starting
+
+Every error pickles with all its fields, since tier replicas raise them across Ray to the router.
+"""
+
+from __future__ import annotations
+
+
+class ServeAppError(Exception):
+    pass
+
+
+class RequestError(ServeAppError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(RequestError):
+    pass
+
+
+class ModelNotFound(RequestError):
+    pass
+
+
+class PayloadTooLarge(RequestError):
+    pass
+
+
+class EngineReplyError(ServeAppError):
+    """The engine said no: `status` and its TGI body (`{"error", "error_type"}`)."""
+
+    def __init__(self, status: int, message: str, error_type: str) -> None:
+        super().__init__(status, message, error_type)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+
+
+class EngineUnavailable(ServeAppError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EngineStartupError(ServeAppError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message

@@ -1,0 +1,91 @@
+"""`python -m serve_app.local_engine`: a drop-in for `text-generation-launcher` on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+
+import uvicorn
+
+from .backend import LlamaBackend
+from .cli import EngineArgs, parse_args
+from .model import ModelNotFoundError, resolve_gguf
+from .scheduler import Scheduler
+from .server import Engine, create_app
+
+log = logging.getLogger("local_engine")
+
+
+class JsonLines(logging.Formatter):
+    """TGI's `--json-output` shape: one object per line with timestamp, level and fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                "level": record.levelname,
+                "fields": {"message": record.getMessage()},
+                "target": record.name,
+            }
+        )
+
+
+def configure_logging(json_output: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        JsonLines() if json_output else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the private llama.cpp socket
+
+
+async def serve(args: EngineArgs) -> None:
+    gguf = resolve_gguf(args.model_id)
+    log.info("loading %s with %d slots", gguf.name, args.max_batch_size)
+    backend = LlamaBackend(
+        gguf,
+        slots=args.max_batch_size,
+        max_total_tokens=args.max_total_tokens,
+        workers=args.max_batch_size,
+        threads=args.threads,
+    )
+    try:
+        scheduler = Scheduler(
+            backend,
+            max_concurrent_requests=args.max_concurrent_requests,
+            eos=await backend.eos_token(),
+        )
+        app = create_app(Engine(args=args, scheduler=scheduler, backend=backend))
+        config = uvicorn.Config(
+            app,
+            host=args.hostname,
+            port=args.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=args.graceful_termination_timeout,
+        )
+        # The port is bound only now, with the model loaded: an open port means ready, as in TGI.
+        log.info("Connected: serving on %s:%d", args.hostname, args.port)
+        await uvicorn.Server(config).serve()
+    finally:
+        await backend.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, ignored = parse_args(argv)
+    configure_logging(args.json_output)
+    for flag in ignored:
+        log.info("%s does not apply to the CPU engine; ignored", flag)
+    try:
+        asyncio.run(serve(args))
+    except ModelNotFoundError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""TGI's request validation: wire JSON in, a typed `Sampling` or an `EngineError` out.
+
+Messages, bounds and defaults follow TGI 3.3's router (`validation.rs`), so clients see the same
+422s from the local engine as from TGI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .cli import EngineArgs
+
+
+class EngineError(Exception):
+    """An error TGI reports as `{"error": message, "error_type": kind}` with `status`."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.message, "error_type": self.kind}
+
+
+def invalid(message: str) -> EngineError:
+    return EngineError(422, "validation", message)
+
+
+def overloaded() -> EngineError:
+    return EngineError(429, "overloaded", "Model is overloaded")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding parameters, already checked against the engine's limits."""
+
+    max_new_tokens: int
+    temperature: float  # 0 means greedy
+    top_p: float
+    top_k: int
+    typical_p: float
+    repetition_penalty: float
+    frequency_penalty: float
+    seed: int | None
+    stop: tuple[str, ...]
+    top_n_tokens: int
+    json_schema: dict[str, Any] | None = None
+
+    def llama_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "max_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "typical_p": self.typical_p,
+            "min_p": 0.0,
+            "repeat_penalty": self.repetition_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "stop": list(self.stop),
+            # One log-probability always: TGI reports each token's, and it tells a cut stop
+            # sequence from an end-of-sequence token.
+            "logprobs": max(1, self.top_n_tokens),
+        }
+        if self.seed is not None:
+            params["seed"] = self.seed
+        if self.json_schema is not None:
+            params["json_schema"] = self.json_schema
+        return params
+
+
+def _number(params: dict[str, Any], name: str, kind: type = float) -> Any:
+    value = params.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        raise invalid(f"`{name}` must be {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
+def check_sampling(
+    params: dict[str, Any], args: EngineArgs, *, stream: bool, chat: bool = False
+) -> Sampling:
+    """Validate TGI `parameters` (or their chat equivalents) against the engine's limits."""
+    if not isinstance(params, dict):
+        raise invalid("`parameters` must be an object")
+    temperature = _number(params, "temperature")
+    if temperature is not None and temperature <= 0 and not chat:
+        raise invalid("`temperature` must be strictly positive")
+    if temperature is not None and temperature < 0:
+        raise invalid("`temperature` must be non-negative")
+    repetition_penalty = _number(params, "repetition_penalty")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise invalid("`repetition_penalty` must be strictly positive")
+    frequency_penalty = _number(params, "frequency_penalty")
+    if frequency_penalty is not None and not -2.0 <= frequency_penalty <= 2.0:
+        raise invalid("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    top_p = _number(params, "top_p")
+    if top_p is not None and not 0.0 < top_p < 1.0 and not (chat and top_p == 1.0):
+        raise invalid("`top_p` must be > 0.0 and < 1.0")
+    typical_p = _number(params, "typical_p")
+    if typical_p is not None and not 0.0 < typical_p < 1.0:
+        raise invalid("`typical_p` must be > 0.0 and < 1.0")
+    top_k = _number(params, "top_k", int)
+    if top_k is not None and top_k <= 0:
+        raise invalid("`top_k` must be strictly positive")
+    max_new_tokens = _number(params, "max_new_tokens", int)
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise invalid("`max_new_tokens` must be strictly positive")
+    best_of = _number(params, "best_of", int)
+    if best_of is not None:
+        if best_of <= 0:
+            raise invalid("`best_of` must be strictly positive")
+        if best_of > args.max_best_of:
+            raise invalid(f"`best_of` must be <= {args.max_best_of}. Given: {best_of}")
+        if best_of != 1 and stream:
+            raise invalid("`best_of` != 1 is not allowed for this endpoint")
+        if best_of != 1:
+            raise invalid("`best_of` != 1 is not supported by the local engine")
+    top_n_tokens = _number(params, "top_n_tokens", int) or 0
+    if top_n_tokens < 0 or top_n_tokens > args.max_top_n_tokens:
+        raise invalid(
+            f"`top_n_tokens` must be >= 0 and <= {args.max_top_n_tokens}. Given: {top_n_tokens}"
+        )
+    stop = params.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise invalid("`stop` must be a list of strings")
+    if len(stop) > args.max_stop_sequences:
+        raise invalid(
+            f"`stop` supports up to {args.max_stop_sequences} stop sequences. Given: {len(stop)}"
+        )
+    seed = _number(params, "seed", int)
+    if seed is not None and not 0 <= seed < 2**64:
+        raise invalid("`seed` must be a non-negative 64-bit integer")
+    do_sample = bool(params.get("do_sample", False))
+    warped = any(v is not None for v in (temperature, top_p, top_k, typical_p))
+    greedy = (temperature == 0) if chat else not (do_sample or warped or temperature is not None)
+    return Sampling(
+        max_new_tokens=max_new_tokens or 0,  # 0: filled in once the input length is known
+        temperature=0.0 if greedy else (temperature if temperature is not None else 1.0),
+        top_p=top_p if top_p is not None else 1.0,
+        top_k=top_k or 0,
+        typical_p=typical_p if typical_p is not None else 1.0,
+        repetition_penalty=repetition_penalty if repetition_penalty is not None else 1.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        seed=seed,
+        stop=tuple(stop),
+        top_n_tokens=top_n_tokens,
+    )
+
+
+def check_lengths(sampling: Sampling, input_length: int, args: EngineArgs) -> Sampling:
+    """Apply TGI's token budget; an unset max_new_tokens takes whatever room is left."""
+    if input_length == 0:
+        raise invalid("`inputs` cannot be empty")
+    if input_length > args.max_input_tokens:
+        raise invalid(f"`inputs` tokens must be <= {args.max_input_tokens}. Given: {input_length}")
+    max_new = sampling.max_new_tokens or args.max_total_tokens - input_length
+    if input_length + max_new > args.max_total_tokens:
+        raise invalid(
+            f"`inputs` tokens + `max_new_tokens` must be <= {args.max_total_tokens}. "
+            f"Given: {input_length} `inputs` tokens and {max_new} `max_new_tokens`"
+        )
+    return Sampling(**{**sampling.__dict__, "max_new_tokens": max_new})

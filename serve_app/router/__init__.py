@@ -1,0 +1,1 @@
+"""The HTTP ingress: OpenAI and TGI routes, dispatched to tiers."""

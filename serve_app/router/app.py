@@ -1,0 +1,218 @@
+"""The router's route table and handlers: HTTP in, a tier's handle out."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..config import AppConfig
+from ..engine.client import reply_error, stream_error
+from ..errors import InvalidRequest, PayloadTooLarge
+from ..tier.policy import TierDirectory
+from .errors import api_error
+from .openai import SSE_DONE, Kind, Normaliser, parse_model, parse_request, sse
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Router:
+    def __init__(self, config: AppConfig, tiers: Mapping[str, DeploymentHandle]) -> None:
+        self._config = config
+        self._directory = TierDirectory(config)
+        self._handles = dict(tiers)
+        self._streams = {name: h.options(stream=True) for name, h in tiers.items()}
+        self._created = int(time.time())
+
+    def asgi_app(self) -> Starlette:
+        openai, tgi = _openai_errors, _tgi_errors
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", openai(self.chat_completions), methods=["POST"]),
+                Route("/v1/completions", openai(self.completions), methods=["POST"]),
+                Route("/v1/models", openai(self.list_models), methods=["GET"]),
+                Route("/v1/models/{model:path}", openai(self.get_model), methods=["GET"]),
+                Route("/generate", tgi(self.generate), methods=["POST"]),
+                Route("/generate_stream", tgi(self.generate_stream), methods=["POST"]),
+                Route("/", tgi(self.compat_generate), methods=["POST"]),
+                Route("/info", tgi(self.info), methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+            ],
+        )
+
+    # -- OpenAI ---------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._openai(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._openai(request, "completion")
+
+    async def _openai(self, request: Request, kind: Kind) -> Response:
+        body = await self._json_body(request)
+        model = parse_model(body)
+        tier = self._directory.for_model(model)
+        parsed = parse_request(kind, body, model, self._config.tier(tier))
+        normaliser = Normaliser(parsed)
+        headers = _headers(request, tier)
+        if not parsed.stream:
+            reply = await self._handles[tier].request.remote(parsed.engine_path, parsed.payload)
+            if reply.status != 200:
+                raise reply_error(reply.status, reply.body)
+            answer = normaliser.complete(json.loads(reply.body))
+            return JSONResponse(answer, headers=headers)
+        chunks = self._streams[tier].stream.remote(parsed.engine_path, parsed.payload)
+        first = await _first(chunks)  # an error before the first token keeps its HTTP status
+        events = _openai_events(normaliser, first, chunks)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def list_models(self, request: Request) -> Response:
+        data = [self._model_card(name) for name in self._directory.model_names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        self._directory.for_model(name)
+        return JSONResponse(self._model_card(name))
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": f"tier:{self._directory.for_model(name)}",
+        }
+
+    # -- TGI native: bodies and answers pass through unchanged ------------------------------------
+
+    async def generate(self, request: Request) -> Response:
+        return await self._tgi_request(request, "/generate")
+
+    async def generate_stream(self, request: Request) -> Response:
+        return await self._tgi_stream(request, "/generate_stream", await self._json_body(request))
+
+    async def compat_generate(self, request: Request) -> Response:
+        body = await self._json_body(request)
+        if body.get("stream") is True:
+            return await self._tgi_stream(request, "/", body)
+        return await self._tgi_request(request, "/", body)
+
+    async def info(self, request: Request) -> Response:
+        tier = self._directory.for_header(request.headers.get("x-tier"))
+        return JSONResponse(
+            await self._handles[tier].info.remote(), headers=_headers(request, tier)
+        )
+
+    async def _tgi_request(
+        self, request: Request, path: str, body: dict[str, Any] | None = None
+    ) -> Response:
+        body = body if body is not None else await self._json_body(request)
+        tier = self._directory.for_header(request.headers.get("x-tier"))
+        reply = await self._handles[tier].request.remote(path, body)
+        return Response(
+            reply.body, reply.status, media_type="application/json", headers=_headers(request, tier)
+        )
+
+    async def _tgi_stream(self, request: Request, path: str, body: dict[str, Any]) -> Response:
+        tier = self._directory.for_header(request.headers.get("x-tier"))
+        chunks = self._streams[tier].stream.remote(path, body)
+        first = await _first(chunks)
+        events = _tgi_events(first, chunks)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers=_headers(request, tier)
+        )
+
+    # -- service --------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def _json_body(self, request: Request) -> dict[str, Any]:
+        limit = self._config.router.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        return body
+
+
+def _headers(request: Request, tier: str) -> dict[str, str]:
+    # Serve's proxy already echoes or assigns `x-request-id`.
+    return {"x-tier": tier}
+
+
+async def _first(chunks: DeploymentResponseGenerator) -> str | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _openai_events(
+    normaliser: Normaliser, first: str | None, chunks: DeploymentResponseGenerator
+) -> AsyncIterator[bytes]:
+    """Normalised chunks, then `[DONE]`. An error after the first token is sent as an error
+    event and the stream still ends cleanly."""
+    try:
+        data = first
+        while data is not None:
+            if data != "[DONE]":
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    yield sse(api_error(stream_error(data)).openai_body())
+                    break
+                for event in normaliser.chunk(chunk):
+                    yield event
+            data = await anext(chunks, None)
+    except Exception as exc:
+        yield sse(api_error(exc).openai_body())
+    finally:
+        chunks.cancel()  # a client that went away stops the engine's generation too
+    yield SSE_DONE
+
+
+async def _tgi_events(
+    first: str | None, chunks: DeploymentResponseGenerator
+) -> AsyncIterator[bytes]:
+    try:
+        data = first
+        while data is not None:
+            yield b"data:" + data.encode() + b"\n\n"
+            data = await anext(chunks, None)
+    except Exception as exc:
+        yield b"data:" + json.dumps(api_error(exc).tgi_body()).encode() + b"\n\n"
+    finally:
+        chunks.cancel()
+
+
+def _wrap(handler: Handler, *, tgi: bool) -> Handler:
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return api_error(exc).response(tgi=tgi)
+
+    return route
+
+
+def _openai_errors(handler: Handler) -> Handler:
+    return _wrap(handler, tgi=False)
+
+
+def _tgi_errors(handler: Handler) -> Handler:
+    return _wrap(handler, tgi=True)
