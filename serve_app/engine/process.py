@@ -9,6 +9,7 @@ the replica is killed with SIGKILL and cannot clean up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -50,20 +51,14 @@ def signal_tree(pids: list[int], sig: int) -> None:
     """Signal each process and each process group among `pids`; vanished ones are skipped."""
     groups = set()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
     for group in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def log_line(raw: str) -> tuple[int, str]:

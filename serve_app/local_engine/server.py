@@ -79,7 +79,9 @@ async def read_json(request: Request) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except ValueError as exc:
-        raise EngineError(400, "validation", f"Failed to parse the request body as JSON: {exc}")
+        raise EngineError(
+            400, "validation", f"Failed to parse the request body as JSON: {exc}"
+        ) from None
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object")
     return data

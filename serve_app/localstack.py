@@ -1,0 +1,158 @@
+"""Run the whole stack on this machine: a Ray head, `serve deploy`, wait until it answers.
+
+    python -m serve_app.localstack up [--config configs/local.yaml]
+    python -m serve_app.localstack down
+
+The tests start their stack through the same functions, so the path users take is the tested one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Head:
+    """Where a local Ray head listens; the defaults are Ray's own."""
+
+    gcs_port: int = 6379
+    dashboard_port: int = 8265
+    temp_dir: str | None = None
+    num_cpus: int = 2
+    num_gpus: int = 0
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+
+def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every Ray process and CLI call of a local stack gets.
+
+    Token auth stays off locally (a first `ray.init` would otherwise switch it on for every later
+    start), and the raylet reaps the children of killed workers, so that an engine whose replica
+    was killed cannot outlive it.
+    """
+    env = dict(os.environ if base is None else base)
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"] = "true"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _run(args: list[str], env: Mapping[str, str]) -> None:
+    subprocess.run(args, env=dict(env), check=True, stdout=subprocess.DEVNULL)
+
+
+def start_head(head: Head, env: Mapping[str, str]) -> None:
+    args = [
+        str(BIN / "ray"), "start", "--head",
+        f"--port={head.gcs_port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}",
+        f"--num-cpus={head.num_cpus}", f"--num-gpus={head.num_gpus}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    if head.temp_dir:
+        args.append(f"--temp-dir={head.temp_dir}")
+    _run(args, env)
+
+
+def stop_head(env: Mapping[str, str]) -> None:
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=dict(env), check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def deploy(config: Path, head: Head, env: Mapping[str, str]) -> None:
+    _run([str(BIN / "serve"), "deploy", str(config), "-a", head.dashboard], env)
+
+
+def shutdown(head: Head, env: Mapping[str, str]) -> None:
+    _run([str(BIN / "serve"), "shutdown", "-y", "-a", head.dashboard], env)
+
+
+def wait_running(head: Head, timeout_s: float = 600) -> None:
+    """Poll the dashboard's Serve API until every application is RUNNING."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            reply = httpx.get(f"{head.dashboard}/api/serve/applications/", timeout=5)
+            apps = reply.json().get("applications", {}) if reply.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            apps = {}
+        statuses = {name: app["status"] for name, app in apps.items()}
+        failed = {n: apps[n].get("message", "") for n, s in statuses.items() if "FAILED" in s}
+        if failed:
+            raise RuntimeError(f"deployment failed: {failed}")
+        if statuses and all(s == "RUNNING" for s in statuses.values()):
+            return
+        last = str(statuses or "no applications yet")
+        time.sleep(1)
+    raise TimeoutError(f"applications not RUNNING after {timeout_s:.0f}s: {last}")
+
+
+def http_port(config: Path) -> int:
+    return int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
+
+
+def head_running(head: Head) -> bool:
+    try:
+        return httpx.get(f"{head.dashboard}/api/version", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+EXAMPLES = """
+The stack is up: OpenAI-compatible API at {base}/v1 (tiers: small, large).
+
+  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "small", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+  {python} -c '
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="unused")
+reply = client.chat.completions.create(
+    model="large", messages=[{{"role": "user", "content": "What is the capital of France?"}}])
+print(reply.choices[0].message.content)'
+
+Status: {bin}/serve status    Stop: {python} -m serve_app.localstack down
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.localstack")
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--config", type=Path, default=Path("configs/local.yaml"))
+    args = parser.parse_args(argv)
+    head, env = Head(), ray_env()
+    if args.command == "down":
+        if head_running(head):
+            shutdown(head, env)
+        stop_head(env)
+        return 0
+    if not head_running(head):
+        print("starting a local Ray head ...", flush=True)
+        start_head(head, env)
+    print(f"deploying {args.config} ...", flush=True)
+    deploy(args.config, head, env)
+    wait_running(head)
+    base = f"http://127.0.0.1:{http_port(args.config)}"
+    print(EXAMPLES.format(base=base, python=sys.executable, bin=BIN))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The local engine as TGI's own clients and the OpenAI SDK see it."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from huggingface_hub import InferenceClient
+from openai import OpenAI
+from text_generation import Client
+
+from .conftest import RunningEngine
+
+QUESTION = "What is the capital of France? Answer in one word."
+
+
+def test_info_names_the_model(engine: RunningEngine) -> None:
+    info = httpx.get(f"{engine.url}/info").json()
+    assert info["model_id"] == "smollm2-135m-instruct"
+    assert info["max_input_tokens"] == 512 and info["max_total_tokens"] == 1024
+
+
+def test_tgi_client_generate_answers_paris(engine: RunningEngine) -> None:
+    client = Client(engine.url)
+    answer = client.generate("The capital of France is", max_new_tokens=5)
+    assert "Paris" in answer.generated_text
+    assert answer.details.generated_tokens == 5
+    assert answer.details.finish_reason == "length"
+    assert [t.text for t in answer.details.tokens][0].strip() == "Paris"
+
+
+def test_tgi_client_streams_tokens_then_details(engine: RunningEngine) -> None:
+    events = list(Client(engine.url).generate_stream("The capital of France is", max_new_tokens=4))
+    assert len(events) == 4
+    assert all(e.details is None for e in events[:-1])
+    assert events[-1].details is not None and events[-1].details.generated_tokens == 4
+    assert events[-1].generated_text == "".join(e.token.text for e in events)
+
+
+def test_inference_client_text_generation_and_chat(engine: RunningEngine) -> None:
+    client = InferenceClient(base_url=engine.url)
+    text = client.text_generation("The capital of France is", max_new_tokens=3)
+    assert "Paris" in text
+    reply = client.chat_completion(
+        messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_openai_sdk_chat_streamed_and_not(engine: RunningEngine) -> None:
+    client = OpenAI(base_url=f"{engine.url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(
+        model="tgi", messages=messages, max_tokens=16, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model="tgi", messages=messages, max_tokens=16, temperature=0, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == reply.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"temperature": 0}, "`temperature` must be strictly positive"),
+        ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"max_new_tokens": 2000}, "must be <= 1024"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4 stop sequences"),
+    ],
+)
+def test_validation_errors_are_tgis(
+    engine: RunningEngine, parameters: dict[str, object], message: str
+) -> None:
+    reply = httpx.post(f"{engine.url}/generate", json={"inputs": "Hi", "parameters": parameters})
+    assert reply.status_code == 422
+    assert reply.json()["error_type"] == "validation"
+    assert message in reply.json()["error"]
+
+
+def test_metrics_expose_the_queue(engine: RunningEngine) -> None:
+    text = httpx.get(f"{engine.url}/metrics").text
+    assert "tgi_queue_size" in text and "tgi_batch_current_size" in text

@@ -1,0 +1,153 @@
+"""The whole path: `serve deploy` of the shipped config, then real clients over HTTP.
+
+One Ray head for the module; the last test shuts the application down and checks that no engine
+process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from openai import NotFoundError, OpenAI
+
+from serve_app import localstack
+from serve_app.localstack import Head
+from tests.helpers import engine_processes, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@dataclass
+class Stack:
+    head: Head
+    env: dict[str, str]
+    url: str
+
+    def openai(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    http_port = free_port()
+    config["http_options"]["port"] = http_port
+    path = tmp_path_factory.mktemp("stack") / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # Ray's socket paths must stay short: a temp dir of its own directly under /tmp.
+    head = Head(
+        gcs_port=free_port(),
+        dashboard_port=free_port(),
+        temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+    )
+    env = localstack.ray_env()
+    localstack.start_head(head, env)
+    try:
+        localstack.deploy(path, head, env)
+        localstack.wait_running(head, timeout_s=300)
+        yield Stack(head, env, f"http://127.0.0.1:{http_port}")
+    finally:
+        localstack.stop_head(env)
+
+
+def tier_engines(max_batch_size: str) -> set[int]:
+    """Engine pids of one tier, told apart by the tier's batch size in their argv."""
+    return {
+        pid
+        for pid, argv in engine_processes().items()
+        if argv[argv.index("--max-batch-size") + 1] == max_batch_size
+    }
+
+
+@pytest.mark.parametrize("model", ["small", "gpt-4o-mini", "large", "gpt-4o"])
+def test_openai_chat_on_every_tier(stack: Stack, model: str) -> None:
+    client = stack.openai()
+    reply = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=16, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.model == model and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=16, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_openai_completions_streamed_and_not(stack: Stack) -> None:
+    client = stack.openai()
+    reply = client.completions.create(
+        model="large", prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert "Paris" in reply.choices[0].text
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+    parts = client.completions.create(
+        model="large", prompt="The capital of France is", max_tokens=4, temperature=0, stream=True
+    )
+    assert "".join(p.choices[0].text for p in parts if p.choices) == reply.choices[0].text
+
+
+def test_models_list_every_tier_and_alias(stack: Stack) -> None:
+    names = {m.id for m in stack.openai().models.list()}
+    assert names == {"small", "smollm2", "gpt-4o-mini", "large", "gpt-4o"}
+
+
+def test_unknown_model_is_a_404_in_openai_shape(stack: Stack) -> None:
+    with pytest.raises(NotFoundError) as info:
+        stack.openai().chat.completions.create(model="gpt-5", messages=QUESTION)
+    error = info.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "small" in error["message"]
+
+
+def test_tgi_route_picks_the_tier_from_the_header(stack: Stack) -> None:
+    reply = httpx.post(
+        f"{stack.url}/generate",
+        headers={"X-Tier": "large"},
+        json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 3}},
+        timeout=60,
+    )
+    assert reply.status_code == 200 and reply.headers["x-tier"] == "large"
+    assert "Paris" in reply.json()["generated_text"]
+
+
+def test_killed_engine_is_replaced_and_the_tier_answers_again(stack: Stack) -> None:
+    (victim,) = tier_engines("4")  # the small tier's engine
+    os.kill(victim, signal.SIGKILL)
+    client = stack.openai()
+
+    def answers_again() -> bool:
+        replaced = tier_engines("4") - {victim}
+        if not replaced:
+            return False
+        try:
+            reply = client.chat.completions.create(
+                model="small", messages=QUESTION, max_tokens=8, temperature=0, timeout=30
+            )
+        except Exception:
+            return False
+        return "Paris" in (reply.choices[0].message.content or "")
+
+    wait_for(answers_again, 120, "a new small-tier engine that answers")
+
+
+def test_serve_shutdown_leaves_no_engine(stack: Stack) -> None:
+    assert engine_processes()
+    localstack.shutdown(stack.head, stack.env)
+    wait_for(lambda: not engine_processes(), 60, "every engine process to exit")

@@ -1,0 +1,71 @@
+"""The configuration model: the shipped config is valid, and bad ones name the bad field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.app import build_app
+from serve_app.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def local_args() -> dict[str, Any]:
+    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    return copy.deepcopy(config["applications"][0]["args"])
+
+
+def test_shipped_config_is_valid() -> None:
+    config = AppConfig.model_validate(local_args())
+    assert [t.name for t in config.tiers] == ["small", "large"]
+    assert config.default_tier == "small"
+    assert config.tier("large").model_names == ("large", "gpt-4o")
+
+
+def _set(args: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    node: Any = args
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[int(last) if last.isdigit() else last] = value
+
+
+INVALID = [
+    # (field path to change, new value, text the error must contain)
+    ("tiers", [], "tiers"),
+    ("tiers.0.name", "Small_Tier", "tiers.0"),
+    ("tiers.0.gpus_per_replica", -1, "tiers.0.gpus_per_replica"),
+    ("tiers.0.engine.max_total_tokens", 0, "tiers.0.engine.max_total_tokens"),
+    ("tiers.0.engine.max_input_tokens", 4096, "max_input_tokens (4096) must be less than"),
+    ("tiers.0.engine.launcher", "vllm", "tiers.0.engine.launcher"),
+    ("tiers.0.engine.model_id", "", "tiers.0.engine.model_id"),
+    ("tiers.0.engine.dtype", "float8", "tiers.0.engine.dtype"),
+    ("tiers.0.max_tokens_limit", 100_000, "max_tokens_limit (100000) must be below"),
+    ("tiers.0.default_max_tokens", 600, "default_max_tokens (600) exceeds"),
+    ("tiers.0.replicas.min", 3, "min (3) must not exceed max (1)"),
+    ("tiers.0.replicas.max", 0, "tiers.0.replicas.max"),
+    ("tiers.0.engine.startup_timeout_s", -5, "tiers.0.engine.startup_timeout_s"),
+    ("tiers.0.request_timeout_s", "soon", "tiers.0.request_timeout_s"),
+    ("tiers.1.aliases", ["gpt-4o-mini"], "'gpt-4o-mini' is used by tiers 'small' and 'large'"),
+    ("tiers.1.name", "small", "'small' is used by tiers"),
+    ("router.default_tier", "medium", "router.default_tier 'medium' is not one of the tiers"),
+    ("router.max_body_bytes", 0, "router.max_body_bytes"),
+    ("tiers.0.max_token_limit", 10, "tiers.0.max_token_limit"),  # a typo: unknown field
+    ("routers", {}, "routers"),
+    ("tiers.0.engine.launcher", "tgi", "a 'tgi' engine needs gpus_per_replica >= 1"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_config_names_the_field(path: str, value: Any, message: str) -> None:
+    args = local_args()
+    _set(args, path, value)
+    with pytest.raises(ValidationError) as info:
+        build_app(args)
+    assert message in str(info.value)

@@ -1,0 +1,77 @@
+"""What a replica runs: argv and environment for TGI and the local engine."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from serve_app.config import EngineConfig, TierConfig
+from serve_app.engine.launcher import Ports, build_launch
+
+
+def tgi_tier(gpus: int) -> TierConfig:
+    return TierConfig(
+        name="large",
+        engine=EngineConfig(launcher="tgi", model_id="meta-llama/Llama-3.1-8B-Instruct",
+                            quantize="fp8", revision="main"),
+        gpus_per_replica=gpus,
+    )  # fmt: skip
+
+
+def ports(n: int) -> Ports:
+    return Ports(http=8000 + n, prometheus=9000 + n, master=29500 + n,
+                 shard_uds_path=f"/tmp/replica-{n}/tgi-shard")  # fmt: skip
+
+
+def flag(argv: tuple[str, ...], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_tgi_argv_follows_assigned_gpus(gpus: int) -> None:
+    ids = [str(i + 3) for i in range(gpus)]
+    spec = build_launch(tgi_tier(gpus), ports(0), ids, {"PATH": "/usr/bin"})
+    assert spec.argv[0] == "text-generation-launcher"
+    assert flag(spec.argv, "--num-shard") == str(gpus)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == ",".join(ids)
+    assert flag(spec.argv, "--master-port") == ("29500" if gpus > 1 else None)
+    assert flag(spec.argv, "--quantize") == "fp8"
+    assert flag(spec.argv, "--usage-stats") == "off"
+    assert "--json-output" in spec.argv
+
+
+def test_two_replicas_on_one_host_share_nothing() -> None:
+    a = build_launch(tgi_tier(2), ports(1), ["0", "1"], {})
+    b = build_launch(tgi_tier(2), ports(2), ["2", "3"], {})
+    for name in ("--port", "--prometheus-port", "--shard-uds-path", "--master-port"):
+        assert flag(a.argv, name) != flag(b.argv, name), name
+    assert a.env["CUDA_VISIBLE_DEVICES"] != b.env["CUDA_VISIBLE_DEVICES"]
+
+
+def test_hostname_is_loopback_whatever_the_pod_is_called() -> None:
+    spec = build_launch(tgi_tier(1), ports(0), ["0"], {"HOSTNAME": "llm-worker-7f9c"})
+    assert flag(spec.argv, "--hostname") == "127.0.0.1"
+    assert "HOSTNAME" not in spec.env
+
+
+def test_secrets_pass_through_but_are_never_shown() -> None:
+    tier = TierConfig(
+        name="small",
+        engine=EngineConfig(extra_args=("--api-key", "sk-engine-secret")),
+    )
+    spec = build_launch(tier, ports(0), [], {"HF_TOKEN": "hf_secret", "AWS_SECRET": "x"})
+    assert spec.env["HF_TOKEN"] == "hf_secret"
+    assert "AWS_SECRET" not in spec.env
+    shown = spec.redacted()
+    assert "sk-engine-secret" not in shown and "hf_secret" not in shown
+
+
+def test_local_engine_takes_the_same_flags_on_cpu() -> None:
+    spec = build_launch(TierConfig(name="small"), ports(0), [], {})
+    assert spec.argv[:3] == (sys.executable, "-m", "serve_app.local_engine")
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert "--num-shard" not in spec.argv
+    tgi = build_launch(tgi_tier(1), ports(0), ["0"], {})
+    local_flags = {a for a in spec.argv if a.startswith("--")}
+    assert local_flags <= {a for a in tgi.argv if a.startswith("--")}
