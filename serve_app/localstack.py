@@ -119,7 +119,8 @@ EXAMPLES = """
 The stack is up: OpenAI-compatible API at {base}/v1 (tiers: small, large).
 
   curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "small", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+    -d '{{"model": "small",
+         "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
   {python} -c '
 from openai import OpenAI

@@ -25,7 +25,7 @@ def test_tgi_client_generate_answers_paris(engine: RunningEngine) -> None:
     assert "Paris" in answer.generated_text
     assert answer.details.generated_tokens == 5
     assert answer.details.finish_reason == "length"
-    assert [t.text for t in answer.details.tokens][0].strip() == "Paris"
+    assert answer.details.tokens[0].text.strip() == "Paris"
 
 
 def test_tgi_client_streams_tokens_then_details(engine: RunningEngine) -> None:
