@@ -30,6 +30,18 @@ def engine_processes() -> dict[int, list[str]]:
     return found
 
 
+def engines_under(tmpdir: str) -> dict[int, list[str]]:
+    """Engines whose replica ran with TMPDIR=`tmpdir`: their private directory is in argv.
+
+    Found by argv rather than by parent, so an orphaned engine is found too.
+    """
+    return {
+        pid: argv
+        for pid, argv in engine_processes().items()
+        if argv[argv.index("--shard-uds-path") + 1].startswith(tmpdir)
+    }
+
+
 def _alive(proc: Path) -> bool:
     try:
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
@@ -42,6 +46,26 @@ def configure_logging(json_output: bool) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the private llama.cpp socket
 
 
+class DrainingServer(uvicorn.Server):
+    """Stops on SIGTERM or SIGINT after draining in-flight requests, then exits 0, as TGI does.
+
+    uvicorn itself re-raises the signal once drained, so the process would die by it.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        def stop(sig: int, frame: FrameType | None) -> None:
+            self.force_exit = self.should_exit and sig == signal.SIGINT
+            self.should_exit = True
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 async def serve(args: EngineArgs) -> None:
     gguf = resolve_gguf(args.model_id)
     log.info("loading %s with %d slots", gguf.name, args.max_batch_size)
@@ -69,7 +93,7 @@ async def serve(args: EngineArgs) -> None:
         )
         # The port is bound only now, with the model loaded: an open port means ready, as in TGI.
         log.info("Connected: serving on %s:%d", args.hostname, args.port)
-        await uvicorn.Server(config).serve()
+        await DrainingServer(config).serve()
     finally:
         await backend.aclose()
 

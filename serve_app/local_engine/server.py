@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,14 +12,23 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .backend import Token
 from .cli import EngineArgs
 from .scheduler import Scheduler, StreamItem
-from .validation import EngineError, Sampling, check_lengths, check_sampling, invalid
+from .validation import (
+    EngineError,
+    Sampling,
+    check_lengths,
+    check_sampling,
+    invalid,
+    rejected,
+    wrong_shape,
+)
 
+Handler = Callable[[Request], Awaitable[Response]]
 TGI_VERSION = "3.3.7"
 FINGERPRINT = f"{TGI_VERSION}-native"
 CHAT_FINISH = {"eos_token": "stop", "length": "length", "stop_sequence": "stop_sequence"}
@@ -55,7 +65,9 @@ class Engine:
 # -- wire helpers -------------------------------------------------------------------------------
 
 
-def error_response(exc: EngineError) -> JSONResponse:
+def error_response(exc: EngineError) -> Response:
+    if exc.plain:
+        return PlainTextResponse(exc.message, status_code=exc.status)
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
@@ -72,26 +84,36 @@ def engine(request: Request) -> Engine:
 
 
 async def read_json(request: Request) -> dict[str, Any]:
+    """The body as TGI's JSON extractor takes it: content type, size, syntax, then shape."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.split(";")[0].strip().endswith("json"):
+        raise rejected(415, "Expected request with `Content-Type: application/json`")
     limit = engine(request).args.payload_limit
     body = await request.body()
     if len(body) > limit:
-        raise EngineError(413, "payload_too_large", f"payload exceeds {limit} bytes")
+        raise rejected(413, "Failed to buffer the request body: length limit exceeded")
     try:
         data = json.loads(body)
     except ValueError as exc:
-        raise EngineError(
-            400, "validation", f"Failed to parse the request body as JSON: {exc}"
-        ) from None
+        raise rejected(400, f"Failed to parse the request body as JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise invalid("the request body must be a JSON object")
+        raise wrong_shape(f"invalid type: {type(data).__name__}, expected a map")
     return data
 
 
 def field(data: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
     value = data.get(name, default)
-    if value is not None and not isinstance(value, kind):
-        raise invalid(f"`{name}` must be of type {kind.__name__}")
+    if value is not None and (
+        not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)
+    ):
+        raise wrong_shape(f"{name}: invalid type, expected {kind.__name__}")
     return value
+
+
+def required(data: dict[str, Any], name: str, kind: type) -> Any:
+    if data.get(name) is None:
+        raise wrong_shape(f"missing field `{name}`")
+    return field(data, name, kind)
 
 
 async def stream_events(
@@ -119,9 +141,7 @@ async def stream_events(
 
 
 async def _generation(request: Request, data: dict[str, Any], stream: bool):
-    inputs = field(data, "inputs", str)
-    if inputs is None:
-        raise invalid("missing field `inputs`")
+    inputs = required(data, "inputs", str)
     params = field(data, "parameters", dict, {})
     sampling = check_sampling(params, engine(request).args, stream=stream)
     sampling, prompt_tokens = await engine(request).prepare(inputs, sampling)
@@ -194,29 +214,51 @@ async def _generate_stream(request: Request, data: dict[str, Any]) -> Response:
 
 async def compat_generate(request: Request) -> Response:
     """`POST /`: TGI's compatibility route; a list answer unless `stream` is true."""
-    data = await read_json(request)
+    return await _compat_generate(request, await read_json(request))
+
+
+async def _compat_generate(request: Request, data: dict[str, Any]) -> Response:
     if field(data, "stream", bool, False):
         return await _generate_stream(request, data)
     return JSONResponse([await _generate(request, data)])
 
 
+def _simple_tokens(text: str, tokens: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """TGI's SimpleToken list: each piece with its character offsets in `text`."""
+    out, cursor = [], 0
+    for tid, piece in tokens:
+        start = text.find(piece, cursor) if piece else -1
+        start = cursor if start < 0 else start
+        cursor = start + len(piece)
+        out.append({"id": tid, "text": piece, "start": start, "stop": cursor})
+    return out
+
+
 async def tokenize(request: Request) -> Response:
     data = await read_json(request)
-    inputs = field(data, "inputs", str)
+    inputs = required(data, "inputs", str)
     if not inputs:
         raise invalid("`inputs` cannot be empty")
     tokens = await engine(request).backend.tokenize(inputs)
-    out, cursor = [], 0
-    for tid, piece in tokens:
-        start = inputs.find(piece, cursor) if piece else -1
-        if start < 0:
-            start = cursor
-        cursor = start + len(piece)
-        out.append({"id": tid, "text": piece, "start": start, "stop": cursor})
-    return JSONResponse(out)
+    return JSONResponse(_simple_tokens(inputs, tokens))
+
+
+async def chat_tokenize(request: Request) -> Response:
+    data = await read_json(request)
+    messages = _messages(data)
+    text = await engine(request).backend.apply_chat_template(messages)
+    tokens = await engine(request).backend.tokenize(text)
+    return JSONResponse({"tokenize_response": _simple_tokens(text, tokens), "templated_text": text})
 
 
 # -- OpenAI-compatible, the TGI way ---------------------------------------------------------------
+
+
+def _messages(data: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = required(data, "messages", list)
+    if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise wrong_shape("messages: expected a non-empty sequence of messages with a `role`")
+    return messages
 
 
 def _openai_sampling(request: Request, data: dict[str, Any], stream: bool) -> Sampling:
@@ -272,10 +314,11 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 async def chat_completions(request: Request) -> Response:
-    data = await read_json(request)
-    messages = field(data, "messages", list)
-    if not messages:
-        raise invalid("`messages` must be a non-empty list")
+    return await _chat_completions(request, await read_json(request))
+
+
+async def _chat_completions(request: Request, data: dict[str, Any]) -> Response:
+    messages = _messages(data)
     stream = bool(field(data, "stream", bool, False))
     sampling = _openai_sampling(request, data, stream)
     prompt = await engine(request).backend.apply_chat_template(messages)
@@ -342,7 +385,10 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    data = await read_json(request)
+    return await _completions(request, await read_json(request))
+
+
+async def _completions(request: Request, data: dict[str, Any]) -> Response:
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -391,7 +437,8 @@ async def completions(request: Request) -> Response:
                             "index": 0,
                             "text": "" if item.token.special else item.token.text,
                             "logprobs": None,
-                            "finish_reason": CHAT_FINISH[fin.reason] if fin else None,
+                            # TGI's completion chunks always carry a string here
+                            "finish_reason": CHAT_FINISH[fin.reason] if fin else "",
                         }
                     ],
                 }
@@ -426,13 +473,21 @@ async def info(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
+    """TGI answers with the one model it serves, as a single `ModelInfo`, not a list."""
     model_id = engine(request).args.model_id
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}],
-        }
-    )
+    return JSONResponse({"id": model_id, "object": "model", "created": 0, "owned_by": model_id})
+
+
+async def invocations(request: Request) -> Response:
+    """SageMaker's single route: chat, completion or TGI compat, told apart by the body."""
+    data = await read_json(request)
+    if "messages" in data:
+        return await _chat_completions(request, data)
+    if "prompt" in data:
+        return await _completions(request, data)
+    if field(data, "stream", bool, False):
+        return await _generate_stream(request, data)
+    return JSONResponse(await _generate(request, data))
 
 
 async def health(request: Request) -> Response:
@@ -444,28 +499,37 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _handled(
-    endpoint: Callable[[Request], Awaitable[Response]],
-) -> Callable[[Request], Awaitable[Response]]:
-    """Map `EngineError` to TGI's error body at the one boundary where it becomes HTTP."""
+OPEN_ROUTES = frozenset({"/health", "/metrics", "/info"})
+
+
+def _handled(path: str, endpoint: Handler) -> Handler:
+    """Check the API key, and map `EngineError` to TGI's error body: the one place either
+    becomes HTTP."""
+    public = path in OPEN_ROUTES
 
     async def route(request: Request) -> Response:
+        api_key = engine(request).args.api_key
+        if api_key and not public:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return PlainTextResponse("Unauthorized", status_code=401)
         try:
             return await endpoint(request)
         except EngineError as exc:
             return error_response(exc)
 
-    route.__name__ = endpoint.__name__
     return route
 
 
-ROUTES = [
+ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/", compat_generate, ["POST"]),
+    ("/invocations", invocations, ["POST"]),
     ("/generate", generate, ["POST"]),
     ("/generate_stream", generate_stream, ["POST"]),
     ("/v1/chat/completions", chat_completions, ["POST"]),
     ("/v1/completions", completions, ["POST"]),
     ("/tokenize", tokenize, ["POST"]),
+    ("/chat_tokenize", chat_tokenize, ["POST"]),
     ("/v1/models", models, ["GET"]),
     ("/info", info, ["GET"]),
     ("/health", health, ["GET"]),
@@ -473,20 +537,9 @@ ROUTES = [
 ]
 
 
-async def _not_found(request: Request, exc: Exception) -> Response:
-    return JSONResponse({"error": "Not Found", "error_type": "not_found"}, status_code=404)
-
-
-async def _method_not_allowed(request: Request, exc: Exception) -> Response:
-    return JSONResponse(
-        {"error": "Method Not Allowed", "error_type": "method_not_allowed"}, status_code=405
-    )
-
-
 def create_app(state: Engine) -> Starlette:
     app = Starlette(
-        routes=[Route(path, _handled(fn), methods=methods) for path, fn, methods in ROUTES],
-        exception_handlers={404: _not_found, 405: _method_not_allowed},
+        routes=[Route(path, _handled(path, fn), methods=methods) for path, fn, methods in ROUTES]
     )
     app.state.engine = state
     return app

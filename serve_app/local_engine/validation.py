@@ -13,13 +13,18 @@ from .cli import EngineArgs
 
 
 class EngineError(Exception):
-    """An error TGI reports as `{"error": message, "error_type": kind}` with `status`."""
+    """An error TGI reports as `{"error": message, "error_type": kind}` with `status`.
 
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    `plain` errors are the HTTP framework's own rejections (body not JSON, wrong field types,
+    body too large), which TGI answers with a plain-text body instead.
+    """
+
+    def __init__(self, status: int, kind: str, message: str, *, plain: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.message = message
+        self.plain = plain
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.kind}
@@ -27,6 +32,15 @@ class EngineError(Exception):
 
 def invalid(message: str) -> EngineError:
     return EngineError(422, "validation", message)
+
+
+def rejected(status: int, message: str) -> EngineError:
+    """A request the JSON extractor refuses before validation, with its plain-text body."""
+    return EngineError(status, "rejected", message, plain=True)
+
+
+def wrong_shape(problem: str) -> EngineError:
+    return rejected(422, f"Failed to deserialize the JSON body into the target type: {problem}")
 
 
 def overloaded() -> EngineError:

@@ -123,8 +123,8 @@ class Normaliser:
     def _choices(self, choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for choice in choices:
             reason = choice.get("finish_reason")
-            if reason is not None:
-                choice["finish_reason"] = FINISH_REASONS.get(reason, reason)
+            # TGI sends "" on completion chunks that do not finish; OpenAI sends null
+            choice["finish_reason"] = FINISH_REASONS.get(reason, reason) if reason else None
         return choices
 
     def complete(self, engine_body: dict[str, Any]) -> dict[str, Any]:

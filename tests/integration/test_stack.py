@@ -20,7 +20,7 @@ from openai import NotFoundError, OpenAI
 
 from serve_app import localstack
 from serve_app.localstack import Head
-from tests.helpers import engine_processes, free_port, wait_for
+from tests.helpers import engines_under, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -31,6 +31,9 @@ class Stack:
     head: Head
     env: dict[str, str]
     url: str
+
+    def engines(self) -> dict[int, list[str]]:
+        return engines_under(self.env["TMPDIR"])
 
     def openai(self) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
@@ -50,6 +53,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
     )
     env = localstack.ray_env()
+    env["TMPDIR"] = str(tmp_path_factory.mktemp("replicas"))  # marks this stack's engines
     localstack.start_head(head, env)
     try:
         localstack.deploy(path, head, env)
@@ -59,11 +63,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         localstack.stop_head(env)
 
 
-def tier_engines(max_batch_size: str) -> set[int]:
+def tier_engines(stack: Stack, max_batch_size: str) -> set[int]:
     """Engine pids of one tier, told apart by the tier's batch size in their argv."""
     return {
         pid
-        for pid, argv in engine_processes().items()
+        for pid, argv in stack.engines().items()
         if argv[argv.index("--max-batch-size") + 1] == max_batch_size
     }
 
@@ -128,12 +132,12 @@ def test_tgi_route_picks_the_tier_from_the_header(stack: Stack) -> None:
 
 
 def test_killed_engine_is_replaced_and_the_tier_answers_again(stack: Stack) -> None:
-    (victim,) = tier_engines("4")  # the small tier's engine
+    (victim,) = tier_engines(stack, "4")  # the small tier's engine
     os.kill(victim, signal.SIGKILL)
     client = stack.openai()
 
     def answers_again() -> bool:
-        replaced = tier_engines("4") - {victim}
+        replaced = tier_engines(stack, "4") - {victim}
         if not replaced:
             return False
         try:
@@ -148,6 +152,6 @@ def test_killed_engine_is_replaced_and_the_tier_answers_again(stack: Stack) -> N
 
 
 def test_serve_shutdown_leaves_no_engine(stack: Stack) -> None:
-    assert engine_processes()
+    assert stack.engines()
     localstack.shutdown(stack.head, stack.env)
-    wait_for(lambda: not engine_processes(), 60, "every engine process to exit")
+    wait_for(lambda: not stack.engines(), 60, "every engine process to exit")
