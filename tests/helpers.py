@@ -38,7 +38,8 @@ def engines_under(tmpdir: str) -> dict[int, list[str]]:
     return {
         pid: argv
         for pid, argv in engine_processes().items()
-        if argv[argv.index("--shard-uds-path") + 1].startswith(tmpdir)
+        if "--shard-uds-path" in argv
+        and argv[argv.index("--shard-uds-path") + 1].startswith(tmpdir)
     }
 
 

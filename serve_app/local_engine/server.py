@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from .backend import Token
 from .cli import EngineArgs
@@ -50,16 +51,23 @@ class Engine:
         tokens = await self.backend.tokenize(prompt)
         return check_lengths(sampling, len(tokens), self.args), tokens
 
-    async def run(
-        self, prompt: str, sampling: Sampling, input_length: int
-    ) -> AsyncIterator[StreamItem]:
-        """Admit (or refuse at once with 429), then stream; the slot is freed however it ends."""
-        self.scheduler.admit()
+    def run(self, prompt: str, sampling: Sampling, input_length: int) -> AsyncIterator[StreamItem]:
+        return self.scheduler.stream(prompt, sampling, input_length)
+
+
+class ReleasingResponse(Response):
+    """Holds a request's concurrency permit until its answer has been sent, streamed or not,
+    and whether the client stayed or left."""
+
+    def __init__(self, inner: Response, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async for item in self.scheduler.stream(prompt, sampling, input_length):
-                yield item
+            await self._inner(scope, receive, send)
         finally:
-            self.scheduler.release()
+            self._release()
 
 
 # -- wire helpers -------------------------------------------------------------------------------
@@ -500,23 +508,46 @@ async def metrics(request: Request) -> Response:
 
 
 OPEN_ROUTES = frozenset({"/health", "/metrics", "/info"})
+GENERATION_ROUTES = frozenset(
+    {
+        "/",
+        "/invocations",
+        "/generate",
+        "/generate_stream",
+        "/v1/chat/completions",
+        "/v1/completions",
+    }
+)
 
 
 def _handled(path: str, endpoint: Handler) -> Handler:
-    """Check the API key, and map `EngineError` to TGI's error body: the one place either
-    becomes HTTP."""
+    """The one boundary where requests become HTTP answers: the API key is checked, generation
+    is admitted (or refused at once with 429, before any validation, as TGI does), and
+    `EngineError` becomes TGI's error body."""
     public = path in OPEN_ROUTES
+    counted = path in GENERATION_ROUTES
 
     async def route(request: Request) -> Response:
-        api_key = engine(request).args.api_key
+        state = engine(request)
+        api_key = state.args.api_key
         if api_key and not public:
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 return PlainTextResponse("Unauthorized", status_code=401)
         try:
-            return await endpoint(request)
+            if not counted:
+                return await endpoint(request)
+            state.scheduler.admit()
         except EngineError as exc:
             return error_response(exc)
+        try:
+            response = await endpoint(request)
+        except EngineError as exc:
+            response = error_response(exc)
+        except BaseException:
+            state.scheduler.release()
+            raise
+        return ReleasingResponse(response, state.scheduler.release)
 
     return route
 
