@@ -28,9 +28,9 @@ import httpx
 from serve_app.local_engine.model import resolve_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = [f"Write a long story about a {thing}." for thing in (
-    "lighthouse", "robot", "garden", "river", "mountain", "train", "library", "comet",
-)]  # fmt: skip
+# Counting keeps greedy decoding going for the whole budget, so both sides generate the same
+# number of tokens without an end-of-sequence cut.
+PROMPTS = [", ".join(str(k + i) for i in range(6)) + "," for k in (1, 10, 20, 30, 40, 50, 60, 70)]
 
 
 async def engine_round(url: str, streams: int, tokens: int) -> float:

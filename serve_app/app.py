@@ -33,7 +33,9 @@ def tier_deployment(tier: TierConfig) -> Deployment:
         max_ongoing_requests=tier.max_ongoing_requests,
         health_check_period_s=5,
         health_check_timeout_s=10,
+        # Serve lets in-flight requests finish before the replica's engine is stopped.
         graceful_shutdown_timeout_s=tier.engine.graceful_termination_timeout_s + 10,
+        max_constructor_retry_count=tier.max_start_attempts,
         **scaling,
     )
 
@@ -41,10 +43,10 @@ def tier_deployment(tier: TierConfig) -> Deployment:
 def build_app(args: dict[str, Any]) -> Application:
     """Validate `args` as an `AppConfig` (errors name the bad field) and bind the deployments."""
     config = AppConfig.model_validate(args)
-    tiers = {tier.name: tier_deployment(tier).bind(tier) for tier in config.tiers}
+    tiers = {tier.name: tier_deployment(tier).bind(tier.for_replicas()) for tier in config.tiers}
     return RouterDeployment.options(
         name="router",
         num_replicas=config.router.replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
-    ).bind(config, tiers)
+    ).bind(config.for_replicas(), tiers)

@@ -44,6 +44,11 @@ class EngineConfig(_Strict):
     max_batch_size: PositiveInt | None = Field(
         None, description="Sequences decoded together (local engine: parallel slots)."
     )
+    threads: PositiveInt | None = Field(
+        None,
+        description="Local engine only: llama.cpp threads (default: every core). Engines that "
+        "share a host's cores should split them, or their threads contend.",
+    )
     startup_timeout_s: PositiveFloat = Field(
         900.0, description="Download, load and warm-up must finish within this."
     )
@@ -56,6 +61,8 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _token_limits(self) -> EngineConfig:
+        if self.threads is not None and self.launcher != "local":
+            raise ValueError("threads applies to the local engine only")
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(
                 f"max_input_tokens ({self.max_input_tokens}) must be less than "
@@ -94,6 +101,11 @@ class TierConfig(_Strict):
         64, description="Requests one replica takes at once; more wait in Serve's queue."
     )
     replicas: ReplicaBounds = ReplicaBounds()
+    max_start_attempts: PositiveInt = Field(
+        3,
+        description="Replica starts that may fail in a row before the deployment is reported "
+        "as failed, instead of restarting a broken engine forever.",
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> TierConfig:
@@ -120,6 +132,16 @@ class TierConfig(_Strict):
     def model_names(self) -> tuple[str, ...]:
         """Every `model` value that selects this tier, canonical name first."""
         return (self.name, *self.aliases)
+
+    def for_replicas(self) -> TierConfig:
+        """This tier without the settings only the builder reads (how many replicas, how many
+        start attempts). Replicas are built from this, so that scaling a tier is a light update
+        of the deployment, not a restart of every replica and of the router."""
+        defaults = {name: TierConfig.model_fields[name].default for name in BUILDER_ONLY}
+        return self.model_copy(update=defaults)
+
+
+BUILDER_ONLY = ("replicas", "max_start_attempts")
 
 
 class RouterConfig(_Strict):
@@ -151,6 +173,9 @@ class AppConfig(_Strict):
         if default is not None and default not in {t.name for t in self.tiers}:
             raise ValueError(f"router.default_tier {default!r} is not one of the tiers")
         return self
+
+    def for_replicas(self) -> AppConfig:
+        return self.model_copy(update={"tiers": tuple(t.for_replicas() for t in self.tiers)})
 
     @property
     def default_tier(self) -> str:

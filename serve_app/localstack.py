@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -94,14 +95,23 @@ def wait_running(head: Head, timeout_s: float = 600) -> None:
         except (httpx.HTTPError, ValueError):
             apps = {}
         statuses = {name: app["status"] for name, app in apps.items()}
-        failed = {n: apps[n].get("message", "") for n, s in statuses.items() if "FAILED" in s}
+        failed = [_failure(name, apps[name]) for name, s in statuses.items() if "FAILED" in s]
         if failed:
-            raise RuntimeError(f"deployment failed: {failed}")
+            raise RuntimeError("\n".join(failed))
         if statuses and all(s == "RUNNING" for s in statuses.values()):
             return
         last = str(statuses or "no applications yet")
         time.sleep(1)
     raise TimeoutError(f"applications not RUNNING after {timeout_s:.0f}s: {last}")
+
+
+def _failure(name: str, app: dict[str, Any]) -> str:
+    """An application's failure with each unhealthy deployment's own message."""
+    lines = [f"application {name!r}: {app.get('message', '')}"]
+    for deployment, info in (app.get("deployments") or {}).items():
+        if info.get("status") != "HEALTHY" and info.get("message"):
+            lines.append(f"  deployment {deployment!r}: {info['message']}")
+    return "\n".join(lines)
 
 
 def http_port(config: Path) -> int:

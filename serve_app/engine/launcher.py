@@ -80,6 +80,8 @@ def build_launch(
         "--usage-stats", "off",
         "--json-output",
     ]  # fmt: skip
+    if engine.threads is not None:
+        argv += ["--threads", str(engine.threads)]
     if engine.max_batch_size is not None:
         argv += ["--max-batch-size", str(engine.max_batch_size)]
     if gpu_ids:

@@ -61,8 +61,11 @@ class LlamaBackend:
         params.model.path = str(gguf)
         params.n_parallel = slots
         params.n_ctx = slots * max_total_tokens  # llama.cpp splits the context over the slots
-        params.cpuparams.n_threads = threads or os.cpu_count() or 1
-        params.cpuparams_batch.n_threads = params.cpuparams.n_threads
+        for cpu in (params.cpuparams, params.cpuparams_batch):
+            cpu.n_threads = threads or os.cpu_count() or 1
+            # No busy-waiting between batches: several engines (one per replica) share a host's
+            # cores, and spinning threads would starve each other.
+            cpu.poll = 0
         params.hostnames = [socket_path]
         params.warmup = True
         self._server = xllamacpp.Server(params)

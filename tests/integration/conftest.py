@@ -1,14 +1,25 @@
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
+from openai import OpenAI
 
-from tests.helpers import free_port, wait_for
+from serve_app import localstack
+from serve_app.localstack import Head
+from tests.helpers import engines_under, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,3 +70,62 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEngine]:
     yield running
     running.process.terminate()
     running.process.wait(timeout=60)
+
+
+@cache
+def _local_config() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+
+
+def local_config() -> dict[str, Any]:
+    """A fresh copy of the shipped configs/local.yaml, as a Serve config dict."""
+    return copy.deepcopy(_local_config())
+
+
+@dataclass
+class Stack:
+    """A real Ray head on this machine, and what was deployed to it."""
+
+    head: Head
+    env: dict[str, str]
+    http_port: int
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def openai(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def engines(self) -> dict[int, list[str]]:
+        return engines_under(self.env["TMPDIR"])
+
+    def deploy(self, config: dict[str, Any], *, wait: bool = True) -> None:
+        """`serve deploy` a config (its HTTP port set to this stack's), as users do."""
+        config = copy.deepcopy(config)
+        config.setdefault("http_options", {})["port"] = self.http_port
+        path = self.workdir / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
+        localstack.deploy(path, self.head, self.env)
+        if wait:
+            localstack.wait_running(self.head, timeout_s=300)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A Ray head per test module, on ports of its own; stopped however the module ends."""
+    workdir = tmp_path_factory.mktemp("stack")
+    # Ray's socket paths must stay short: a temp dir of its own directly under /tmp.
+    head = Head(
+        gcs_port=free_port(),
+        dashboard_port=free_port(),
+        temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+    )
+    env = localstack.ray_env()
+    env["TMPDIR"] = str(tmp_path_factory.mktemp("replicas"))  # marks this stack's engines
+    localstack.start_head(head, env)
+    try:
+        yield Stack(head, env, free_port(), workdir)
+    finally:
+        localstack.stop_head(env)

@@ -8,59 +8,23 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from openai import NotFoundError, OpenAI
+from openai import NotFoundError
 
 from serve_app import localstack
-from serve_app.localstack import Head
-from tests.helpers import engines_under, free_port, wait_for
+from tests.helpers import wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import Stack, local_config
+
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
-@dataclass
-class Stack:
-    head: Head
-    env: dict[str, str]
-    url: str
-
-    def engines(self) -> dict[int, list[str]]:
-        return engines_under(self.env["TMPDIR"])
-
-    def openai(self) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
-    http_port = free_port()
-    config["http_options"]["port"] = http_port
-    path = tmp_path_factory.mktemp("stack") / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    # Ray's socket paths must stay short: a temp dir of its own directly under /tmp.
-    head = Head(
-        gcs_port=free_port(),
-        dashboard_port=free_port(),
-        temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
-    )
-    env = localstack.ray_env()
-    env["TMPDIR"] = str(tmp_path_factory.mktemp("replicas"))  # marks this stack's engines
-    localstack.start_head(head, env)
-    try:
-        localstack.deploy(path, head, env)
-        localstack.wait_running(head, timeout_s=300)
-        yield Stack(head, env, f"http://127.0.0.1:{http_port}")
-    finally:
-        localstack.stop_head(env)
+def stack(ray_head: Stack) -> Stack:
+    ray_head.deploy(local_config())
+    return ray_head
 
 
 def tier_engines(stack: Stack, max_batch_size: str) -> set[int]:

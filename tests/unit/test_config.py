@@ -58,7 +58,8 @@ INVALID = [
     ("router.max_body_bytes", 0, "router.max_body_bytes"),
     ("tiers.0.max_token_limit", 10, "tiers.0.max_token_limit"),  # a typo: unknown field
     ("routers", {}, "routers"),
-    ("tiers.0.engine.launcher", "tgi", "a 'tgi' engine needs gpus_per_replica >= 1"),
+    ("tiers.0.engine.launcher", "tgi", "threads applies to the local engine only"),
+    ("tiers.0.engine", {"launcher": "tgi"}, "a 'tgi' engine needs gpus_per_replica >= 1"),
 ]
 
 
