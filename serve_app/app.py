@@ -23,13 +23,32 @@ def tier_deployment(tier: TierConfig) -> Deployment:
             "autoscaling_config": {
                 "min_replicas": bounds.min,
                 "max_replicas": bounds.max,
-                "initial_replicas": max(bounds.min, 1),
+                "initial_replicas": bounds.min,
+                # Delays, steps and hysteresis are the policy's own; Serve adds none.
+                "upscale_delay_s": 0,
+                "downscale_delay_s": 0,
+                # Load reaches the controller every second, not every ten. Ray 2.60 still reads
+                # the push interval from this (deprecated) field.
+                "metrics_interval_s": 1,
+                "look_back_period_s": 2,
+                "policy": {
+                    "policy_function": "serve_app.autoscaling:QueueLengthPolicy",
+                    "policy_kwargs": tier.scaling.model_dump(),
+                },
             }
         }
     )
     return TierDeployment.options(
         name=f"tier-{tier.name}",
-        ray_actor_options={"num_cpus": tier.cpus_per_replica, "num_gpus": tier.gpus_per_replica},
+        ray_actor_options={
+            "num_cpus": tier.cpus_per_replica,
+            "num_gpus": tier.gpus_per_replica,
+            "resources": dict(tier.ray_resources),
+            # Replicas report their engine's load every second, not every ten.
+            "runtime_env": {
+                "env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+            },
+        },
         max_ongoing_requests=tier.max_ongoing_requests,
         health_check_period_s=5,
         health_check_timeout_s=10,

@@ -82,6 +82,19 @@ class ReplicaBounds(_Strict):
         return self
 
 
+class QueueScaling(_Strict):
+    """A tier's queue-based scaling rule; see `serve_app.autoscaling` for how it decides."""
+
+    target_per_replica: float = Field(
+        4.0, gt=0, description="Queued plus running requests one replica should carry."
+    )
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    max_step_up: int = Field(4, ge=1)
+    max_step_down: int = Field(1, ge=1)
+    hysteresis: float = Field(0.2, ge=0, lt=1)
+
+
 class TierConfig(_Strict):
     """One model tier: its own Serve deployment whose replicas each supervise one engine."""
 
@@ -97,10 +110,23 @@ class TierConfig(_Strict):
         1024, description="Largest max_tokens a client may ask for; larger asks are a 400."
     )
     request_timeout_s: PositiveFloat = 300.0
+    replica_wait_timeout_s: PositiveFloat = Field(
+        600.0,
+        description="How long a request may wait for a replica of the tier to take it (the tier "
+        "is starting from zero replicas, or saturated) before a 503 with Retry-After.",
+    )
     max_ongoing_requests: PositiveInt = Field(
         64, description="Requests one replica takes at once; more wait in Serve's queue."
     )
     replicas: ReplicaBounds = ReplicaBounds()
+    scaling: QueueScaling = Field(
+        QueueScaling(), description="Used when replicas.min < replicas.max."
+    )
+    ray_resources: dict[str, float] = Field(
+        {},
+        description="Custom Ray resources each replica needs, e.g. {tier_large: 1}, to pin a "
+        "tier to the nodes (KubeRay worker group) meant for it.",
+    )
     max_start_attempts: PositiveInt = Field(
         3,
         description="Replica starts that may fail in a row before the deployment is reported "
@@ -141,7 +167,7 @@ class TierConfig(_Strict):
         return self.model_copy(update=defaults)
 
 
-BUILDER_ONLY = ("replicas", "max_start_attempts")
+BUILDER_ONLY = ("replicas", "max_start_attempts", "scaling", "ray_resources")
 
 
 class RouterConfig(_Strict):

@@ -7,6 +7,7 @@
     │   └── PayloadTooLarge   the body is over the router's limit
     ├── EngineReplyError      the engine answered with an error status and body
     ├── EngineUnavailable     the engine could not be reached, or did not answer in time
+    ├── TierUnavailable       no replica of the tier answered within its first-byte timeout
     └── EngineStartupError    the engine exited or timed out while starting
 
 Every error pickles with all its fields, since tier replicas raise them across Ray to the router.
@@ -49,6 +50,12 @@ class EngineReplyError(ServeAppError):
 
 
 class EngineUnavailable(ServeAppError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TierUnavailable(ServeAppError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

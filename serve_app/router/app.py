@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -14,13 +15,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..config import AppConfig
-from ..engine.client import reply_error, stream_error
-from ..errors import InvalidRequest, PayloadTooLarge
+from ..engine.client import EngineReply, reply_error, stream_error
+from ..errors import InvalidRequest, PayloadTooLarge, TierUnavailable
 from ..tier.policy import TierDirectory
 from .errors import api_error
 from .openai import SSE_DONE, Kind, Normaliser, parse_model, parse_request, sse
 
 Handler = Callable[[Request], Awaitable[Response]]
+StreamStart = tuple[str | None, DeploymentResponseGenerator]
 
 
 class Router:
@@ -63,13 +65,12 @@ class Router:
         normaliser = Normaliser(parsed)
         headers = _headers(request, tier)
         if not parsed.stream:
-            reply = await self._handles[tier].request.remote(parsed.engine_path, parsed.payload)
+            reply = await self._request(tier, parsed.engine_path, parsed.payload)
             if reply.status != 200:
                 raise reply_error(reply.status, reply.body)
             answer = normaliser.complete(json.loads(reply.body))
             return JSONResponse(answer, headers=headers)
-        chunks = self._streams[tier].stream.remote(parsed.engine_path, parsed.payload)
-        first = await _first(chunks)  # an error before the first token keeps its HTTP status
+        first, chunks = await self._stream(tier, parsed.engine_path, parsed.payload)
         events = _openai_events(normaliser, first, chunks)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
@@ -115,18 +116,56 @@ class Router:
     ) -> Response:
         body = body if body is not None else await self._json_body(request)
         tier = self._directory.for_header(request.headers.get("x-tier"))
-        reply = await self._handles[tier].request.remote(path, body)
+        reply = await self._request(tier, path, body)
         return Response(
             reply.body, reply.status, media_type="application/json", headers=_headers(request, tier)
         )
 
     async def _tgi_stream(self, request: Request, path: str, body: dict[str, Any]) -> Response:
         tier = self._directory.for_header(request.headers.get("x-tier"))
-        chunks = self._streams[tier].stream.remote(path, body)
-        first = await _first(chunks)
+        first, chunks = await self._stream(tier, path, body)
         events = _tgi_events(first, chunks)
         return StreamingResponse(
             events, media_type="text/event-stream", headers=_headers(request, tier)
+        )
+
+    # -- dispatch to a tier, bounded in time ---------------------------------------------------
+
+    async def _request(self, tier: str, path: str, body: dict[str, Any]) -> EngineReply:
+        replies = self._streams[tier].request.remote(path, body)
+        await self._taken(tier, replies)
+        try:
+            reply = await anext(replies, None)
+        finally:
+            replies.cancel()
+        assert reply is not None, "a tier replica ends every request with its reply"
+        return reply
+
+    async def _stream(self, tier: str, path: str, body: dict[str, Any]) -> StreamStart:
+        """Start a stream and wait for its first chunk, so that an error before any token
+        keeps its HTTP status."""
+        chunks = self._streams[tier].stream.remote(path, body)
+        await self._taken(tier, chunks)
+        try:
+            first = await anext(chunks, None)
+        except BaseException:
+            chunks.cancel()
+            raise
+        return first, chunks
+
+    async def _taken(self, tier: str, calls: DeploymentResponseGenerator) -> None:
+        """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
+        try:
+            await asyncio.wait_for(anext(calls), self._config.tier(tier).replica_wait_timeout_s)
+        except asyncio.TimeoutError:
+            calls.cancel()
+            raise self._unavailable(tier) from None
+
+    def _unavailable(self, tier: str) -> TierUnavailable:
+        timeout = self._config.tier(tier).replica_wait_timeout_s
+        return TierUnavailable(
+            f"no replica of tier {tier!r} took the request within {timeout:.0f}s "
+            "(replica_wait_timeout_s): the tier is starting or saturated; retry later"
         )
 
     # -- service --------------------------------------------------------------------------------
@@ -154,13 +193,6 @@ class Router:
 def _headers(request: Request, tier: str) -> dict[str, str]:
     # Serve's proxy already echoes or assigns `x-request-id`.
     return {"x-tier": tier}
-
-
-async def _first(chunks: DeploymentResponseGenerator) -> str | None:
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 async def _openai_events(

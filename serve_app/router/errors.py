@@ -21,6 +21,7 @@ from ..errors import (
     ModelNotFound,
     PayloadTooLarge,
     RequestError,
+    TierUnavailable,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -82,6 +83,8 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineUnavailable):
         return APIError(503, f"the engine is unavailable: {exc.message}", "server_error",
                         "engine_unavailable", retry_after_s=2)  # fmt: skip
+    if isinstance(exc, TierUnavailable):
+        return APIError(503, exc.message, "server_error", "tier_unavailable", retry_after_s=10)
     if isinstance(exc, (RayActorError, ActorUnavailableError)):
         return APIError(503, "the tier replica serving this request died; retry", "server_error",
                         "replica_unavailable", retry_after_s=2)  # fmt: skip

@@ -10,8 +10,10 @@ from typing import Any
 import ray
 from ray import serve
 
+from ..autoscaling import ENGINE_QUEUE, ENGINE_RUNNING
 from ..config import TierConfig
 from ..engine.client import EngineReply
+from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 
 logger = logging.getLogger("ray.serve")
@@ -35,15 +37,27 @@ class TierDeployment:
         self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log)
         await self._supervisor.start()
 
-    async def request(self, path: str, payload: dict[str, Any]) -> EngineReply:
-        return await self._supervisor.client.post(path, payload)
+    # Both calls first yield `None`: the router then knows a replica has taken the request, which
+    # bounds the wait for one (a tier starting from zero) apart from the generation itself.
 
-    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[str]:
+    async def request(
+        self, path: str, payload: dict[str, Any]
+    ) -> AsyncIterator[EngineReply | None]:
+        yield None
+        yield await self._supervisor.client.post(path, payload)
+
+    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[str | None]:
+        yield None
         async for data in self._supervisor.client.stream(path, payload):
             yield data
 
     async def info(self) -> dict[str, Any]:
         return await self._supervisor.client.info()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The engine's queue and running batch, for `serve_app.autoscaling`."""
+        load = parse_load(await self._supervisor.client.metrics())
+        return {ENGINE_QUEUE: load.queued, ENGINE_RUNNING: load.running}
 
     async def check_health(self) -> None:
         await self._supervisor.check()

@@ -1,0 +1,123 @@
+"""Where autoscaling decides: tiers scale on the engine's real queue.
+
+Every tier replica reports its engine's waiting queue and running batch (`tgi_queue_size`,
+`tgi_batch_current_size`, scraped from the engine's `/metrics`). The policy adds the requests that
+wait in Serve for a replica, and sizes the tier so that each replica carries about
+`target_per_replica` of that demand:
+
+    desired = ceil(demand / target_per_replica), within [min_replicas, max_replicas]
+
+A change waits for its delay (`upscale_delay_s`, `downscale_delay_s`) to hold without a break,
+moves at most `max_step_up` / `max_step_down` replicas at once, and scale-down only happens once
+demand is below what one replica fewer could carry by the `hysteresis` margin, so a demand
+hovering at a boundary does not flap. From zero replicas any demand starts one at once.
+
+`decide` is a pure function; `QueueLengthPolicy` is its Serve wiring, run by the Serve
+controller with an `AutoscalingContext`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.config import AutoscalingContext
+
+from .config import QueueScaling
+
+logger = logging.getLogger("ray.serve")
+
+# Names under which tier replicas report their load (`TierDeployment.record_autoscaling_stats`).
+ENGINE_QUEUE = "engine_queue"
+ENGINE_RUNNING = "engine_running"
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int
+    reason: str
+    pending_since: float | None  # when the current wish to change began, if it waits
+
+
+def decide(
+    *,
+    demand: float,
+    current: int,
+    min_replicas: int,
+    max_replicas: int,
+    now: float,
+    pending_since: float | None,
+    rule: QueueScaling,
+) -> Decision:
+    """The replica count for `demand`, given the count now and how long a change has waited."""
+    desired = max(min_replicas, min(max_replicas, math.ceil(demand / rule.target_per_replica)))
+    if current == 0 and demand > 0:
+        return Decision(max(1, desired), f"demand {demand:g} at zero replicas: cold start", None)
+    if desired > current:
+        since = now if pending_since is None else pending_since
+        if now - since < rule.upscale_delay_s:
+            return Decision(current, f"up to {desired} waits for upscale delay", since)
+        target = min(desired, current + rule.max_step_up)
+        return Decision(
+            target,
+            f"demand {demand:g} over {current} x {rule.target_per_replica:g} for "
+            f"{now - since:.1f}s",
+            None,
+        )
+    # One replica fewer must carry the demand with room to spare before it is given up.
+    room = (current - 1) * rule.target_per_replica * (1 - rule.hysteresis)
+    if desired < current and demand <= room:
+        since = now if pending_since is None else pending_since
+        if now - since < rule.downscale_delay_s:
+            return Decision(current, f"down to {desired} waits for downscale delay", since)
+        target = max(desired, current - rule.max_step_down)
+        return Decision(
+            target, f"demand {demand:g} fits {target} replicas for {now - since:.1f}s", None
+        )
+    return Decision(current, "demand within bounds", None)
+
+
+def _latest(series: Any) -> float:
+    return float(series[-1].value) if series else 0.0
+
+
+class QueueLengthPolicy:
+    """Serve's custom autoscaling policy for a tier (`policy_kwargs` are a `QueueScaling`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.rule = QueueScaling(**kwargs)
+
+    def demand(self, ctx: AutoscalingContext) -> float:
+        """Requests queued or running in the engines, plus those waiting in Serve."""
+        raw = ctx.raw_metrics or {}
+        engines = sum(
+            _latest(series)
+            for name in (ENGINE_QUEUE, ENGINE_RUNNING)
+            for series in raw.get(name, {}).values()
+        )
+        return engines + float(ctx.total_queued_requests or 0)
+
+    def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+        state = dict(ctx.policy_state or {})
+        demand = self.demand(ctx)
+        if ctx.current_num_replicas == 0 and ctx.total_num_requests > 0:
+            demand = max(demand, float(ctx.total_num_requests))
+        decision = decide(
+            demand=demand,
+            # the count Serve is already moving to, so a scale-up under way is not undone
+            current=ctx.target_num_replicas,
+            min_replicas=ctx.capacity_adjusted_min_replicas,
+            max_replicas=ctx.capacity_adjusted_max_replicas,
+            now=float(ctx.current_time or 0.0),
+            pending_since=state.get("pending_since"),
+            rule=self.rule,
+        )
+        if decision.replicas != ctx.target_num_replicas:
+            logger.info(
+                "autoscaling %s: %d -> %d replicas (%s)",
+                ctx.deployment_name, ctx.target_num_replicas, decision.replicas, decision.reason,
+            )  # fmt: skip
+        state["pending_since"] = decision.pending_since
+        return decision.replicas, state

@@ -1,0 +1,21 @@
+"""The engine's load, read from its Prometheus `/metrics` text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    queued: float  # tgi_queue_size: admitted, waiting for a batch slot
+    running: float  # tgi_batch_current_size: in the running batch
+
+
+def parse_load(text: str) -> EngineLoad:
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("tgi_queue_size", "tgi_batch_current_size"):
+            values[family.name] = sum(sample.value for sample in family.samples)
+    return EngineLoad(values.get("tgi_queue_size", 0.0), values.get("tgi_batch_current_size", 0.0))

@@ -1,0 +1,58 @@
+"""The queue-length policy as a pure function, driven through load shapes."""
+
+from __future__ import annotations
+
+from serve_app.autoscaling import decide
+from serve_app.config import QueueScaling
+
+RULE = QueueScaling(
+    target_per_replica=4, upscale_delay_s=3, downscale_delay_s=30,
+    max_step_up=2, max_step_down=1, hysteresis=0.2,
+)  # fmt: skip
+
+
+def run(demands: list[float], *, start: int = 1, lo: int = 1, hi: int = 8,
+        rule: QueueScaling = RULE) -> list[int]:  # fmt: skip
+    """Feed one demand sample per second; returns the replica count after each."""
+    current, pending, counts = start, None, []
+    for second, demand in enumerate(demands):
+        d = decide(demand=demand, current=current, min_replicas=lo, max_replicas=hi,
+                   now=float(second), pending_since=pending, rule=rule)  # fmt: skip
+        current, pending = d.replicas, d.pending_since
+        counts.append(current)
+    return counts
+
+
+def test_step_load_scales_up_after_the_delay_in_bounded_steps() -> None:
+    counts = run([20.0] * 10)
+    assert counts[:3] == [1, 1, 1]  # waiting out the 3 s delay
+    assert counts[3] == 3  # one step: at most +2
+    assert counts[-1] == 5  # ceil(20 / 4)
+
+
+def test_a_spike_shorter_than_the_delay_changes_nothing() -> None:
+    assert run([1, 1, 30, 30, 1, 1, 1, 1]) == [1] * 8
+
+
+def test_slow_decay_scales_down_one_at_a_time_after_the_delay() -> None:
+    counts = run([0.0] * 100, start=4)
+    assert counts[29] == 4 and counts[30] == 3  # 30 s of low demand before the first step
+    assert counts[61] == 2 and counts[92] == 1
+    assert min(counts) == 1  # never below min_replicas
+
+
+def test_demand_at_a_boundary_does_not_flap() -> None:
+    # 2 replicas carry 8; demand alternating 7 and 9 must not walk the count up and down.
+    counts = run([9.0, 7.0] * 40, start=2)
+    assert set(counts) == {2}
+
+
+def test_hysteresis_holds_a_replica_until_demand_clearly_fits_fewer() -> None:
+    # 3 replicas, demand 7.5: 2 replicas could carry 8, but not with a 20 % margin (6.4).
+    assert set(run([7.5] * 60, start=3)) == {3}
+
+
+def test_zero_and_max_bounds() -> None:
+    assert run([0.0, 0.0, 3.0], start=0, lo=0) == [0, 0, 1]  # cold start at once
+    assert run([0.0] * 40, start=1, lo=0)[-1] == 0  # scale to zero after the delay
+    assert run([1000.0] * 20, hi=4)[-1] == 4
