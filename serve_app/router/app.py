@@ -17,6 +17,7 @@ from starlette.routing import Route
 from ..config import AppConfig
 from ..engine.client import EngineReply, reply_error, stream_error
 from ..errors import InvalidRequest, PayloadTooLarge, TierUnavailable
+from ..metrics import RequestTimer
 from ..tier.policy import TierDirectory
 from .errors import api_error
 from .openai import SSE_DONE, Kind, Normaliser, parse_model, parse_request, sse
@@ -64,14 +65,20 @@ class Router:
         parsed = parse_request(kind, body, model, self._config.tier(tier))
         normaliser = Normaliser(parsed)
         headers = _headers(request, tier)
-        if not parsed.stream:
-            reply = await self._request(tier, parsed.engine_path, parsed.payload)
-            if reply.status != 200:
-                raise reply_error(reply.status, reply.body)
-            answer = normaliser.complete(json.loads(reply.body))
-            return JSONResponse(answer, headers=headers)
-        first, chunks = await self._stream(tier, parsed.engine_path, parsed.payload)
-        events = _openai_events(normaliser, first, chunks)
+        timer = RequestTimer(tier)
+        try:
+            if not parsed.stream:
+                reply = await self._request(tier, parsed.engine_path, parsed.payload)
+                if reply.status != 200:
+                    raise reply_error(reply.status, reply.body)
+                answer = normaliser.complete(json.loads(reply.body))
+                timer.finish(200, answer.get("usage"))
+                return JSONResponse(answer, headers=headers)
+            first, chunks = await self._stream(tier, parsed.engine_path, parsed.payload)
+        except Exception as exc:
+            timer.finish(api_error(exc).status, None)
+            raise
+        events = _openai_events(normaliser, timer, first, chunks)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def list_models(self, request: Request) -> Response:
@@ -196,25 +203,35 @@ def _headers(request: Request, tier: str) -> dict[str, str]:
 
 
 async def _openai_events(
-    normaliser: Normaliser, first: str | None, chunks: DeploymentResponseGenerator
+    normaliser: Normaliser,
+    timer: RequestTimer,
+    first: str | None,
+    chunks: DeploymentResponseGenerator,
 ) -> AsyncIterator[bytes]:
     """Normalised chunks, then `[DONE]`. An error after the first token is sent as an error
     event and the stream still ends cleanly."""
+    status = 200
     try:
         data = first
         while data is not None:
             if data != "[DONE]":
+                timer.chunk()
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    yield sse(api_error(stream_error(data)).openai_body())
+                    error = api_error(stream_error(data))
+                    status = error.status
+                    yield sse(error.openai_body())
                     break
                 for event in normaliser.chunk(chunk):
                     yield event
             data = await anext(chunks, None)
     except Exception as exc:
-        yield sse(api_error(exc).openai_body())
+        error = api_error(exc)
+        status = error.status
+        yield sse(error.openai_body())
     finally:
         chunks.cancel()  # a client that went away stops the engine's generation too
+        timer.finish(status, normaliser.usage)
     yield SSE_DONE
 
 

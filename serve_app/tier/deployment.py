@@ -15,6 +15,7 @@ from ..config import TierConfig
 from ..engine.client import EngineReply
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
+from ..metrics import app_metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,6 +36,8 @@ class TierDeployment:
         log = ReplicaLog(logger, {"tier": tier.name, "replica": replica})
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log)
+        self._tags = {"tier": tier.name}
+        app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
 
     # Both calls first yield `None`: the router then knows a replica has taken the request, which
@@ -57,6 +60,8 @@ class TierDeployment:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """The engine's queue and running batch, for `serve_app.autoscaling`."""
         load = parse_load(await self._supervisor.client.metrics())
+        app_metrics().engine_queue.set(load.queued, self._tags)
+        app_metrics().engine_running.set(load.running, self._tags)
         return {ENGINE_QUEUE: load.queued, ENGINE_RUNNING: load.running}
 
     async def check_health(self) -> None:

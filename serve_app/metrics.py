@@ -1,0 +1,95 @@
+"""Every application metric, defined once.
+
+Exported through Ray's metrics agent: each Ray pod serves them on its metrics port (8080) with a
+`ray_` prefix, next to Serve's own metrics, so one PodMonitor scrapes everything. Names:
+
+    ray_serve_app_requests_total{tier, status}           requests answered by the router
+    ray_serve_app_in_flight_requests{tier}               requests the router is serving now
+    ray_serve_app_time_to_first_token_seconds{tier}      histogram, streamed requests
+    ray_serve_app_inter_token_latency_seconds{tier}      histogram, between streamed chunks
+    ray_serve_app_request_duration_seconds{tier}         histogram, end to end
+    ray_serve_app_prompt_tokens_total{tier}
+    ray_serve_app_completion_tokens_total{tier}
+    ray_serve_app_engine_queue{tier}                     engine's waiting queue, per replica
+    ray_serve_app_engine_running{tier}                   engine's running batch, per replica
+    ray_serve_app_engine_starts_total{tier}              engines started (replica starts)
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from typing import Any
+
+from ray.serve import metrics
+
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        tier = ("tier",)
+        self.requests = metrics.Counter(
+            "serve_app_requests", "Requests answered, by tier and status.", ("tier", "status")
+        )
+        self.in_flight = metrics.Gauge("serve_app_in_flight_requests", "Requests in flight.", tier)
+        self.ttft = metrics.Histogram(
+            "serve_app_time_to_first_token_seconds", "Time to the first streamed token.",
+            LATENCY_BUCKETS_S, tier,
+        )  # fmt: skip
+        self.itl = metrics.Histogram(
+            "serve_app_inter_token_latency_seconds", "Time between streamed chunks.",
+            LATENCY_BUCKETS_S, tier,
+        )  # fmt: skip
+        self.duration = metrics.Histogram(
+            "serve_app_request_duration_seconds", "End-to-end request time.",
+            LATENCY_BUCKETS_S, tier,
+        )  # fmt: skip
+        self.prompt_tokens = metrics.Counter("serve_app_prompt_tokens", "Prompt tokens.", tier)
+        self.completion_tokens = metrics.Counter(
+            "serve_app_completion_tokens", "Completion tokens.", tier
+        )
+        self.engine_queue = metrics.Gauge("serve_app_engine_queue", "Engine queue.", tier)
+        self.engine_running = metrics.Gauge("serve_app_engine_running", "Engine batch.", tier)
+        self.engine_starts = metrics.Counter("serve_app_engine_starts", "Engines started.", tier)
+        self._in_flight_by_tier: dict[str, int] = {}
+
+    def track_in_flight(self, tier: str, delta: int) -> None:
+        count = self._in_flight_by_tier.get(tier, 0) + delta
+        self._in_flight_by_tier[tier] = count
+        self.in_flight.set(count, {"tier": tier})
+
+
+@cache
+def app_metrics() -> _Metrics:
+    """The process's metrics, created on first use (inside a Ray worker, not at import)."""
+    return _Metrics()
+
+
+class RequestTimer:
+    """One request's timings and outcome, recorded once it ends."""
+
+    def __init__(self, tier: str) -> None:
+        self.tags = {"tier": tier}
+        self.start = self.last = time.perf_counter()
+        self.first: float | None = None
+        app_metrics().track_in_flight(tier, +1)
+
+    def chunk(self) -> None:
+        now = time.perf_counter()
+        m = app_metrics()
+        if self.first is None:
+            self.first = now
+            m.ttft.observe(now - self.start, self.tags)
+        else:
+            m.itl.observe(now - self.last, self.tags)
+        self.last = now
+
+    def finish(self, status: int, usage: dict[str, Any] | None) -> None:
+        m = app_metrics()
+        m.requests.inc(1, {**self.tags, "status": str(status)})
+        m.duration.observe(time.perf_counter() - self.start, self.tags)
+        if usage:
+            m.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0), self.tags)
+            m.completion_tokens.inc(int(usage.get("completion_tokens") or 0), self.tags)
+        m.track_in_flight(self.tags["tier"], -1)
