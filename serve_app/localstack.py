@@ -33,6 +33,7 @@ class Head:
     temp_dir: str | None = None
     num_cpus: int = 2
     num_gpus: int = 0
+    metrics_port: int = 8080  # Ray's Prometheus endpoint, as on KubeRay pods
 
     @property
     def dashboard(self) -> str:
@@ -64,6 +65,7 @@ def start_head(head: Head, env: Mapping[str, str]) -> None:
         f"--port={head.gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}",
         f"--num-cpus={head.num_cpus}", f"--num-gpus={head.num_gpus}",
+        f"--metrics-export-port={head.metrics_port}",
         "--disable-usage-stats",
     ]  # fmt: skip
     if head.temp_dir:

@@ -121,6 +121,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         gcs_port=free_port(),
         dashboard_port=free_port(),
         temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+        metrics_port=free_port(),
     )
     env = localstack.ray_env()
     env["TMPDIR"] = str(tmp_path_factory.mktemp("replicas"))  # marks this stack's engines

@@ -95,6 +95,23 @@ def test_tgi_route_picks_the_tier_from_the_header(stack: Stack) -> None:
     assert "Paris" in reply.json()["generated_text"]
 
 
+def test_router_metrics_carry_the_tier(stack: Stack) -> None:
+    """Requests made above show up on Ray's metrics port, labelled by tier."""
+
+    def exported() -> bool:
+        text = httpx.get(f"http://127.0.0.1:{stack.head.metrics_port}/metrics", timeout=10).text
+        return all(
+            any(line.startswith(name) and 'tier="large"' in line for line in text.splitlines())
+            for name in (
+                "ray_serve_app_requests_total",
+                "ray_serve_app_time_to_first_token_seconds_bucket",
+                "ray_serve_app_completion_tokens_total",
+            )
+        )
+
+    wait_for(exported, 60, "tier-labelled application metrics on Ray's metrics port")
+
+
 def test_killed_engine_is_replaced_and_the_tier_answers_again(stack: Stack) -> None:
     (victim,) = tier_engines(stack, "4")  # the small tier's engine
     os.kill(victim, signal.SIGKILL)
