@@ -53,11 +53,13 @@ def raw_round(server: Any, streams: int, tokens: int) -> float:
 
     def one(i: int) -> None:
         def on_chunk(chunk: dict[str, Any]) -> bool:
-            counts[i] += bool(chunk["choices"][0].get("text"))
+            content = (chunk["choices"][0].get("logprobs") or {}).get("content") or ()
+            counts[i] += len(content)
             return False
 
+        # What the engine asks of llama.cpp for a TGI request: greedy, one log-probability.
         payload = {"prompt": PROMPTS[i % 8], "max_tokens": tokens, "temperature": 0.0,
-                   "stream": True}  # fmt: skip
+                   "stream": True, "logprobs": 1}  # fmt: skip
         server.handle_completions(payload, on_chunk)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
@@ -75,6 +77,10 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8091)
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1,
+        help="llama.cpp threads on both sides; below the core count leaves room for HTTP",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import xllamacpp
@@ -82,7 +88,7 @@ def main() -> int:
     engine = subprocess.Popen(
         [sys.executable, "-m", "serve_app.local_engine", "--port", str(args.port),
          "--max-batch-size", str(args.streams), "--max-total-tokens", "1024",
-         "--max-input-tokens", "512"],
+         "--max-input-tokens", "512", "--threads", str(args.threads)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{args.port}"
@@ -97,7 +103,8 @@ def main() -> int:
         params.model.path = str(resolve_gguf("smollm2-135m-instruct"))
         params.n_parallel = args.streams
         params.n_ctx = args.streams * 1024
-        params.cpuparams.n_threads = os.cpu_count() or 1
+        params.cpuparams.n_threads = args.threads
+        params.cpuparams_batch.n_threads = args.threads
         params.hostnames = [f"/tmp/bench-raw-{os.getpid()}.sock"]
         raw = xllamacpp.Server(params)
         results: dict[str, list[float]] = {
@@ -115,6 +122,7 @@ def main() -> int:
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "streams": args.streams,
+        "llama_threads": args.threads,
         "max_new_tokens": args.tokens,
         "rounds": args.rounds,
         "tokens_per_s_median": med,
@@ -124,7 +132,7 @@ def main() -> int:
         "engine_vs_raw_1_stream": med["engine_1"] / med["raw_1"],
         "engine_vs_raw_n_streams": med["engine_n"] / med["raw_n"],
     }
-    out = ROOT / "bench" / "results" / "engine_batching.json"
+    out = ROOT / "bench" / "results" / f"engine_batching_threads{args.threads}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "tokens_per_s_all"}, indent=2))

@@ -118,6 +118,15 @@ class TierConfig(_Strict):
     max_ongoing_requests: PositiveInt = Field(
         64, description="Requests one replica takes at once; more wait in Serve's queue."
     )
+    overflow_tier: str | None = Field(
+        None,
+        description="Where requests for this tier go while it is saturated (spill-over).",
+    )
+    overflow_at_in_flight: PositiveInt = Field(
+        32,
+        description="Saturated means: this many requests of this tier in flight in one router "
+        "replica.",
+    )
     replicas: ReplicaBounds = ReplicaBounds()
     scaling: QueueScaling = Field(
         QueueScaling(), description="Used when replicas.min < replicas.max."
@@ -170,11 +179,39 @@ class TierConfig(_Strict):
 BUILDER_ONLY = ("replicas", "max_start_attempts", "scaling", "ray_resources")
 
 
+AUTO_MODEL = "auto"
+
+
+class AutoRule(_Strict):
+    """One rule of the `auto` model: the first rule whose every condition holds picks `tier`."""
+
+    tier: str
+    min_prompt_chars: PositiveInt | None = Field(
+        None, description="The prompt (all message contents) is at least this long."
+    )
+    min_max_tokens: PositiveInt | None = Field(
+        None, description="The client asks for at least this many tokens."
+    )
+    header: str | None = Field(None, description="This request header is present ...")
+    header_value: str | None = Field(None, description="... and, if set, has this value.")
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> AutoRule:
+        if self.min_prompt_chars is None and self.min_max_tokens is None and self.header is None:
+            raise ValueError("a rule needs min_prompt_chars, min_max_tokens or header")
+        if self.header_value is not None and self.header is None:
+            raise ValueError("header_value needs header")
+        return self
+
+
 class RouterConfig(_Strict):
     default_tier: str | None = Field(
         None,
-        description="Tier for TGI-native routes without an X-Tier header; the first tier "
-        "when unset.",
+        description="Tier for TGI-native routes without an X-Tier header, and for the `auto` "
+        "model when no rule matches; the first tier when unset.",
+    )
+    auto_rules: tuple[AutoRule, ...] = Field(
+        (), description="How model `auto` picks a tier; the first matching rule wins."
     )
     max_body_bytes: PositiveInt = 2_000_000
     replicas: PositiveInt = 1
@@ -195,9 +232,22 @@ class AppConfig(_Strict):
                         f"and {tier.name!r}"
                     )
                 owner[model_name] = tier.name
+        if AUTO_MODEL in owner:
+            raise ValueError(f"model name {AUTO_MODEL!r} is reserved for tier choice by rules")
+        names = {t.name for t in self.tiers}
         default = self.router.default_tier
-        if default is not None and default not in {t.name for t in self.tiers}:
+        if default is not None and default not in names:
             raise ValueError(f"router.default_tier {default!r} is not one of the tiers")
+        for i, rule in enumerate(self.router.auto_rules):
+            if rule.tier not in names:
+                raise ValueError(
+                    f"router.auto_rules[{i}].tier {rule.tier!r} is not one of the tiers"
+                )
+        for tier in self.tiers:
+            if tier.overflow_tier is not None and tier.overflow_tier not in names - {tier.name}:
+                raise ValueError(
+                    f"tier {tier.name!r}: overflow_tier {tier.overflow_tier!r} must be another tier"
+                )
         return self
 
     def for_replicas(self) -> AppConfig:

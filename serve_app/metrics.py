@@ -13,6 +13,7 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_engine_queue{tier}                     engine's waiting queue, per replica
     ray_serve_app_engine_running{tier}                   engine's running batch, per replica
     ray_serve_app_engine_starts_total{tier}              engines started (replica starts)
+    ray_serve_app_spill_overs_total{tier, to_tier}       requests sent on to an overflow tier
 """
 
 from __future__ import annotations
@@ -52,12 +53,9 @@ class _Metrics:
         self.engine_queue = metrics.Gauge("serve_app_engine_queue", "Engine queue.", tier)
         self.engine_running = metrics.Gauge("serve_app_engine_running", "Engine batch.", tier)
         self.engine_starts = metrics.Counter("serve_app_engine_starts", "Engines started.", tier)
-        self._in_flight_by_tier: dict[str, int] = {}
-
-    def track_in_flight(self, tier: str, delta: int) -> None:
-        count = self._in_flight_by_tier.get(tier, 0) + delta
-        self._in_flight_by_tier[tier] = count
-        self.in_flight.set(count, {"tier": tier})
+        self.spill_overs = metrics.Counter(
+            "serve_app_spill_overs", "Requests sent on to an overflow tier.", ("tier", "to_tier")
+        )
 
 
 @cache
@@ -66,14 +64,26 @@ def app_metrics() -> _Metrics:
     return _Metrics()
 
 
+class InFlight:
+    """Requests in flight per tier in this router replica (spill-over reads it too)."""
+
+    def __init__(self) -> None:
+        self.by_tier: dict[str, int] = {}
+
+    def add(self, tier: str, delta: int) -> None:
+        self.by_tier[tier] = self.by_tier.get(tier, 0) + delta
+        app_metrics().in_flight.set(self.by_tier[tier], {"tier": tier})
+
+
 class RequestTimer:
     """One request's timings and outcome, recorded once it ends."""
 
-    def __init__(self, tier: str) -> None:
+    def __init__(self, tier: str, in_flight: InFlight) -> None:
         self.tags = {"tier": tier}
         self.start = self.last = time.perf_counter()
         self.first: float | None = None
-        app_metrics().track_in_flight(tier, +1)
+        self._in_flight = in_flight
+        in_flight.add(tier, +1)
 
     def chunk(self) -> None:
         now = time.perf_counter()
@@ -92,4 +102,4 @@ class RequestTimer:
         if usage:
             m.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0), self.tags)
             m.completion_tokens.inc(int(usage.get("completion_tokens") or 0), self.tags)
-        m.track_in_flight(self.tags["tier"], -1)
+        self._in_flight.add(self.tags["tier"], -1)

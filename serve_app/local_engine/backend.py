@@ -62,10 +62,9 @@ class LlamaBackend:
         params.n_parallel = slots
         params.n_ctx = slots * max_total_tokens  # llama.cpp splits the context over the slots
         for cpu in (params.cpuparams, params.cpuparams_batch):
+            # Engines that share a host's cores must split them (`--threads`): llama.cpp's
+            # threads synchronise on every step, and one that loses its core stalls the rest.
             cpu.n_threads = threads or os.cpu_count() or 1
-            # No busy-waiting between batches: several engines (one per replica) share a host's
-            # cores, and spinning threads would starve each other.
-            cpu.poll = 0
         params.hostnames = [socket_path]
         params.warmup = True
         self._server = xllamacpp.Server(params)

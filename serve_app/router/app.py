@@ -16,9 +16,9 @@ from starlette.routing import Route
 
 from ..config import AppConfig
 from ..engine.client import EngineReply, reply_error, stream_error
-from ..errors import InvalidRequest, PayloadTooLarge, TierUnavailable
-from ..metrics import RequestTimer
-from ..tier.policy import TierDirectory
+from ..errors import InvalidRequest, ModelNotFound, PayloadTooLarge, TierUnavailable
+from ..metrics import InFlight, RequestTimer, app_metrics
+from ..tier.policy import RequestTraits, TierChoice, TierPolicy
 from .errors import api_error
 from .openai import SSE_DONE, Kind, Normaliser, parse_model, parse_request, sse
 
@@ -29,7 +29,8 @@ StreamStart = tuple[str | None, DeploymentResponseGenerator]
 class Router:
     def __init__(self, config: AppConfig, tiers: Mapping[str, DeploymentHandle]) -> None:
         self._config = config
-        self._directory = TierDirectory(config)
+        self._policy = TierPolicy(config)
+        self._in_flight = InFlight()
         self._handles = dict(tiers)
         self._streams = {name: h.options(stream=True) for name, h in tiers.items()}
         self._created = int(time.time())
@@ -61,11 +62,14 @@ class Router:
     async def _openai(self, request: Request, kind: Kind) -> Response:
         body = await self._json_body(request)
         model = parse_model(body)
-        tier = self._directory.for_model(model)
+        choice = self._policy.for_model(model, _traits(body, request), self._in_flight.by_tier)
+        tier = choice.tier
+        if choice.spilled_from:
+            app_metrics().spill_overs.inc(1, {"tier": choice.spilled_from, "to_tier": tier})
         parsed = parse_request(kind, body, model, self._config.tier(tier))
         normaliser = Normaliser(parsed)
-        headers = _headers(request, tier)
-        timer = RequestTimer(tier)
+        headers = _headers(choice)
+        timer = RequestTimer(tier, self._in_flight)
         try:
             if not parsed.stream:
                 reply = await self._request(tier, parsed.engine_path, parsed.payload)
@@ -82,21 +86,17 @@ class Router:
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def list_models(self, request: Request) -> Response:
-        data = [self._model_card(name) for name in self._directory.model_names]
+        data = [self._model_card(name) for name in self._policy.model_names]
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        self._directory.for_model(name)
+        if not self._policy.is_model(name):
+            raise ModelNotFound(f"The model {name!r} does not exist", param="model")
         return JSONResponse(self._model_card(name))
 
     def _model_card(self, name: str) -> dict[str, Any]:
-        return {
-            "id": name,
-            "object": "model",
-            "created": self._created,
-            "owned_by": f"tier:{self._directory.for_model(name)}",
-        }
+        return {"id": name, "object": "model", "created": self._created, "owned_by": "serve-app"}
 
     # -- TGI native: bodies and answers pass through unchanged ------------------------------------
 
@@ -113,28 +113,25 @@ class Router:
         return await self._tgi_request(request, "/", body)
 
     async def info(self, request: Request) -> Response:
-        tier = self._directory.for_header(request.headers.get("x-tier"))
-        return JSONResponse(
-            await self._handles[tier].info.remote(), headers=_headers(request, tier)
-        )
+        choice = self._policy.for_header(request.headers.get("x-tier"))
+        info = await self._handles[choice.tier].info.remote()
+        return JSONResponse(info, headers=_headers(choice))
 
     async def _tgi_request(
         self, request: Request, path: str, body: dict[str, Any] | None = None
     ) -> Response:
         body = body if body is not None else await self._json_body(request)
-        tier = self._directory.for_header(request.headers.get("x-tier"))
-        reply = await self._request(tier, path, body)
+        choice = self._policy.for_header(request.headers.get("x-tier"))
+        reply = await self._request(choice.tier, path, body)
         return Response(
-            reply.body, reply.status, media_type="application/json", headers=_headers(request, tier)
+            reply.body, reply.status, media_type="application/json", headers=_headers(choice)
         )
 
     async def _tgi_stream(self, request: Request, path: str, body: dict[str, Any]) -> Response:
-        tier = self._directory.for_header(request.headers.get("x-tier"))
-        first, chunks = await self._stream(tier, path, body)
+        choice = self._policy.for_header(request.headers.get("x-tier"))
+        first, chunks = await self._stream(choice.tier, path, body)
         events = _tgi_events(first, chunks)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers=_headers(request, tier)
-        )
+        return StreamingResponse(events, media_type="text/event-stream", headers=_headers(choice))
 
     # -- dispatch to a tier, bounded in time ---------------------------------------------------
 
@@ -197,9 +194,31 @@ class Router:
         return body
 
 
-def _headers(request: Request, tier: str) -> dict[str, str]:
+def _headers(choice: TierChoice) -> dict[str, str]:
     # Serve's proxy already echoes or assigns `x-request-id`.
-    return {"x-tier": tier}
+    return {"x-tier": choice.tier, "x-tier-reason": choice.reason}
+
+
+def _traits(body: dict[str, Any], request: Request) -> RequestTraits:
+    """What the `auto` rules look at: prompt size, asked tokens, headers."""
+    if isinstance(body.get("messages"), list):
+        chars = sum(_text_length(m.get("content")) for m in body["messages"] if isinstance(m, dict))
+    else:
+        chars = _text_length(body.get("prompt"))
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    return RequestTraits(
+        prompt_chars=chars,
+        max_tokens=asked if isinstance(asked, int) else None,
+        headers={k.lower(): v for k, v in request.headers.items()},
+    )
+
+
+def _text_length(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):  # content parts, or a list of prompts
+        return sum(_text_length(p.get("text") if isinstance(p, dict) else p) for p in content)
+    return 0
 
 
 async def _openai_events(

@@ -1,40 +1,96 @@
-"""Where a request picks its tier."""
+"""Where a request picks its tier: by model name, by the `auto` rules, then spill-over.
+
+A request names a tier (or alias) in `model`, or asks for `auto`, whose rules pick a tier from
+the request itself. A tier that is saturated (its in-flight requests at this router at or above
+`overflow_at_in_flight`) hands the request to its `overflow_tier`, one hop at most. Every choice
+comes with a reason, sent back to the client as `x-tier-reason`.
+"""
 
 from __future__ import annotations
 
-from ..config import AppConfig
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..config import AUTO_MODEL, AppConfig, AutoRule
 from ..errors import ModelNotFound
 
 
-class TierDirectory:
-    """Model names (tier names and aliases) to tier names."""
+@dataclass(frozen=True)
+class RequestTraits:
+    """What the `auto` rules look at, taken from a request once."""
 
+    prompt_chars: int
+    max_tokens: int | None
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class TierChoice:
+    tier: str
+    reason: str
+    spilled_from: str | None = None
+
+
+class TierPolicy:
     def __init__(self, config: AppConfig) -> None:
         self._by_model = {name: tier.name for tier in config.tiers for name in tier.model_names}
+        self._config = config
         self.default = config.default_tier
 
     @property
     def model_names(self) -> list[str]:
-        return list(self._by_model)
+        return [*self._by_model, AUTO_MODEL]
 
-    def for_model(self, model: str) -> str:
-        try:
-            return self._by_model[model]
-        except KeyError:
-            raise ModelNotFound(
-                f"The model {model!r} does not exist. Available models: "
-                f"{', '.join(self._by_model)}",
-                param="model",
-            ) from None
+    def is_model(self, model: str) -> bool:
+        return model == AUTO_MODEL or model in self._by_model
 
-    def for_header(self, tier: str | None) -> str:
+    def for_model(
+        self, model: str, traits: RequestTraits, in_flight: Mapping[str, int]
+    ) -> TierChoice:
+        if model == AUTO_MODEL:
+            choice = self._auto(traits)
+        else:
+            tier = self._named(model, "model")
+            choice = TierChoice(tier, "model" if tier == model else f"alias {model}")
+        return self._spill_over(choice, in_flight)
+
+    def for_header(self, tier: str | None) -> TierChoice:
         """TGI-native routes pick a tier with the X-Tier header (a tier name or alias)."""
         if tier is None:
-            return self.default
+            return TierChoice(self.default, "default tier")
+        return TierChoice(self._named(tier, "X-Tier"), "X-Tier header")
+
+    def _named(self, name: str, param: str) -> str:
         try:
-            return self._by_model[tier]
+            return self._by_model[name]
         except KeyError:
             raise ModelNotFound(
-                f"X-Tier {tier!r} names no tier. Available: {', '.join(self._by_model)}",
-                param="X-Tier",
+                f"The model {name!r} does not exist. Available models: "
+                f"{', '.join(self.model_names)}",
+                param=param,
             ) from None
+
+    def _auto(self, traits: RequestTraits) -> TierChoice:
+        for i, rule in enumerate(self._config.router.auto_rules):
+            if _matches(rule, traits):
+                return TierChoice(rule.tier, f"auto rule {i}")
+        return TierChoice(self.default, "auto default")
+
+    def _spill_over(self, choice: TierChoice, in_flight: Mapping[str, int]) -> TierChoice:
+        tier = self._config.tier(choice.tier)
+        if tier.overflow_tier and in_flight.get(tier.name, 0) >= tier.overflow_at_in_flight:
+            reason = f"spill-over from {tier.name} ({choice.reason})"
+            return TierChoice(tier.overflow_tier, reason, spilled_from=tier.name)
+        return choice
+
+
+def _matches(rule: AutoRule, traits: RequestTraits) -> bool:
+    if rule.min_prompt_chars is not None and traits.prompt_chars < rule.min_prompt_chars:
+        return False
+    if rule.min_max_tokens is not None and (traits.max_tokens or 0) < rule.min_max_tokens:
+        return False
+    if rule.header is not None:
+        value = traits.headers.get(rule.header.lower())
+        if value is None or (rule.header_value is not None and value != rule.header_value):
+            return False
+    return True

@@ -73,7 +73,7 @@ def test_openai_completions_streamed_and_not(stack: Stack) -> None:
 
 def test_models_list_every_tier_and_alias(stack: Stack) -> None:
     names = {m.id for m in stack.openai().models.list()}
-    assert names == {"small", "smollm2", "gpt-4o-mini", "large", "gpt-4o"}
+    assert names == {"small", "smollm2", "gpt-4o-mini", "large", "gpt-4o", "auto"}
 
 
 def test_unknown_model_is_a_404_in_openai_shape(stack: Stack) -> None:

@@ -60,6 +60,11 @@ INVALID = [
     ("routers", {}, "routers"),
     ("tiers.0.engine.launcher", "tgi", "threads applies to the local engine only"),
     ("tiers.0.engine", {"launcher": "tgi"}, "a 'tgi' engine needs gpus_per_replica >= 1"),
+    ("tiers.0.overflow_tier", "small", "overflow_tier 'small' must be another tier"),
+    ("tiers.0.overflow_tier", "medium", "overflow_tier 'medium' must be another tier"),
+    ("router.auto_rules", [{"tier": "medium", "min_max_tokens": 5}], "auto_rules[0].tier 'medium'"),
+    ("router.auto_rules", [{"tier": "large"}], "a rule needs min_prompt_chars"),
+    ("tiers.1.aliases", ["auto"], "'auto' is reserved"),
 ]
 
 
