@@ -26,5 +26,10 @@ down:
 test: install
 	$(PY) -m pytest
 
+bench: install
+	$(PY) -m pip install -q -e '.[bench]'
+	PYTHONPATH=. $(PY) bench/stack_overhead.py --real
+	PYTHONPATH=. $(PY) bench/engine_batching.py
+
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -14,11 +14,12 @@ from types import FrameType
 
 import uvicorn
 
-from .backend import LlamaBackend
+from .backend import Backend, LlamaBackend
 from .cli import EngineArgs, parse_args
 from .model import ModelNotFoundError, resolve_gguf
 from .scheduler import Scheduler
 from .server import Engine, create_app
+from .simulated import SIMULATED_MODEL, SimulatedBackend, Timetable
 
 log = logging.getLogger("local_engine")
 
@@ -66,16 +67,24 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def serve(args: EngineArgs) -> None:
+def load_backend(args: EngineArgs) -> Backend:
+    if args.model_id == SIMULATED_MODEL:
+        table = Timetable(args.sim_ttft_ms / 1000, args.sim_itl_ms / 1000, args.sim_output_tokens)
+        log.info("simulating a model: %s, %d slots", table, args.max_batch_size)
+        return SimulatedBackend(table, slots=args.max_batch_size)
     gguf = resolve_gguf(args.model_id)
     log.info("loading %s with %d slots", gguf.name, args.max_batch_size)
-    backend = LlamaBackend(
+    return LlamaBackend(
         gguf,
         slots=args.max_batch_size,
         max_total_tokens=args.max_total_tokens,
         workers=args.max_batch_size,
         threads=args.threads,
     )
+
+
+async def serve(args: EngineArgs) -> None:
+    backend = load_backend(args)
     try:
         scheduler = Scheduler(
             backend,

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -46,6 +46,20 @@ class Finished:
     reason: FinishReason
     generated_tokens: int
     input_length: int
+
+
+class Backend(Protocol):
+    """What the scheduler and the routes need of a model: `LlamaBackend`, or the simulation."""
+
+    slots: int
+
+    async def tokenize(self, text: str) -> list[tuple[int, str]]: ...
+    async def eos_token(self) -> Token: ...
+    async def apply_chat_template(self, messages: list[dict[str, Any]]) -> str: ...
+    def generate(
+        self, prompt: str, sampling: Sampling
+    ) -> AsyncIterator[GeneratedToken | Finished]: ...
+    async def aclose(self) -> None: ...
 
 
 class LlamaBackend:

@@ -52,6 +52,9 @@ class EngineArgs:
     json_output: bool
     graceful_termination_timeout: int
     threads: int | None
+    sim_ttft_ms: float
+    sim_itl_ms: float
+    sim_output_tokens: int
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json-output", action="store_true")
     p.add_argument("--graceful-termination-timeout", type=int, default=90)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
+    sim = p.add_argument_group("simulation (with --model-id simulated)")
+    sim.add_argument("--sim-ttft-ms", type=float, default=20.0)
+    sim.add_argument("--sim-itl-ms", type=float, default=10.0)
+    sim.add_argument("--sim-output-tokens", type=int, default=64)
     for flag in GPU_ONLY_FLAGS:
         if flag in GPU_ONLY_SWITCHES:
             p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)

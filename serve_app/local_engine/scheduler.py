@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .backend import Finished, GeneratedToken, LlamaBackend, Token
+from .backend import Backend, Finished, GeneratedToken, Token
 from .validation import EngineError, Sampling, overloaded
 
 LENGTH_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -77,7 +77,7 @@ class StreamItem:
 
 
 class Scheduler:
-    def __init__(self, backend: LlamaBackend, *, max_concurrent_requests: int, eos: Token) -> None:
+    def __init__(self, backend: Backend, *, max_concurrent_requests: int, eos: Token) -> None:
         self._backend = backend
         self._max_concurrent = max_concurrent_requests
         self._slots = asyncio.Semaphore(backend.slots)

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .backend import Token
+from .backend import Backend, Token
 from .cli import EngineArgs
 from .scheduler import Scheduler, StreamItem
 from .validation import (
@@ -41,7 +41,7 @@ class Engine:
 
     args: EngineArgs
     scheduler: Scheduler
-    backend: Any  # LlamaBackend; Any keeps this module importable without llama.cpp
+    backend: Backend
 
     async def prepare(
         self, prompt: str, sampling: Sampling

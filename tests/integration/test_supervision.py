@@ -24,10 +24,12 @@ def one_tier(**changes: Any) -> dict[str, Any]:
     config = local_config()
     args = config["applications"][0]["args"]
     tier = args["tiers"][0]
+    tier.pop("overflow_tier", None)  # the tiers it could name are gone
     engine_changes = changes.pop("engine", {})
     tier.update(changes)
     tier["engine"].update(engine_changes)
     args["tiers"] = [tier]
+    args["router"].pop("auto_rules", None)
     return config
 
 

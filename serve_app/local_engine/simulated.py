@@ -1,0 +1,63 @@
+"""A backend without a model, for measuring the serving path alone.
+
+Selected with `--model-id simulated`. It speaks the same protocol through the same scheduler (so
+admission, queueing, batch slots and TGI's metrics behave as with a model), and generates on a
+timetable: the first token after `--sim-ttft-ms`, then one every `--sim-itl-ms`, up to
+`--sim-output-tokens` (then end-of-sequence) or `max_new_tokens`. For benchmarks and autoscaling
+experiments only; functional tests use the real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import Finished, GeneratedToken, Token
+from .validation import Sampling
+
+SIMULATED_MODEL = "simulated"
+
+
+@dataclass(frozen=True)
+class Timetable:
+    ttft_s: float
+    itl_s: float
+    output_tokens: int
+
+
+class SimulatedBackend:
+    def __init__(self, timetable: Timetable, *, slots: int) -> None:
+        self._timetable = timetable
+        self.slots = slots
+
+    async def tokenize(self, text: str) -> list[tuple[int, str]]:
+        """Whitespace-separated words; ids are stable hashes, as a vocabulary would give."""
+        words = text.split(" ")
+        pieces = [words[0], *(" " + w for w in words[1:])] if text else []
+        return [(zlib.crc32(p.encode()) % 49152, p) for p in pieces if p]
+
+    async def eos_token(self) -> Token:
+        return Token(id=0, text="", logprob=None, special=True)
+
+    async def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        return "".join(f"<|{m.get('role')}|>{m.get('content') or ''}\n" for m in messages)
+
+    async def generate(
+        self, prompt: str, sampling: Sampling
+    ) -> AsyncIterator[GeneratedToken | Finished]:
+        table = self._timetable
+        count = min(table.output_tokens, sampling.max_new_tokens)
+        await asyncio.sleep(table.ttft_s)
+        for i in range(count):
+            if i:
+                await asyncio.sleep(table.itl_s)
+            token = Token(id=1000 + i % 100, text=f" w{i}", logprob=-0.5)
+            yield GeneratedToken(token, (token,) if sampling.top_n_tokens else ())
+        reason = "length" if count == sampling.max_new_tokens else "eos_token"
+        yield Finished(reason, count, 0)
+
+    async def aclose(self) -> None:
+        return None
