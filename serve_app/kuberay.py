@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from .config import AppConfig, TierConfig
+from .localstack import SERVE_TUNING
 
 RAY_VERSION = "2.60.0"
 DEFAULT_IMAGE = "registry.example.com/serve-app:0.1.0"
@@ -40,6 +41,7 @@ RAY_PORTS = [
 RAY_ENV = [
     {"name": "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "value": "true"},
     {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+    *({"name": k, "value": v} for k, v in SERVE_TUNING.items()),
 ]
 # Engines read their Hugging Face token and model cache from here.
 ENGINE_ENV = [
