@@ -50,6 +50,7 @@ def tier_deployment(tier: TierConfig) -> Deployment:
             },
         },
         max_ongoing_requests=tier.max_ongoing_requests,
+        max_queued_requests=tier.max_queued_requests,
         health_check_period_s=5,
         health_check_timeout_s=10,
         # Serve lets in-flight requests finish before the replica's engine is stopped.

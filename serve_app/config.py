@@ -118,6 +118,12 @@ class TierConfig(_Strict):
     max_ongoing_requests: PositiveInt = Field(
         64, description="Requests one replica takes at once; more wait in Serve's queue."
     )
+    max_queued_requests: int = Field(
+        256,
+        ge=-1,
+        description="Requests that may wait in Serve for a replica; past this, requests are "
+        "refused at once with 429 and Retry-After (-1: no bound).",
+    )
     overflow_tier: str | None = Field(
         None,
         description="Where requests for this tier go while it is saturated (spill-over).",
@@ -204,6 +210,26 @@ class AutoRule(_Strict):
         return self
 
 
+class ApiKeysConfig(_Strict):
+    """Where the router reads its API keys (see `serve_app.router.auth` for the format)."""
+
+    env: str | None = Field("SERVE_APP_API_KEYS", description="Environment variable holding them.")
+    file: str | None = Field(None, description="A file holding them (takes precedence).")
+    lease_fraction: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Share of a key's requests per minute a router replica takes from the "
+        "shared ledger at once.",
+    )
+
+    @model_validator(mode="after")
+    def _has_source(self) -> ApiKeysConfig:
+        if self.env is None and self.file is None:
+            raise ValueError("api_keys needs env or file")
+        return self
+
+
 class RouterConfig(_Strict):
     default_tier: str | None = Field(
         None,
@@ -212,6 +238,9 @@ class RouterConfig(_Strict):
     )
     auto_rules: tuple[AutoRule, ...] = Field(
         (), description="How model `auto` picks a tier; the first matching rule wins."
+    )
+    api_keys: ApiKeysConfig | None = Field(
+        None, description="Require API keys (with per-key tiers and quotas); off when unset."
     )
     max_body_bytes: PositiveInt = 2_000_000
     replicas: PositiveInt = 1

@@ -4,7 +4,10 @@
     ├── RequestError          the client asked for something invalid
     │   ├── InvalidRequest    a field is wrong (names the field in `param`)
     │   ├── ModelNotFound     no tier answers to that model name
-    │   └── PayloadTooLarge   the body is over the router's limit
+    │   ├── PayloadTooLarge   the body is over the router's limit
+    │   ├── Unauthorized      no API key, or an unknown one
+    │   ├── Forbidden         the key may not use that tier
+    │   └── QuotaExceeded     the key's requests or tokens per minute are spent
     ├── EngineReplyError      the engine answered with an error status and body
     ├── EngineUnavailable     the engine could not be reached, or did not answer in time
     ├── TierUnavailable       no replica of the tier answered within its first-byte timeout
@@ -37,6 +40,21 @@ class ModelNotFound(RequestError):
 
 class PayloadTooLarge(RequestError):
     pass
+
+
+class Unauthorized(RequestError):
+    pass
+
+
+class Forbidden(RequestError):
+    pass
+
+
+class QuotaExceeded(RequestError):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.args = (message, retry_after_s)
+        self.retry_after_s = retry_after_s
 
 
 class EngineReplyError(ServeAppError):

@@ -29,6 +29,7 @@ from .config import AppConfig, TierConfig
 from .localstack import SERVE_TUNING
 
 RAY_VERSION = "2.60.0"
+API_KEYS_ENV = "SERVE_APP_API_KEYS"
 DEFAULT_IMAGE = "registry.example.com/serve-app:0.1.0"
 RAY_PORTS = [
     {"containerPort": 6379, "name": "gcs-server"},
@@ -65,6 +66,8 @@ class Overlay:
     worker_memory: str = "64Gi"
     model_cache_claim: str | None = "model-cache"
     node_selector: dict[str, str] = field(default_factory=dict)
+    # API keys are on in every cluster: read from this Secret's key `keys` (see router/auth.py).
+    api_keys_secret: str = "serve-app-api-keys"
 
 
 OVERLAYS = {
@@ -83,9 +86,11 @@ def tier_resource(tier: TierConfig) -> str:
     return f"tier_{tier.name.replace('-', '_')}"
 
 
-def _pinned_args(args: dict[str, Any], config: AppConfig) -> dict[str, Any]:
-    """The application's args with every tier pinned to its worker group's resource."""
+def _cluster_args(args: dict[str, Any], config: AppConfig) -> dict[str, Any]:
+    """The application's args for a cluster: every tier pinned to its worker group's resource,
+    API keys read from the environment (filled from a Secret)."""
     pinned = copy.deepcopy(args)
+    pinned.setdefault("router", {}).setdefault("api_keys", {"env": API_KEYS_ENV})
     for raw, tier in zip(pinned["tiers"], config.tiers, strict=True):
         raw.setdefault("ray_resources", {tier_resource(tier): 1})
     return pinned
@@ -98,7 +103,7 @@ def serve_config_v2(document: dict[str, Any]) -> tuple[str, list[TierConfig]]:
         raise ValueError("a RayService is rendered from a config with exactly one application")
     app = dict(apps[0])
     config = AppConfig.model_validate(app.get("args", {}))
-    app["args"] = _pinned_args(app.get("args", {}), config)
+    app["args"] = _cluster_args(app.get("args", {}), config)
     rendered = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": 8000},
@@ -108,7 +113,14 @@ def serve_config_v2(document: dict[str, Any]) -> tuple[str, list[TierConfig]]:
     return yaml.safe_dump(rendered, sort_keys=False), tiers
 
 
-def _container(name: str, image: str, cpu: str, memory: str, gpus: int) -> dict[str, Any]:
+def _api_keys_env(overlay: Overlay) -> dict[str, Any]:
+    secret = {"name": overlay.api_keys_secret, "key": "keys"}
+    return {"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": secret}}
+
+
+def _container(
+    name: str, image: str, cpu: str, memory: str, gpus: int, overlay: Overlay
+) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = gpus
@@ -116,7 +128,7 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int) -> dict[
         "name": name,
         "image": image,
         "ports": RAY_PORTS,
-        "env": RAY_ENV + ENGINE_ENV,
+        "env": [*RAY_ENV, *ENGINE_ENV, _api_keys_env(overlay)],
         "resources": {"limits": limits, "requests": {"cpu": cpu, "memory": memory}},
         "volumeMounts": [{"name": "models", "mountPath": "/models"},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
@@ -157,7 +169,9 @@ def worker_group(tier: TierConfig, overlay: Overlay, image: str) -> dict[str, An
     params = {"resources": f"'{resources}'", "num-cpus": overlay.worker_cpu}
     if gpus:
         params["num-gpus"] = str(gpus)
-    container = _container("ray-worker", image, overlay.worker_cpu, overlay.worker_memory, gpus)
+    container = _container(
+        "ray-worker", image, overlay.worker_cpu, overlay.worker_memory, gpus, overlay
+    )
     return {
         "groupName": f"tier-{tier.name}",
         "replicas": tier.replicas.min,
@@ -172,7 +186,7 @@ def render(
     document: dict[str, Any], overlay: Overlay, image: str = DEFAULT_IMAGE
 ) -> dict[str, Any]:
     serve_config, tiers = serve_config_v2(document)
-    head = _container("ray-head", image, overlay.head_cpu, overlay.head_memory, 0)
+    head = _container("ray-head", image, overlay.head_cpu, overlay.head_memory, 0, overlay)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",

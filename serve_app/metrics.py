@@ -14,11 +14,15 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_engine_running{tier}                   engine's running batch, per replica
     ray_serve_app_engine_starts_total{tier}              engines started (replica starts)
     ray_serve_app_spill_overs_total{tier, to_tier}       requests sent on to an overflow tier
+    ray_serve_app_tenant_requests_total{tenant, tier}    admitted requests per API key's tenant
+    ray_serve_app_tenant_tokens_total{tenant, tier}      prompt + completion tokens per tenant
+    ray_serve_app_tenant_rejections_total{tenant, reason}  403s and 429s per tenant
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -53,6 +57,15 @@ class _Metrics:
         self.engine_queue = metrics.Gauge("serve_app_engine_queue", "Engine queue.", tier)
         self.engine_running = metrics.Gauge("serve_app_engine_running", "Engine batch.", tier)
         self.engine_starts = metrics.Counter("serve_app_engine_starts", "Engines started.", tier)
+        self.tenant_requests = metrics.Counter(
+            "serve_app_tenant_requests", "Admitted requests per tenant.", ("tenant", "tier")
+        )
+        self.tenant_tokens = metrics.Counter(
+            "serve_app_tenant_tokens", "Tokens per tenant.", ("tenant", "tier")
+        )
+        self.tenant_rejections = metrics.Counter(
+            "serve_app_tenant_rejections", "Refused requests per tenant.", ("tenant", "reason")
+        )
         self.spill_overs = metrics.Counter(
             "serve_app_spill_overs", "Requests sent on to an overflow tier.", ("tier", "to_tier")
         )
@@ -78,8 +91,14 @@ class InFlight:
 class RequestTimer:
     """One request's timings and outcome, recorded once it ends."""
 
-    def __init__(self, tier: str, in_flight: InFlight) -> None:
+    def __init__(
+        self,
+        tier: str,
+        in_flight: InFlight,
+        on_usage: Callable[[dict[str, Any] | None], None] | None = None,
+    ) -> None:
         self.tags = {"tier": tier}
+        self._on_usage = on_usage
         self.start = self.last = time.perf_counter()
         self.first: float | None = None
         self._in_flight = in_flight
@@ -103,3 +122,5 @@ class RequestTimer:
             m.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0), self.tags)
             m.completion_tokens.inc(int(usage.get("completion_tokens") or 0), self.tags)
         self._in_flight.add(self.tags["tier"], -1)
+        if self._on_usage is not None:
+            self._on_usage(usage)

@@ -16,14 +16,23 @@ from starlette.routing import Route
 
 from ..config import AppConfig
 from ..engine.client import EngineReply, reply_error, stream_error
-from ..errors import InvalidRequest, ModelNotFound, PayloadTooLarge, TierUnavailable
+from ..errors import (
+    EngineReplyError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    TierUnavailable,
+)
 from ..metrics import InFlight, RequestTimer, app_metrics
 from ..tier.policy import RequestTraits, TierChoice, TierPolicy
+from .auth import Tenant, key_ring
 from .errors import api_error
 from .openai import SSE_DONE, Kind, Normaliser, parse_model, parse_request, sse
+from .quota import Quotas
 
 Handler = Callable[[Request], Awaitable[Response]]
 StreamStart = tuple[str | None, DeploymentResponseGenerator]
+ENGINE_BUSY_ATTEMPTS = 2  # a 429 from an engine, before any token, is tried once more
 
 
 class Router:
@@ -34,9 +43,13 @@ class Router:
         self._handles = dict(tiers)
         self._streams = {name: h.options(stream=True) for name, h in tiers.items()}
         self._created = int(time.time())
+        self._background: set[asyncio.Future[None]] = set()
+        keys = config.router.api_keys
+        self._keys = key_ring(keys)
+        self._quotas = Quotas(keys.lease_fraction) if keys else None
 
     def asgi_app(self) -> Starlette:
-        openai, tgi = _openai_errors, _tgi_errors
+        openai, tgi = self._openai_errors, self._tgi_errors
         return Starlette(
             routes=[
                 Route("/v1/chat/completions", openai(self.chat_completions), methods=["POST"]),
@@ -67,9 +80,10 @@ class Router:
         if choice.spilled_from:
             app_metrics().spill_overs.inc(1, {"tier": choice.spilled_from, "to_tier": tier})
         parsed = parse_request(kind, body, model, self._config.tier(tier))
+        await self._admit(request, tier)
         normaliser = Normaliser(parsed)
         headers = _headers(choice)
-        timer = RequestTimer(tier, self._in_flight)
+        timer = RequestTimer(tier, self._in_flight, self._account(request, tier))
         try:
             if not parsed.stream:
                 reply = await self._request(tier, parsed.engine_path, parsed.payload)
@@ -114,6 +128,8 @@ class Router:
 
     async def info(self, request: Request) -> Response:
         choice = self._policy.for_header(request.headers.get("x-tier"))
+        if request.state.tenant is not None:
+            request.state.tenant.check_tier(choice.tier)
         info = await self._handles[choice.tier].info.remote()
         return JSONResponse(info, headers=_headers(choice))
 
@@ -122,6 +138,7 @@ class Router:
     ) -> Response:
         body = body if body is not None else await self._json_body(request)
         choice = self._policy.for_header(request.headers.get("x-tier"))
+        await self._admit(request, choice.tier)
         reply = await self._request(choice.tier, path, body)
         return Response(
             reply.body, reply.status, media_type="application/json", headers=_headers(choice)
@@ -129,33 +146,96 @@ class Router:
 
     async def _tgi_stream(self, request: Request, path: str, body: dict[str, Any]) -> Response:
         choice = self._policy.for_header(request.headers.get("x-tier"))
+        await self._admit(request, choice.tier)
         first, chunks = await self._stream(choice.tier, path, body)
         events = _tgi_events(first, chunks)
         return StreamingResponse(events, media_type="text/event-stream", headers=_headers(choice))
 
+    # -- who may call, and how much --------------------------------------------------------------
+
+    def _guarded(self, handler: Handler, *, tgi: bool) -> Handler:
+        """The one boundary where errors become HTTP answers; API keys are checked here."""
+
+        async def route(request: Request) -> Response:
+            request.state.tenant = None
+            try:
+                if self._keys is not None:
+                    request.state.tenant = self._keys.authenticate(request.headers)
+                return await handler(request)
+            except Exception as exc:
+                error = api_error(exc)
+                if request.state.tenant is not None and error.status in (403, 429):
+                    app_metrics().tenant_rejections.inc(
+                        1, {"tenant": request.state.tenant.name, "reason": error.code or ""}
+                    )
+                return error.response(tgi=tgi)
+
+        return route
+
+    def _openai_errors(self, handler: Handler) -> Handler:
+        return self._guarded(handler, tgi=False)
+
+    def _tgi_errors(self, handler: Handler) -> Handler:
+        return self._guarded(handler, tgi=True)
+
+    async def _admit(self, request: Request, tier: str) -> None:
+        """The caller's key may use this tier, and has quota left."""
+        tenant: Tenant | None = request.state.tenant
+        if tenant is None:
+            return
+        tenant.check_tier(tier)
+        if self._quotas is not None:
+            await self._quotas.admit(tenant)
+        app_metrics().tenant_requests.inc(1, {"tenant": tenant.name, "tier": tier})
+
+    def _account(self, request: Request, tier: str) -> Callable[[dict[str, Any] | None], None]:
+        """What to do with an answer's usage once it is known: count it, charge the quota."""
+        tenant: Tenant | None = request.state.tenant
+
+        def account(usage: dict[str, Any] | None) -> None:
+            if tenant is None or not usage:
+                return
+            tokens = int(usage.get("total_tokens") or 0)
+            app_metrics().tenant_tokens.inc(tokens, {"tenant": tenant.name, "tier": tier})
+            if self._quotas is not None:
+                task = asyncio.ensure_future(self._quotas.spend(tenant, tokens))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+        return account
+
     # -- dispatch to a tier, bounded in time ---------------------------------------------------
 
     async def _request(self, tier: str, path: str, body: dict[str, Any]) -> EngineReply:
-        replies = self._streams[tier].request.remote(path, body)
-        await self._taken(tier, replies)
-        try:
-            reply = await anext(replies, None)
-        finally:
-            replies.cancel()
-        assert reply is not None, "a tier replica ends every request with its reply"
-        return reply
+        for attempt in range(ENGINE_BUSY_ATTEMPTS):
+            replies = self._streams[tier].request.remote(path, body)
+            await self._taken(tier, replies)
+            try:
+                reply = await anext(replies, None)
+            finally:
+                replies.cancel()
+            assert reply is not None, "a tier replica ends every request with its reply"
+            if reply.status != 429 or attempt == ENGINE_BUSY_ATTEMPTS - 1:
+                return reply
+        raise AssertionError("unreachable")
 
     async def _stream(self, tier: str, path: str, body: dict[str, Any]) -> StreamStart:
         """Start a stream and wait for its first chunk, so that an error before any token
-        keeps its HTTP status."""
-        chunks = self._streams[tier].stream.remote(path, body)
-        await self._taken(tier, chunks)
-        try:
-            first = await anext(chunks, None)
-        except BaseException:
-            chunks.cancel()
-            raise
-        return first, chunks
+        keeps its HTTP status. An engine at capacity (429) is tried once more: nothing has
+        been sent yet, and Serve may pick another replica."""
+        for attempt in range(ENGINE_BUSY_ATTEMPTS):
+            chunks = self._streams[tier].stream.remote(path, body)
+            await self._taken(tier, chunks)
+            try:
+                return await anext(chunks, None), chunks
+            except EngineReplyError as exc:
+                chunks.cancel()
+                if exc.status != 429 or attempt == ENGINE_BUSY_ATTEMPTS - 1:
+                    raise
+            except BaseException:
+                chunks.cancel()
+                raise
+        raise AssertionError("unreachable")
 
     async def _taken(self, tier: str, calls: DeploymentResponseGenerator) -> None:
         """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
@@ -266,21 +346,3 @@ async def _tgi_events(
         yield b"data:" + json.dumps(api_error(exc).tgi_body()).encode() + b"\n\n"
     finally:
         chunks.cancel()
-
-
-def _wrap(handler: Handler, *, tgi: bool) -> Handler:
-    async def route(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            return api_error(exc).response(tgi=tgi)
-
-    return route
-
-
-def _openai_errors(handler: Handler) -> Handler:
-    return _wrap(handler, tgi=False)
-
-
-def _tgi_errors(handler: Handler) -> Handler:
-    return _wrap(handler, tgi=True)

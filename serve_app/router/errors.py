@@ -17,11 +17,14 @@ from starlette.responses import JSONResponse
 from ..errors import (
     EngineReplyError,
     EngineUnavailable,
+    Forbidden,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     RequestError,
     TierUnavailable,
+    Unauthorized,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -74,6 +77,13 @@ def api_error(exc: BaseException) -> APIError:
     """Classify any exception that reached a route; unknown ones are the router's own fault."""
     if isinstance(exc, ModelNotFound):
         return APIError(404, exc.message, "invalid_request_error", "model_not_found", exc.param)
+    if isinstance(exc, Unauthorized):
+        return APIError(401, exc.message, "invalid_request_error", "invalid_api_key")
+    if isinstance(exc, Forbidden):
+        return APIError(403, exc.message, "invalid_request_error", "tier_not_allowed", exc.param)
+    if isinstance(exc, QuotaExceeded):
+        return APIError(429, exc.message, "requests", "rate_limit_exceeded",
+                        retry_after_s=int(exc.retry_after_s))  # fmt: skip
     if isinstance(exc, PayloadTooLarge):
         return APIError(413, exc.message, "invalid_request_error", "payload_too_large")
     if isinstance(exc, (InvalidRequest, RequestError)):
@@ -89,7 +99,7 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(503, "the tier replica serving this request died; retry", "server_error",
                         "replica_unavailable", retry_after_s=2)  # fmt: skip
     if isinstance(exc, BackPressureError):
-        return APIError(503, "the tier's queue is full; retry shortly", "server_error",
+        return APIError(429, "the tier's queue is full; retry shortly", "server_overloaded",
                         "tier_overloaded", retry_after_s=1)  # fmt: skip
     if isinstance(exc, DeploymentUnavailableError):
         return APIError(503, "the tier has no running replica", "server_error",

@@ -8,6 +8,7 @@ deviations for this sandbox: every address is loopback (not 0.0.0.0) and the por
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import tempfile
@@ -24,6 +25,7 @@ from serve_app import localstack
 from tests.helpers import free_port
 from tests.unit.test_kuberay import rayservice
 
+API_KEY = "sk-replay-0123456789abcdef"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
@@ -43,6 +45,8 @@ def replayed() -> Iterator[dict[str, Any]]:
     service = rayservice("local")
     cluster = service["spec"]["rayClusterConfig"]
     env = localstack.ray_env()
+    # What the Secret named in the manifest provides to every pod.
+    env["SERVE_APP_API_KEYS"] = json.dumps([{"name": "replay", "key": API_KEY}])
     gcs, dashboard, http = free_port(), free_port(), free_port()
     ray = str(localstack.BIN / "ray")
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
@@ -80,7 +84,7 @@ def test_the_operators_deploy_path_serves_openai(replayed: dict[str, Any]) -> No
         time.sleep(1)
     else:
         raise AssertionError(f"not RUNNING: {statuses}")
-    client = OpenAI(base_url=f"{replayed['http']}/v1", api_key="unused", max_retries=0)
+    client = OpenAI(base_url=f"{replayed['http']}/v1", api_key=API_KEY, max_retries=0)
     for model in ("small", "large"):
         reply = client.chat.completions.create(
             model=model, messages=QUESTION, max_tokens=8, temperature=0, timeout=60

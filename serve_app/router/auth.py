@@ -1,0 +1,117 @@
+"""API keys: who is calling, and which tiers they may use.
+
+Keys are read once, at router start, from an environment variable or a file (both meant to be
+mounted from a Kubernetes Secret), as a JSON or YAML list:
+
+    - name: team-a                 # the tenant: appears in logs and metrics, the key never does
+      key: sk-...                  # the secret; only its SHA-256 is kept in memory
+      tiers: [small]               # optional: tiers this key may use (default: all)
+      requests_per_minute: 60      # optional quotas, enforced across router replicas
+      tokens_per_minute: 100000
+
+A request presents its key as `Authorization: Bearer <key>` or `x-api-key: <key>`; its hash is
+compared with every known hash in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..config import ApiKeysConfig
+from ..errors import Forbidden, Unauthorized
+
+
+class _KeySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=16)
+    tiers: tuple[str, ...] | None = None
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    key_sha256: bytes
+    tiers: frozenset[str] | None
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+
+    def check_tier(self, tier: str) -> None:
+        if self.tiers is not None and tier not in self.tiers:
+            raise Forbidden(f"this API key may not use tier {tier!r}", param="model")
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def load_tenants(config: ApiKeysConfig, environ: Mapping[str, str]) -> list[Tenant]:
+    """Read and hash the keys; a bad document fails the router's start with a clear error."""
+    if config.file is not None:
+        source, text = config.file, Path(config.file).read_text()
+    else:
+        source, text = f"${config.env}", environ.get(config.env or "", "")
+    if not text.strip():
+        raise ValueError(f"API keys are switched on but {source} is empty")
+    try:
+        specs = [_KeySpec.model_validate(item) for item in yaml.safe_load(text) or []]
+    except (ValidationError, TypeError, yaml.YAMLError) as exc:
+        # The message names the entry and field; pydantic never echoes the `key` value here
+        # because it is a plain string that validated.
+        raise ValueError(f"API keys in {source} are invalid: {_safe(exc)}") from None
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"API keys in {source}: tenant names must be unique")
+    return [
+        Tenant(
+            name=s.name,
+            key_sha256=_digest(s.key),
+            tiers=frozenset(s.tiers) if s.tiers is not None else None,
+            requests_per_minute=s.requests_per_minute,
+            tokens_per_minute=s.tokens_per_minute,
+        )
+        for s in specs
+    ]
+
+
+def _safe(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return type(exc).__name__
+
+
+class KeyRing:
+    def __init__(self, tenants: list[Tenant]) -> None:
+        self._tenants = tenants
+
+    def authenticate(self, headers: Mapping[str, str]) -> Tenant:
+        presented = headers.get("authorization", "")
+        key = presented[7:].strip() if presented[:7].lower() == "bearer " else ""
+        key = key or headers.get("x-api-key", "").strip()
+        if not key:
+            raise Unauthorized(
+                "no API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
+            )
+        digest = _digest(key)
+        found = None
+        for tenant in self._tenants:  # every hash is compared: timing says nothing
+            if hmac.compare_digest(digest, tenant.key_sha256):
+                found = tenant
+        if found is None:
+            raise Unauthorized("the API key is not valid")
+        return found
+
+
+def key_ring(config: ApiKeysConfig | None) -> KeyRing | None:
+    return None if config is None else KeyRing(load_tenants(config, os.environ))

@@ -1,0 +1,189 @@
+"""API keys, quotas across router replicas, overload shedding, and a fuzz run of the API."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import Stack, local_config
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+KEYS = {
+    "team-a": "sk-team-a-0123456789abcdef",
+    "small-only": "sk-small-only-0123456789abcdef",
+    "metered": "sk-metered-0123456789abcdef",
+    "token-metered": "sk-tokens-0123456789abcdef",
+}
+REQUESTS_PER_MINUTE = 6
+
+
+@pytest.fixture(scope="module")
+def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    keys = [
+        {"name": "team-a", "key": KEYS["team-a"]},
+        {"name": "small-only", "key": KEYS["small-only"], "tiers": ["small"]},
+        {"name": "metered", "key": KEYS["metered"], "requests_per_minute": REQUESTS_PER_MINUTE},
+        {"name": "token-metered", "key": KEYS["token-metered"], "tokens_per_minute": 150},
+    ]
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(yaml.safe_dump(keys))
+    config = local_config()
+    args = config["applications"][0]["args"]
+    args["router"].update({"replicas": 2, "api_keys": {"file": str(path)}})
+    small = args["tiers"][0]
+    small.pop("overflow_tier")
+    small.update({"max_ongoing_requests": 2, "max_queued_requests": 2})
+    small["engine"].update({"max_batch_size": 1, "max_concurrent_requests": 2})
+    ray_head.deploy(config)
+    return ray_head
+
+
+def call(stack: Stack, key: str | None, model: str = "small", **headers: str) -> httpx.Response:
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    body = {"model": model, "messages": QUESTION, "max_tokens": 4}
+    return httpx.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def test_keys_are_required_and_checked(stack: Stack) -> None:
+    missing = call(stack, None)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "invalid_api_key"
+    assert call(stack, "sk-wrong-0123456789abcdef").status_code == 401
+    assert call(stack, KEYS["team-a"]).status_code == 200
+    by_header = call(stack, None, **{"x-api-key": KEYS["team-a"]})
+    assert by_header.status_code == 200
+    tgi = httpx.post(f"{stack.url}/generate", json={"inputs": "Hi"}, timeout=60)
+    assert tgi.status_code == 401 and set(tgi.json()) == {"error", "error_type"}
+    assert httpx.get(f"{stack.url}/health", timeout=10).status_code == 200  # stays open
+
+
+def test_a_key_may_only_use_its_tiers(stack: Stack) -> None:
+    assert call(stack, KEYS["small-only"], "small").status_code == 200
+    forbidden = call(stack, KEYS["small-only"], "large")
+    assert forbidden.status_code == 403
+    assert forbidden.json()["error"]["code"] == "tier_not_allowed"
+
+
+def test_two_router_replicas_enforce_one_request_quota(stack: Stack) -> None:
+    statuses = [call(stack, KEYS["metered"]).status_code for _ in range(3 * REQUESTS_PER_MINUTE)]
+    admitted = statuses.count(200)
+    # Leases come out of one shared bucket: never above the limit. One lease (10 % of 6,
+    # at least 1) may sit unused in the other replica: at most one below.
+    assert REQUESTS_PER_MINUTE - 1 <= admitted <= REQUESTS_PER_MINUTE, statuses
+    refused = call(stack, KEYS["metered"])
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_token_quota_stops_a_key_once_spent(stack: Stack) -> None:
+    statuses = []
+    for _ in range(12):
+        statuses.append(call(stack, KEYS["token-metered"]).status_code)
+        time.sleep(0.2)  # token use is charged just after each answer
+    assert 200 in statuses and 429 in statuses
+    assert statuses.index(429) <= 5  # about 50 tokens an answer against 150 a minute
+
+
+def test_keys_never_reach_logs_or_metrics(stack: Stack) -> None:
+    assert stack.head.temp_dir
+    logs = glob.glob(os.path.join(stack.head.temp_dir, "session_latest", "logs", "**", "*"),
+                     recursive=True)  # fmt: skip
+    for path in filter(os.path.isfile, logs):
+        text = Path(path).read_bytes()
+        for key in KEYS.values():
+            assert key.encode() not in text, path
+    metrics = httpx.get(f"http://127.0.0.1:{stack.head.metrics_port}/metrics", timeout=10).text
+    assert not any(key in metrics for key in KEYS.values())
+
+
+def test_ten_times_capacity_is_shed_fast_and_service_recovers(stack: Stack) -> None:
+    # The small tier holds 1 running + 1 queued in the engine, 2 per replica, 2 queued in Serve.
+    async def burst() -> list[tuple[int, float, str]]:
+        headers = {"authorization": f"Bearer {KEYS['team-a']}"}
+        body = {"model": "small", "messages": QUESTION, "max_tokens": 32}
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120, headers=headers) as client:
+
+            async def one() -> tuple[int, float, str]:
+                start = time.perf_counter()
+                reply = await client.post("/v1/chat/completions", json=body)
+                return (
+                    reply.status_code,
+                    time.perf_counter() - start,
+                    reply.headers.get("retry-after", ""),
+                )
+
+            return await asyncio.gather(*(one() for _ in range(40)))
+
+    results = asyncio.run(burst())
+    statuses = sorted({status for status, _, _ in results})
+    assert set(statuses) <= {200, 429}, statuses
+    refusals = sorted(t for status, t, _ in results if status == 429)
+    assert refusals and all(after for status, _, after in results if status == 429)
+    p99 = refusals[min(len(refusals) - 1, int(0.99 * len(refusals)))]
+    print(json.dumps({"admitted": len(results) - len(refusals), "refused": len(refusals),
+                      "refusal_p99_ms": round(p99 * 1000, 1)}))  # fmt: skip
+    assert p99 < 2.0
+    assert call(stack, KEYS["team-a"]).status_code == 200
+
+
+JSONISH = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 10)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+FIELDS = {
+    "model": st.sampled_from(["small", "large", "auto", "gpt-4o", "nope", ""]) | JSONISH,
+    "messages": st.just(QUESTION) | JSONISH,
+    "prompt": st.text(max_size=20) | JSONISH,
+    "max_tokens": st.integers(-3, 4) | JSONISH,
+    "temperature": st.floats(-1, 3) | JSONISH,
+    "top_p": st.floats(-1, 2) | JSONISH,
+    "stream": st.booleans() | JSONISH,
+    "stop": JSONISH,
+    "n": st.integers(0, 3),
+    "inputs": st.text(max_size=20) | JSONISH,
+    "parameters": st.fixed_dictionaries({}, optional={"max_new_tokens": st.integers(-2, 3),
+                                                      "temperature": st.floats(-1, 2)}) | JSONISH,
+}  # fmt: skip
+BODIES = st.fixed_dictionaries({}, optional=FIELDS) | JSONISH
+ROUTES = st.sampled_from(["/v1/chat/completions", "/v1/completions", "/generate",
+                          "/generate_stream", "/"])  # fmt: skip
+
+
+def test_fuzzed_requests_never_get_a_5xx(stack: Stack) -> None:
+    client = httpx.Client(base_url=stack.url, timeout=30,
+                          headers={"authorization": f"Bearer {KEYS['team-a']}"})  # fmt: skip
+    seen: list[int] = []
+
+    @settings(max_examples=2000, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(route=ROUTES, body=BODIES, raw=st.booleans())
+    def one(route: str, body: Any, raw: bool) -> None:
+        content = json.dumps(body).encode()[:-1] if raw else json.dumps(body).encode()
+        reply = client.post(route, content=content, headers={"content-type": "application/json"})
+        seen.append(reply.status_code)
+        assert reply.status_code < 500, (route, body, reply.text)
+
+    one()
+    client.close()
+    assert len(seen) >= 2000 and 200 in seen
+    assert call(stack, KEYS["team-a"]).status_code == 200
