@@ -168,9 +168,14 @@ class Scheduler:
                     fin = replace(event, generated_tokens=index + 1)
                     yield StreamItem(index + 1, self._eos, (), fin)
                     return
-                if held is None:  # finished without producing a token
-                    raise EngineError(424, "generation", "the model produced no token")
-                yield replace(held, finished=replace(event, generated_tokens=index))
+                if held is not None:
+                    yield replace(held, finished=replace(event, generated_tokens=index))
+                    return
+                # No token to carry the end: llama.cpp streams no text for tokens that stop
+                # inside an incomplete UTF-8 sequence. An empty special token carries it.
+                count = max(index, event.generated_tokens)
+                blank = Token(id=self._eos.id, text="", logprob=None, special=True)
+                yield StreamItem(index + 1, blank, (), replace(event, generated_tokens=count))
                 return
         finally:
             await generation.aclose()

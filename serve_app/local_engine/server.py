@@ -101,12 +101,16 @@ async def read_json(request: Request) -> dict[str, Any]:
     if len(body) > limit:
         raise rejected(413, "Failed to buffer the request body: length limit exceeded")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_reject_constant)
     except ValueError as exc:
         raise rejected(400, f"Failed to parse the request body as JSON: {exc}") from None
     if not isinstance(data, dict):
         raise wrong_shape(f"invalid type: {type(data).__name__}, expected a map")
     return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def field(data: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:

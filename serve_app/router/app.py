@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ..metrics import InFlight, RequestTimer, app_metrics
 from ..tier.policy import RequestTraits, TierChoice, TierPolicy
+from . import tgi
 from .auth import Tenant, key_ring
 from .errors import api_error
 from .openai import SSE_DONE, Kind, Normaliser, parse_model, parse_request, sse
@@ -49,17 +50,17 @@ class Router:
         self._quotas = Quotas(keys.lease_fraction) if keys else None
 
     def asgi_app(self) -> Starlette:
-        openai, tgi = self._openai_errors, self._tgi_errors
+        as_openai, as_tgi = self._openai_errors, self._tgi_errors
         return Starlette(
             routes=[
-                Route("/v1/chat/completions", openai(self.chat_completions), methods=["POST"]),
-                Route("/v1/completions", openai(self.completions), methods=["POST"]),
-                Route("/v1/models", openai(self.list_models), methods=["GET"]),
-                Route("/v1/models/{model:path}", openai(self.get_model), methods=["GET"]),
-                Route("/generate", tgi(self.generate), methods=["POST"]),
-                Route("/generate_stream", tgi(self.generate_stream), methods=["POST"]),
-                Route("/", tgi(self.compat_generate), methods=["POST"]),
-                Route("/info", tgi(self.info), methods=["GET"]),
+                Route("/v1/chat/completions", as_openai(self.chat_completions), methods=["POST"]),
+                Route("/v1/completions", as_openai(self.completions), methods=["POST"]),
+                Route("/v1/models", as_openai(self.list_models), methods=["GET"]),
+                Route("/v1/models/{model:path}", as_openai(self.get_model), methods=["GET"]),
+                Route("/generate", as_tgi(self.generate), methods=["POST"]),
+                Route("/generate_stream", as_tgi(self.generate_stream), methods=["POST"]),
+                Route("/", as_tgi(self.compat_generate), methods=["POST"]),
+                Route("/info", as_tgi(self.info), methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
             ],
         )
@@ -139,6 +140,7 @@ class Router:
         body = body if body is not None else await self._json_body(request)
         choice = self._policy.for_header(request.headers.get("x-tier"))
         await self._admit(request, choice.tier)
+        body = tgi.bounded(body, self._config.tier(choice.tier))
         reply = await self._request(choice.tier, path, body)
         return Response(
             reply.body, reply.status, media_type="application/json", headers=_headers(choice)
@@ -147,6 +149,7 @@ class Router:
     async def _tgi_stream(self, request: Request, path: str, body: dict[str, Any]) -> Response:
         choice = self._policy.for_header(request.headers.get("x-tier"))
         await self._admit(request, choice.tier)
+        body = tgi.bounded(body, self._config.tier(choice.tier))
         first, chunks = await self._stream(choice.tier, path, body)
         events = _tgi_events(first, chunks)
         return StreamingResponse(events, media_type="text/event-stream", headers=_headers(choice))
@@ -266,12 +269,17 @@ class Router:
         if len(raw) > limit:
             raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_reject_constant)
         except ValueError as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
         return body
+
+
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON, though Python's parser takes them."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _headers(choice: TierChoice) -> dict[str, str]:

@@ -41,6 +41,8 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     config = local_config()
     args = config["applications"][0]["args"]
     args["router"].update({"replicas": 2, "api_keys": {"file": str(path)}})
+    for tier in args["tiers"]:
+        tier["default_max_tokens"] = 4  # keeps the fuzz run's valid requests short
     small = args["tiers"][0]
     small.pop("overflow_tier")
     small.update({"max_ongoing_requests": 2, "max_queued_requests": 2})
