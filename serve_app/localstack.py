@@ -140,14 +140,14 @@ EXAMPLES = """
 The stack is up: OpenAI-compatible API at {base}/v1 (tiers: small, large).
 
   curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "small",
-         "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+    -d '{{"model": "small", "temperature": 0, "messages": [{{"role": "user",
+         "content": "What is the capital of France? Answer in one word."}}]}}'
 
   {python} -c '
 from openai import OpenAI
 client = OpenAI(base_url="{base}/v1", api_key="unused")
-reply = client.chat.completions.create(
-    model="large", messages=[{{"role": "user", "content": "What is the capital of France?"}}])
+reply = client.chat.completions.create(model="large", temperature=0,
+    messages=[{{"role": "user", "content": "What is the capital of France? Answer in one word."}}])
 print(reply.choices[0].message.content)'
 
 Status: {bin}/serve status    Stop: {python} -m serve_app.localstack down
