@@ -167,14 +167,12 @@ async def generate(request: Request) -> Response:
 
 async def _generate(request: Request, data: dict[str, Any]) -> dict[str, Any]:
     inputs, params, sampling, prompt_tokens = await _generation(request, data, stream=False)
-    items = [i async for i in engine(request).run(inputs, sampling, len(prompt_tokens))]
+    items, fin = await _collect(engine(request).run(inputs, sampling, len(prompt_tokens)))
     text = "".join(i.token.text for i in items if not i.token.special)
     if params.get("return_full_text"):
         text = inputs + text
     answer: dict[str, Any] = {"generated_text": text}
     if params.get("details"):
-        fin = items[-1].finished
-        assert fin is not None
         details: dict[str, Any] = {
             "finish_reason": fin.reason,
             "generated_tokens": fin.generated_tokens,
