@@ -215,12 +215,10 @@ def main() -> int:
     tmpdir = tempfile.mkdtemp(prefix="bench-")
     env = localstack.ray_env()
     env["TMPDIR"] = tmpdir
-    head = Head(gcs_port=free_port(), dashboard_port=free_port(), metrics_port=free_port(),
-                temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # fmt: skip
     http_port = free_port()
     config_path = Path(tmpdir) / "serve.json"
     config_path.write_text(json.dumps(deploy_config(args, http_port)))
-    localstack.start_head(head, env)
+    head = localstack.start_head(Head.private(), env)
     try:
         localstack.deploy(config_path, head, env)
         localstack.wait_running(head, timeout_s=300)
@@ -272,7 +270,7 @@ def main() -> int:
             results["real_model"] = {"concurrency": 4, **real}
             print(f"real: {json.dumps(results['real_model']['ratios'])}", flush=True)
     finally:
-        localstack.stop_head(env)
+        localstack.stop_head(head)
     out = ROOT / "bench" / "results" / "stack_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -9,19 +9,24 @@ The tests start their stack through the same functions, so the path users take i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-BIN = Path(sys.executable).parent
+from .local_ray import BIN, Head, owned_processes, port_free, start_head, stop_head
+
+__all__ = ["BIN", "Head", "deploy", "ray_env", "shutdown", "start_head", "stop_head"]
+
+# What `up` started, so that `down` stops exactly that (and never another Ray on this machine).
+STATE = Path(".localstack") / "head.json"
 
 
 # Measured with bench/stack_overhead.py: handles over gRPC and user code on the replica's own
@@ -30,22 +35,6 @@ SERVE_TUNING = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
-
-
-@dataclass(frozen=True)
-class Head:
-    """Where a local Ray head listens; the defaults are Ray's own."""
-
-    gcs_port: int = 6379
-    dashboard_port: int = 8265
-    temp_dir: str | None = None
-    num_cpus: int = 2
-    num_gpus: int = 0
-    metrics_port: int = 8080  # Ray's Prometheus endpoint, as on KubeRay pods
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
 
 
 def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -66,25 +55,6 @@ def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def _run(args: list[str], env: Mapping[str, str]) -> None:
     subprocess.run(args, env=dict(env), check=True, stdout=subprocess.DEVNULL)
-
-
-def start_head(head: Head, env: Mapping[str, str]) -> None:
-    args = [
-        str(BIN / "ray"), "start", "--head",
-        f"--port={head.gcs_port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}",
-        f"--num-cpus={head.num_cpus}", f"--num-gpus={head.num_gpus}",
-        f"--metrics-export-port={head.metrics_port}",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    if head.temp_dir:
-        args.append(f"--temp-dir={head.temp_dir}")
-    _run(args, env)
-
-
-def stop_head(env: Mapping[str, str]) -> None:
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=dict(env), check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
 def deploy(config: Path, head: Head, env: Mapping[str, str]) -> None:
@@ -150,8 +120,44 @@ reply = client.chat.completions.create(model="large", temperature=0,
     messages=[{{"role": "user", "content": "What is the capital of France? Answer in one word."}}])
 print(reply.choices[0].message.content)'
 
-Status: {bin}/serve status    Stop: {python} -m serve_app.localstack down
+Ray head (this checkout's own): dashboard {dashboard}, metrics http://127.0.0.1:{metrics}/metrics,
+GCS 127.0.0.1:{gcs}, logs in {temp_dir}.
+Status: {bin}/serve status -a {dashboard}    Stop: {python} -m serve_app.localstack down
 """
+
+
+def up(config: Path, state: Path = STATE) -> Head:
+    """Deploy `config` on this checkout's own Ray head, starting it when none is running."""
+    env = ray_env()
+    head = Head.load(state)
+    if head is None or not head_running(head) or not owned_processes(head):
+        port = http_port(config)
+        if not port_free(port):
+            raise SystemExit(
+                f"port {port} (http_options.port in {config}) is taken: stop what listens there "
+                "or deploy a config with another port"
+            )
+        print("starting a local Ray head ...", flush=True)
+        head = start_head(Head.private(prefer_defaults=True), env)
+        head.save(state)
+    print(f"deploying {config} ...", flush=True)
+    deploy(config, head, env)
+    wait_running(head)
+    return head
+
+
+def down(state: Path = STATE) -> None:
+    """Shut down what `up` deployed and stop its Ray head; nothing else on the machine."""
+    head = Head.load(state)
+    if head is None:
+        print(f"no local stack recorded in {state}: nothing to stop")
+        return
+    if head_running(head):
+        # the head is stopped below either way
+        with contextlib.suppress(subprocess.CalledProcessError):
+            shutdown(head, ray_env())
+    stop_head(head)
+    state.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,20 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("--config", type=Path, default=Path("configs/local.yaml"))
     args = parser.parse_args(argv)
-    head, env = Head(), ray_env()
     if args.command == "down":
-        if head_running(head):
-            shutdown(head, env)
-        stop_head(env)
+        down()
         return 0
-    if not head_running(head):
-        print("starting a local Ray head ...", flush=True)
-        start_head(head, env)
-    print(f"deploying {args.config} ...", flush=True)
-    deploy(args.config, head, env)
-    wait_running(head)
+    head = up(args.config)
     base = f"http://127.0.0.1:{http_port(args.config)}"
-    print(EXAMPLES.format(base=base, python=sys.executable, bin=BIN))
+    print(
+        EXAMPLES.format(
+            base=base,
+            python=sys.executable,
+            bin=BIN,
+            dashboard=head.dashboard,
+            metrics=head.metrics_port,
+            gcs=head.gcs_port,
+            temp_dir=head.temp_dir,
+        )
+    )
     return 0
 
 

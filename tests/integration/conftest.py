@@ -3,7 +3,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -116,17 +115,10 @@ class Stack:
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A Ray head per test module, on ports of its own; stopped however the module ends."""
     workdir = tmp_path_factory.mktemp("stack")
-    # Ray's socket paths must stay short: a temp dir of its own directly under /tmp.
-    head = Head(
-        gcs_port=free_port(),
-        dashboard_port=free_port(),
-        temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
-        metrics_port=free_port(),
-    )
     env = localstack.ray_env()
     env["TMPDIR"] = str(tmp_path_factory.mktemp("replicas"))  # marks this stack's engines
-    localstack.start_head(head, env)
+    head = localstack.start_head(Head.private(), env)
     try:
         yield Stack(head, env, free_port(), workdir)
     finally:
-        localstack.stop_head(env)
+        localstack.stop_head(head)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from serve_app import localstack
+from serve_app import local_ray, localstack
 from tests.helpers import free_port
 from tests.unit.test_kuberay import rayservice
 
@@ -48,17 +47,24 @@ def replayed() -> Iterator[dict[str, Any]]:
     # What the Secret named in the manifest provides to every pod.
     env["SERVE_APP_API_KEYS"] = json.dumps([{"name": "replay", "key": API_KEY}])
     gcs, dashboard, http = free_port(), free_port(), free_port()
-    ray = str(localstack.BIN / "ray")
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    run = lambda args: subprocess.run(args, env=env, check=True, capture_output=True)  # noqa: E731
-    run([ray, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         *start_params(cluster["headGroupSpec"]["rayStartParams"])])  # fmt: skip
+    sessions = [
+        local_ray.ray_start(
+            [
+                "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                *start_params(cluster["headGroupSpec"]["rayStartParams"]),
+            ],
+            env,
+        )
+    ]  # fmt: skip
     try:
         for group in cluster["workerGroupSpecs"]:
             for _ in range(group["replicas"]):
-                run([ray, "start", f"--address=127.0.0.1:{gcs}",
-                     *start_params(group["rayStartParams"])])  # fmt: skip
+                worker = [f"--address=127.0.0.1:{gcs}", *start_params(group["rayStartParams"])]
+                sessions.append(local_ray.ray_start(worker, env))
         serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
         serve_config["http_options"] = {"host": "127.0.0.1", "port": http}
         url = f"http://127.0.0.1:{dashboard}"
@@ -66,7 +72,7 @@ def replayed() -> Iterator[dict[str, Any]]:
         assert reply.status_code == 200, reply.text
         yield {"dashboard": url, "http": f"http://127.0.0.1:{http}", "cluster": cluster}
     finally:
-        localstack.stop_head(env)
+        local_ray.stop_sessions(sessions, temp_dir)
 
 
 def applications(dashboard: str) -> dict[str, Any]:
