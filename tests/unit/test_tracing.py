@@ -138,6 +138,7 @@ def test_router_span_is_the_callers_child_and_the_replicas_parent(
 
     streamed = trace.finish(StreamingResponse(body(), headers={"x-tier-reason": "model"}))
     assert len(exporter.get_finished_spans()) == 1  # the router's ends with its stream
+
     async def sent() -> list[bytes]:
         return [c async for c in streamed.body_iterator]
 
