@@ -94,7 +94,7 @@ def request_attributes(path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         "gen_ai.request.seed": body.get("seed", params.get("seed")),
         "serve_app.stream": body.get("stream"),
     }
-    return {k: v for k, v in found.items() if isinstance(v, (str, int, float)) and v is not None}
+    return {k: v for k, v in found.items() if isinstance(v, (str, int, float))}
 
 
 def usage_attributes(usage: Mapping[str, Any] | None) -> dict[str, int]:
@@ -190,7 +190,8 @@ class RequestTrace:
         self.set(usage_attributes(usage))
 
     def replica_taken(self) -> None:
-        self.event("replica_taken", {"serve_app.wait_s": time.perf_counter() - self._start})
+        elapsed = time.perf_counter() - self._start
+        self.event("replica_taken", {"serve_app.elapsed_s": elapsed})
 
     def carrier(self) -> dict[str, str]:
         """The W3C headers that make the next hop's span a child of this one."""
