@@ -180,11 +180,16 @@ class RequestTrace:
     def body(self, path: str, body: Mapping[str, Any]) -> None:
         self.set(request_attributes(path, body))
 
-    def admitted(self, tier: TierConfig, tenant: str | None) -> None:
+    def tier(self, tier: TierConfig, tenant: str | None) -> None:
+        """The tier chosen for the request, and whose request it is."""
         self.set(tier_attributes(tier))
         if tenant is not None:
             self.set({"tenant": tenant})
             self._baggage["tenant"] = tenant
+
+    def admitted(self) -> None:
+        """The tenant may use the tier and had quota left."""
+        self.event("admitted")
 
     def usage(self, usage: Mapping[str, Any] | None) -> None:
         self.set(usage_attributes(usage))

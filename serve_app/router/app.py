@@ -187,13 +187,14 @@ class Router:
     async def _admit(self, request: Request, tier: str) -> None:
         """The caller's key may use this tier, and has quota left."""
         tenant: Tenant | None = request.state.tenant
-        current().admitted(self._config.tier(tier), tenant.name if tenant else None)
+        current().tier(self._config.tier(tier), tenant.name if tenant else None)
         if tenant is None:
             return
         tenant.check_tier(tier)
         if self._quotas is not None:
             await self._quotas.admit(tenant)
         app_metrics().tenant_requests.inc(1, {"tenant": tenant.name, "tier": tier})
+        current().admitted()
 
     def _account(self, request: Request, tier: str) -> Callable[[dict[str, Any] | None], None]:
         """What to do with an answer's usage once it is known: count it, charge the quota."""

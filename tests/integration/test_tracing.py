@@ -17,7 +17,7 @@ import yaml
 from tests.helpers import wait_for
 from tests.otlp import ReceivedSpan, Receiver
 
-from .conftest import Stack, local_config
+from .conftest import Stack, local_config, start_engine
 
 KEY = "sk-traced-0123456789abcdef"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -100,7 +100,7 @@ def test_streamed_chat_is_one_trace_from_router_to_engine(stack: Stack, receiver
     }
     assert router.attributes["gen_ai.usage.input_tokens"] > 0
     assert 0 < router.attributes["gen_ai.usage.output_tokens"] <= 8
-    assert {"replica_taken", "first_token"} <= set(router.events)
+    assert router.events[:3] == ("admitted", "replica_taken", "first_token")
     assert KEY not in repr(spans)
 
     assert tier.name == "tier /v1/chat/completions" and tier.service == "serve-app-test"
@@ -154,3 +154,40 @@ def test_without_a_sampled_traceparent_nothing_is_recorded(
         assert reply.status_code == 200
     time.sleep(3)
     assert len(receiver.all()) == before and not receiver.trace(trace_id)
+
+
+def test_local_engine_continues_the_callers_trace_as_tgi_does(
+    receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The engine alone, started with the launcher's flags: its span is the caller's child."""
+    log = tmp_path_factory.mktemp("traced-engine") / "engine.log"
+    engine = start_engine(
+        log,
+        "--model-id", "simulated", "--sim-output-tokens", "4",
+        "--otlp-endpoint", receiver.endpoint, "--otlp-service-name", "engine-alone",
+    )  # fmt: skip
+    try:
+        header, trace_id, caller_span = traceparent()
+        reply = httpx.post(
+            f"{engine.url}/generate_stream",
+            json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}},
+            headers={"traceparent": header},
+            timeout=30,
+        )
+        assert reply.status_code == 200 and reply.text.count("data:") == 4
+        assert httpx.get(f"{engine.url}/health", timeout=5).status_code == 200
+        (span,) = collected(receiver, trace_id, 1)
+    finally:
+        engine.process.terminate()
+        engine.process.wait(timeout=30)
+    assert span.parent_span_id == caller_span and span.name == "generate_stream"
+    assert span.kind == SERVER and span.service == "engine-alone"
+    assert span.pid == engine.process.pid
+    assert span.attributes == span.attributes | {
+        "model_id": "simulated",
+        "inference.backend": "local",
+        "http.response.status_code": 200,
+        "serve_app.stream_events": 4,
+    }
+    assert span.events == ("first_token",)
+    assert not [s for s in receiver.all() if s.service == "engine-alone" and s.trace_id != trace_id]

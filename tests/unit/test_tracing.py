@@ -122,7 +122,7 @@ def test_router_span_is_the_callers_child_and_the_replicas_parent(
     traced, exporter = spans
     trace = traced.start(request({"traceparent": CALLER}))
     assert tracing.current() is trace
-    trace.admitted(TIER, "team-a")
+    trace.tier(TIER, "team-a")
     carrier = trace.carrier()
     assert carrier["traceparent"].split("-")[1] == CALLER.split("-")[1]
     assert carrier["baggage"] == "tenant=team-a"
