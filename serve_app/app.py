@@ -63,7 +63,10 @@ def tier_deployment(tier: TierConfig) -> Deployment:
 def build_app(args: dict[str, Any]) -> Application:
     """Validate `args` as an `AppConfig` (errors name the bad field) and bind the deployments."""
     config = AppConfig.model_validate(args)
-    tiers = {tier.name: tier_deployment(tier).bind(tier.for_replicas()) for tier in config.tiers}
+    tiers = {
+        tier.name: tier_deployment(tier).bind(tier.for_replicas(), config.tracing)
+        for tier in config.tiers
+    }
     return RouterDeployment.options(
         name="router",
         num_replicas=config.router.replicas,

@@ -246,9 +246,34 @@ class RouterConfig(_Strict):
     replicas: PositiveInt = 1
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces from the router, the tier replicas and the engines (see
+    `serve_app.tracing`); needs the `tracing` extra."""
+
+    otlp_endpoint: str = Field(
+        pattern=r"^https?://[^/\s]+/?$",
+        description="OTLP/gRPC collector, e.g. http://otel-collector:4317; also given to each "
+        "engine as --otlp-endpoint, so that its spans join the same traces.",
+    )
+    service_name: str = Field(
+        "serve-app",
+        min_length=1,
+        description="service.name of the router and tiers; engines report as "
+        "'<service_name>-engine' (--otlp-service-name).",
+    )
+    sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded; a request that arrives with a sampled "
+        "`traceparent` is always recorded.",
+    )
+
+
 class AppConfig(_Strict):
     tiers: tuple[TierConfig, ...] = Field(min_length=1)
     router: RouterConfig = RouterConfig()
+    tracing: TracingConfig | None = Field(None, description="Off when unset.")
 
     @model_validator(mode="after")
     def _names_unique(self) -> AppConfig:

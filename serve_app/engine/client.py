@@ -7,7 +7,7 @@ place where httpx exceptions are translated.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -81,15 +81,21 @@ class EngineClient:
             reply = await self._http.get("/metrics", timeout=2.0)
         return reply.text
 
-    async def post(self, path: str, payload: dict[str, Any]) -> EngineReply:
+    async def post(
+        self, path: str, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> EngineReply:
         async with self._translated(path):
-            reply = await self._http.post(path, json=payload)
+            reply = await self._http.post(path, json=payload, headers=headers)
         return EngineReply(reply.status_code, reply.content)
 
-    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[str]:
+    async def stream(
+        self, path: str, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[str]:
         """SSE data payloads. A non-200 answer raises before anything is yielded; closing the
-        iterator closes the connection, which is how the engine learns to stop generating."""
-        async with self._translated(path), self._http.stream("POST", path, json=payload) as reply:
+        iterator closes the connection, which is how the engine learns to stop generating.
+        `headers` (a W3C `traceparent`) go with the request."""
+        request = self._http.stream("POST", path, json=payload, headers=headers)
+        async with self._translated(path), request as reply:
             if reply.status_code != 200:
                 raise reply_error(reply.status_code, await reply.aread())
             async for data in sse_data(reply.aiter_lines()):

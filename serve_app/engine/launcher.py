@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import TierConfig
+from ..config import TierConfig, TracingConfig
+from ..tracing import engine_flags
 
 # Passed through from the replica's environment when set; never logged.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -59,6 +60,7 @@ def build_launch(
     ports: Ports,
     gpu_ids: Sequence[str],
     environ: Mapping[str, str],
+    tracing: TracingConfig | None = None,
 ) -> LaunchSpec:
     """The argv and environment of one tier replica's engine.
 
@@ -94,6 +96,7 @@ def build_launch(
         argv += ["--quantize", engine.quantize]
     if engine.dtype:
         argv += ["--dtype", engine.dtype]
+    argv += engine_flags(tracing)  # the engine's spans join the router's traces
     argv += engine.extra_args
 
     env = {k: environ[k] for k in PASSTHROUGH_ENV if k in environ}

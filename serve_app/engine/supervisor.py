@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..config import TierConfig
+from ..config import TierConfig, TracingConfig
 from ..errors import EngineStartupError, EngineUnavailable
 from .client import EngineClient
 from .launcher import Ports, build_launch, shard_uds_path
@@ -47,13 +47,14 @@ class EngineSupervisor:
         gpu_ids: Sequence[str],
         environ: Mapping[str, str],
         logger: logging.LoggerAdapter,
+        tracing: TracingConfig | None = None,
     ) -> None:
         self._tier = tier
         self._log = logger
         self._workdir = Path(tempfile.mkdtemp(prefix=f"engine-{tier.name}-"))
         http, prometheus, master = free_ports(3)
         ports = Ports(http, prometheus, master, shard_uds_path(self._workdir))
-        self.spec = build_launch(tier, ports, gpu_ids, environ)
+        self.spec = build_launch(tier, ports, gpu_ids, environ, tracing)
         self.process = EngineProcess(self.spec, logger)
         self.client = EngineClient(f"http://127.0.0.1:{http}", tier.request_timeout_s)
         self.state = EngineState.STARTING

@@ -55,6 +55,8 @@ class EngineArgs:
     sim_ttft_ms: float
     sim_itl_ms: float
     sim_output_tokens: int
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json-output", action="store_true")
     p.add_argument("--graceful-termination-timeout", type=int, default=90)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
+    p.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC endpoint for spans")
+    p.add_argument("--otlp-service-name", default="text-generation-inference.router")
     sim = p.add_argument_group("simulation (with --model-id simulated)")
     sim.add_argument("--sim-ttft-ms", type=float, default=20.0)
     sim.add_argument("--sim-itl-ms", type=float, default=10.0)

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from . import tracing
 from .backend import Backend, Finished, Token
 from .cli import EngineArgs
 from .scheduler import Scheduler, StreamItem
@@ -575,7 +576,8 @@ ROUTES: list[tuple[str, Handler, list[str]]] = [
 
 def create_app(state: Engine) -> Starlette:
     app = Starlette(
-        routes=[Route(path, _handled(path, fn), methods=methods) for path, fn, methods in ROUTES]
+        routes=[Route(path, _handled(path, fn), methods=methods) for path, fn, methods in ROUTES],
+        middleware=tracing.middleware(state.args),
     )
     app.state.engine = state
     return app

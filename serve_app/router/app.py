@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ..metrics import InFlight, RequestTimer, app_metrics
 from ..tier.policy import RequestTraits, TierChoice, TierPolicy
+from ..tracing import Tracing, current
 from . import tgi
 from .auth import Tenant, key_ring
 from .errors import api_error
@@ -48,6 +49,7 @@ class Router:
         keys = config.router.api_keys
         self._keys = key_ring(keys)
         self._quotas = Quotas(keys.lease_fraction) if keys else None
+        self._tracing = Tracing.configure(config.tracing, "router")
 
     def asgi_app(self) -> Starlette:
         as_openai, as_tgi = self._openai_errors, self._tgi_errors
@@ -161,17 +163,18 @@ class Router:
 
         async def route(request: Request) -> Response:
             request.state.tenant = None
+            trace = self._tracing.start(request)  # ended with the response, streamed or not
             try:
                 if self._keys is not None:
                     request.state.tenant = self._keys.authenticate(request.headers)
-                return await handler(request)
+                return trace.finish(await handler(request))
             except Exception as exc:
                 error = api_error(exc)
                 if request.state.tenant is not None and error.status in (403, 429):
                     app_metrics().tenant_rejections.inc(
                         1, {"tenant": request.state.tenant.name, "reason": error.code or ""}
                     )
-                return error.response(tgi=tgi)
+                return trace.finish(error.response(tgi=tgi))
 
         return route
 
@@ -184,18 +187,22 @@ class Router:
     async def _admit(self, request: Request, tier: str) -> None:
         """The caller's key may use this tier, and has quota left."""
         tenant: Tenant | None = request.state.tenant
+        current().tier(self._config.tier(tier), tenant.name if tenant else None)
         if tenant is None:
             return
         tenant.check_tier(tier)
         if self._quotas is not None:
             await self._quotas.admit(tenant)
         app_metrics().tenant_requests.inc(1, {"tenant": tenant.name, "tier": tier})
+        current().admitted()
 
     def _account(self, request: Request, tier: str) -> Callable[[dict[str, Any] | None], None]:
         """What to do with an answer's usage once it is known: count it, charge the quota."""
         tenant: Tenant | None = request.state.tenant
+        trace = current()
 
         def account(usage: dict[str, Any] | None) -> None:
+            trace.usage(usage)
             if tenant is None or not usage:
                 return
             tokens = int(usage.get("total_tokens") or 0)
@@ -211,7 +218,7 @@ class Router:
 
     async def _request(self, tier: str, path: str, body: dict[str, Any]) -> EngineReply:
         for attempt in range(ENGINE_BUSY_ATTEMPTS):
-            replies = self._streams[tier].request.remote(path, body)
+            replies = self._streams[tier].request.remote(path, body, current().carrier())
             await self._taken(tier, replies)
             try:
                 reply = await anext(replies, None)
@@ -227,7 +234,7 @@ class Router:
         keeps its HTTP status. An engine at capacity (429) is tried once more: nothing has
         been sent yet, and Serve may pick another replica."""
         for attempt in range(ENGINE_BUSY_ATTEMPTS):
-            chunks = self._streams[tier].stream.remote(path, body)
+            chunks = self._streams[tier].stream.remote(path, body, current().carrier())
             await self._taken(tier, chunks)
             try:
                 return await anext(chunks, None), chunks
@@ -247,6 +254,7 @@ class Router:
         except asyncio.TimeoutError:
             calls.cancel()
             raise self._unavailable(tier) from None
+        current().replica_taken()
 
     def _unavailable(self, tier: str) -> TierUnavailable:
         timeout = self._config.tier(tier).replica_wait_timeout_s
@@ -274,6 +282,7 @@ class Router:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
+        current().body(request.url.path, body)
         return body
 
 

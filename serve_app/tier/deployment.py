@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import ray
 from ray import serve
 
 from ..autoscaling import ENGINE_QUEUE, ENGINE_RUNNING
-from ..config import TierConfig
+from ..config import TierConfig, TracingConfig
 from ..engine.client import EngineReply
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..metrics import app_metrics
+from ..tracing import Tracing
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,28 +32,38 @@ class ReplicaLog(logging.LoggerAdapter):
 class TierDeployment:
     """Forwards requests for one tier to this replica's engine, and lives and dies with it."""
 
-    async def __init__(self, tier: TierConfig) -> None:
+    async def __init__(self, tier: TierConfig, tracing: TracingConfig | None = None) -> None:
         replica = serve.get_replica_context().replica_id.unique_id
         log = ReplicaLog(logger, {"tier": tier.name, "replica": replica})
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-        self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log)
+        self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log, tracing)
+        self._tier = tier
+        self._tracing = Tracing.configure(tracing, f"tier-{tier.name}")
         self._tags = {"tier": tier.name}
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
 
     # Both calls first yield `None`: the router then knows a replica has taken the request, which
     # bounds the wait for one (a tier starting from zero) apart from the generation itself.
+    # `trace` is the router's W3C context (see `serve_app.tracing`), empty when tracing is off.
 
     async def request(
-        self, path: str, payload: dict[str, Any]
+        self, path: str, payload: dict[str, Any], trace: Mapping[str, str] | None = None
     ) -> AsyncIterator[EngineReply | None]:
         yield None
-        yield await self._supervisor.client.post(path, payload)
+        with self._tracing.span(f"tier {path}", trace, self._tier) as span:
+            reply = await self._supervisor.client.post(path, payload, span.headers())
+            span.status(reply.status)
+        yield reply
 
-    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[str | None]:
+    async def stream(
+        self, path: str, payload: dict[str, Any], trace: Mapping[str, str] | None = None
+    ) -> AsyncIterator[str | None]:
         yield None
-        async for data in self._supervisor.client.stream(path, payload):
-            yield data
+        with self._tracing.span(f"tier {path}", trace, self._tier) as span:
+            async for data in self._supervisor.client.stream(path, payload, span.headers()):
+                span.chunk()
+                yield data
 
     async def info(self) -> dict[str, Any]:
         return await self._supervisor.client.info()

@@ -1,0 +1,107 @@
+"""The queries an operator's Grafana and Prometheus will run: every dashboard panel target and
+every alert expression, read from the shipped manifests, ready to send to a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "kuberay" / "base" / "grafana-dashboard.json"
+RULES = ROOT / "kuberay" / "monitoring" / "prometheusrule.yaml"
+
+# What Grafana puts in place of its variables: the rate window it would pick for a short scrape
+# interval, a dashboard range, and the `All` value of the tier variable.
+GRAFANA_VALUES = {"__rate_interval": "1m", "__range": "10m", "__interval": "15s", "tier": ".*"}
+
+# Ray exports these only for the GPUs it sees on a node.
+GPU_METRICS = ("ray_node_gpus_utilization", "ray_node_gram_used", "ray_node_gram_available")
+
+
+@dataclass(frozen=True)
+class Query:
+    name: str  # where it comes from: panel title and refId, or alert name
+    expr: str
+
+    @property
+    def needs_gpu(self) -> bool:
+        return any(metric in self.expr for metric in GPU_METRICS)
+
+
+@cache
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+@cache
+def rule_groups() -> dict[str, Any]:
+    """The PrometheusRule's `spec`: what a plain Prometheus reads as a rule file."""
+    return dict(yaml.safe_load(RULES.read_text())["spec"])
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Grafana's variables (`$name`, `${name}`, `[[name]]`) replaced by `values`; an unknown one
+    is an error, as it would be a query Grafana cannot run."""
+
+    def value(match: re.Match[str]) -> str:
+        name = next(g for g in match.groups() if g)
+        if name not in values:
+            raise KeyError(f"no value for the dashboard variable ${name} in {expr!r}")
+        return values[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)|\[\[(\w+)\]\]", value, expr)
+
+
+def panel_queries(board: dict[str, Any], values: dict[str, str]) -> list[Query]:
+    return [
+        Query(f"{panel['title']} [{target['refId']}]", substitute(target["expr"], values))
+        for panel in board["panels"]
+        for target in panel["targets"]
+    ]
+
+
+def variable_queries(board: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each query variable's `label_values(metric, label)` as (metric, label)."""
+    found = {}
+    for variable in board["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        query = variable["query"]
+        text = query["query"] if isinstance(query, dict) else query
+        match = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", text.strip())
+        if match is None:
+            raise ValueError(f"variable {variable['name']}: unsupported query {text!r}")
+        found[variable["name"]] = (match[1], match[2])
+    return found
+
+
+_COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)(?!\s*bool\b)\s*")
+_MATCHERS = re.compile(r"\{[^}]*\}")  # label matchers, where `!=` is no comparison
+
+
+def as_signal(expr: str) -> str:
+    """An alert expression that returns its series whether or not it fires: each comparison
+    becomes a `bool` comparison (1 where the alert's condition holds, else 0)."""
+    out, last = [], 0
+    for matchers in [*_MATCHERS.finditer(expr), None]:
+        end = matchers.start() if matchers else len(expr)
+        out.append(_COMPARISON.sub(r"\1 bool ", expr[last:end]))
+        if matchers:
+            out.append(matchers.group())
+            last = matchers.end()
+    return "".join(out)
+
+
+def alert_queries(groups: dict[str, Any]) -> list[Query]:
+    return [
+        Query(rule["alert"], rule["expr"].strip())
+        for group in groups["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]

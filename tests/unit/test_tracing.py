@@ -1,0 +1,165 @@
+"""serve_app.tracing: attributes, engine flags, and context passed from span to span (with the
+real OpenTelemetry SDK exporting to memory)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from serve_app import tracing
+from serve_app.config import EngineConfig, TierConfig, TracingConfig
+from serve_app.engine.launcher import Ports, build_launch
+from serve_app.local_engine.cli import parse_args
+from serve_app.tracing import OFF, Tracing
+
+CONFIG = TracingConfig(otlp_endpoint="http://collector:4317", service_name="llm")
+TIER = TierConfig(name="small")
+CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_engine_flags_follow_tgi_launcher_and_are_absent_without_tracing() -> None:
+    assert tracing.engine_flags(None) == []
+    assert tracing.engine_flags(CONFIG) == [
+        "--otlp-endpoint", "http://collector:4317", "--otlp-service-name", "llm-engine",
+    ]  # fmt: skip
+
+
+def test_launch_passes_otlp_flags_before_extra_args() -> None:
+    tier = TierConfig(name="t", engine=EngineConfig(extra_args=("--foo",)))
+    ports = Ports(1, 2, 3, "/tmp/x")
+    argv = build_launch(tier, ports, [], {}, CONFIG).argv
+    at = argv.index("--otlp-endpoint")
+    assert argv[at : at + 4] == ("--otlp-endpoint", "http://collector:4317",
+                                 "--otlp-service-name", "llm-engine")  # fmt: skip
+    assert argv[-1] == "--foo"
+    assert "--otlp-endpoint" not in build_launch(tier, ports, [], {}).argv
+
+
+def test_local_engine_takes_the_launcher_flags() -> None:
+    args, ignored = parse_args(["--otlp-endpoint", "http://c:4317", "--otlp-service-name", "e"])
+    assert (args.otlp_endpoint, args.otlp_service_name, ignored) == ("http://c:4317", "e", [])
+    assert parse_args([])[0].otlp_endpoint is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"otlp_endpoint": "collector:4317"}, {"otlp_endpoint": "http://c:4317", "sample_ratio": 2}],
+)
+def test_bad_tracing_config_is_refused(fields: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        TracingConfig.model_validate(fields)
+
+
+def test_request_attributes_openai_and_tgi_bodies() -> None:
+    chat = {"model": "small", "max_tokens": 8, "temperature": 0.5, "stream": True, "seed": [1]}
+    assert tracing.request_attributes("/v1/chat/completions", chat) == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "small",
+        "gen_ai.request.max_tokens": 8,
+        "gen_ai.request.temperature": 0.5,
+        "serve_app.stream": True,
+    }
+    tgi = {"inputs": "x", "parameters": {"max_new_tokens": 3, "top_p": 0.9}}
+    assert tracing.request_attributes("/generate", tgi) == {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.request.max_tokens": 3,
+        "gen_ai.request.top_p": 0.9,
+    }
+    assert tracing.request_attributes("/v1/completions", {"parameters": "oops"}) == {
+        "gen_ai.operation.name": "text_completion"
+    }
+
+
+def test_usage_and_tier_attributes() -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    assert tracing.usage_attributes(usage) == {
+        "gen_ai.usage.input_tokens": 5,
+        "gen_ai.usage.output_tokens": 7,
+    }
+    assert tracing.usage_attributes(None) == {}
+    gpu = TierConfig(name="big", gpus_per_replica=1, engine=EngineConfig(launcher="tgi"))
+    assert tracing.tier_attributes(gpu)["inference.backend"] == "tgi"
+    assert tracing.tier_attributes(TIER) == {
+        "tier": "small",
+        "model_id": "smollm2-135m-instruct",
+        "inference.backend": "local",
+        "gen_ai.response.model": "smollm2-135m-instruct",
+    }
+
+
+def request(headers: dict[str, str], path: str = "/v1/chat/completions") -> Request:
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "method": "POST", "path": path, "headers": raw})
+
+
+def test_off_is_a_no_op() -> None:
+    off = Tracing.configure(None, "router")
+    assert not off.enabled and off.start(request({"traceparent": CALLER})) is OFF
+    response = JSONResponse({})
+    assert OFF.carrier() == {} and OFF.finish(response) is response
+    with off.span("tier", {"traceparent": CALLER}, TIER) as span:
+        assert span.headers() == {}
+
+
+@pytest.fixture
+def spans() -> tuple[Tracing, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return Tracing(provider.get_tracer("test")), exporter
+
+
+def test_router_span_is_the_callers_child_and_the_replicas_parent(
+    spans: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    traced, exporter = spans
+    trace = traced.start(request({"traceparent": CALLER}))
+    assert tracing.current() is trace
+    trace.tier(TIER, "team-a")
+    carrier = trace.carrier()
+    assert carrier["traceparent"].split("-")[1] == CALLER.split("-")[1]
+    assert carrier["baggage"] == "tenant=team-a"
+    with traced.span("tier /generate", carrier, TIER) as replica:
+        engine_headers = replica.headers()
+        replica.chunk()
+        replica.status(200)
+    assert "baggage" not in engine_headers
+
+    async def body():  # type: ignore[no-untyped-def]
+        yield b"data: 1\n\n"
+        yield b"data: 2\n\n"
+
+    streamed = trace.finish(StreamingResponse(body(), headers={"x-tier-reason": "model"}))
+    assert len(exporter.get_finished_spans()) == 1  # the router's ends with its stream
+
+    async def sent() -> list[bytes]:
+        return [c async for c in streamed.body_iterator]
+
+    assert asyncio.run(sent()) == [b"data: 1\n\n", b"data: 2\n\n"]
+
+    tier_span, router_span = exporter.get_finished_spans()
+    assert router_span.parent.span_id == int(CALLER.split("-")[2], 16)
+    assert tier_span.parent.span_id == router_span.context.span_id
+    assert engine_headers["traceparent"].split("-")[2] == f"{tier_span.context.span_id:016x}"
+    assert tier_span.attributes["tenant"] == router_span.attributes["tenant"] == "team-a"
+    assert router_span.attributes["serve_app.tier_reason"] == "model"
+    assert router_span.attributes["serve_app.stream_chunks"] == 2
+    assert [e.name for e in router_span.events] == ["first_token"]
+    assert [e.name for e in tier_span.events] == ["first_token"]
+
+
+def test_a_failed_replica_call_marks_its_span(
+    spans: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    traced, exporter = spans
+    with pytest.raises(ConnectionError), traced.span("tier /generate", {}, TIER):
+        raise ConnectionError("engine gone")
+    (span,) = exporter.get_finished_spans()
+    assert not span.status.is_ok and span.events[0].name == "exception"
