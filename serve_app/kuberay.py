@@ -269,7 +269,14 @@ def _pod(
                                 "effect": "NoSchedule"}]  # fmt: skip
         if overlay.node_selector:
             spec["nodeSelector"] = dict(overlay.node_selector)
-    return {"metadata": {"labels": dict(RAY_POD_LABELS)}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": dict(RAY_POD_LABELS)}
+    if role is Role.HEAD:
+        # The policy scanner's one exception on a pod, stated where it applies.
+        metadata["annotations"] = {
+            "checkov.io/skip1": "CKV_K8S_38=the head's autoscaler sidecar scales worker groups "
+            "through the Kubernetes API with this pod's service account token",
+        }
+    return {"metadata": metadata, "spec": spec}
 
 
 def _models(tiers: list[TierConfig]) -> list[tuple[str, str | None]]:
