@@ -110,7 +110,7 @@ TOKEN_AUTH_ENV = [
     {"name": "RAY_AUTH_TOKEN_PATH", "value": RAY_TOKEN.path},
 ]
 # The root filesystem is read-only: home, caches and Ray's temp dir live on the writable mounts.
-WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}]
+WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
 # Serving pods read the model cache the fill Job wrote, and never the Hub.
 CACHE_ENV = [
     {"name": "HUGGINGFACE_HUB_CACHE", "value": MODEL_CACHE},
