@@ -62,6 +62,7 @@ class Replayed:
     http: str
     token: str
     keys_file: Path
+    head: local_ray.Head  # the sessions of every Ray process started here
 
     def api(self, path: str) -> dict[str, Any]:
         headers = {"authorization": f"Bearer {self.token}"}
@@ -123,7 +124,8 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replayed]:
             timeout=60,
         )
         assert reply.status_code == 200, reply.text
-        yield Replayed(url, f"http://127.0.0.1:{http}", token, keys_file)
+        head = local_ray.Head(gcs, dashboard, 0, 0, 0, temp_dir, sessions=tuple(sessions))
+        yield Replayed(url, f"http://127.0.0.1:{http}", token, keys_file, head)
     finally:
         local_ray.stop_sessions(sessions, temp_dir)
 
@@ -216,3 +218,17 @@ def test_keys_added_and_removed_in_the_mounted_file_take_effect_without_a_restar
     assert status_with(replayed, NEW_KEY) == 200
     assert replayed.router_replicas() == router_replicas  # no restart
     print(f"key added: works after {added_after:.1f}s; removed: refused after {removed_after:.1f}s")
+
+
+def test_no_process_has_a_secret_in_its_environment(replayed: Replayed) -> None:
+    """Ray's daemons, its workers (router and tier replicas) and the engines they started."""
+    wait_running(replayed)
+    processes = local_ray.owned_processes(replayed.head)
+    assert len(processes) > 10
+    secrets_ = [replayed.token.encode(), API_KEY.encode(), NEW_KEY.encode()]
+    for pid in processes:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue  # exited meanwhile
+        assert not any(secret in environ for secret in secrets_), pid
