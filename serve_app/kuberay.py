@@ -110,12 +110,16 @@ TOKEN_AUTH_ENV = [
     {"name": "RAY_AUTH_TOKEN_PATH", "value": RAY_TOKEN.path},
 ]
 # The root filesystem is read-only: home, caches and Ray's temp dir live on the writable mounts.
-WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
-# Serving pods read the model cache the fill Job wrote, and never the Hub.
+WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}]
+NO_CACHE_ENV = [{"name": "HF_HOME", "value": "/tmp/huggingface"}]
+# The model cache, as both of TGI's readers find it: its Python downloader and loader read
+# HUGGINGFACE_HUB_CACHE, its launcher (which reads the model's config.json first) $HF_HOME/hub.
 CACHE_ENV = [
-    {"name": "HUGGINGFACE_HUB_CACHE", "value": MODEL_CACHE},
-    {"name": "HF_HUB_OFFLINE", "value": "1"},
+    {"name": "HF_HOME", "value": MODEL_CACHE},
+    {"name": "HUGGINGFACE_HUB_CACHE", "value": f"{MODEL_CACHE}/hub"},
 ]
+# Serving pods read the model cache the fill Job wrote, and never the Hub.
+OFFLINE_ENV = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
 
 # Pod Security "restricted", for every container of every pod.
 POD_SECURITY = {
@@ -222,10 +226,9 @@ def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
 
 
 def _env(role: Role, overlay: Overlay) -> list[dict[str, Any]]:
-    env = [*RAY_ENV, *TOKEN_AUTH_ENV, *WRITABLE_ENV]
-    if role is Role.TIER and overlay.model_cache_claim:
-        env += CACHE_ENV
-    return env
+    cached = role is Role.TIER and overlay.model_cache_claim
+    return [*RAY_ENV, *TOKEN_AUTH_ENV, *WRITABLE_ENV,
+            *([*CACHE_ENV, *OFFLINE_ENV] if cached else NO_CACHE_ENV)]  # fmt: skip
 
 
 def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -354,7 +357,7 @@ def _autoscaler_options() -> dict[str, Any]:
     return {
         "upscalingMode": "Default",
         "idleTimeoutSeconds": 300,
-        "env": [*TOKEN_AUTH_ENV[1:], *WRITABLE_ENV],
+        "env": [*TOKEN_AUTH_ENV[1:], *WRITABLE_ENV, *NO_CACHE_ENV],
         "volumeMounts": [RAY_TOKEN.as_mount(), TMP[1]],
         "securityContext": CONTAINER_SECURITY,
         "resources": _resources("500m", "512Mi"),
@@ -458,7 +461,7 @@ def fill_job(config: AppConfig, overlay: Overlay, image: str) -> dict[str, Any]:
         "command": ["/bin/sh", "-c", "\n".join(steps) + "\n"],
         "env": [
             *WRITABLE_ENV,
-            {"name": "HUGGINGFACE_HUB_CACHE", "value": MODEL_CACHE},
+            *CACHE_ENV,
             # huggingface_hub reads the token from this file itself.
             {"name": "HF_TOKEN_PATH", "value": HF_TOKEN.path},
         ],
