@@ -70,6 +70,6 @@ def build_app(args: dict[str, Any]) -> Application:
     return RouterDeployment.options(
         name="router",
         num_replicas=config.router.replicas,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
         max_ongoing_requests=1000,
     ).bind(config.for_replicas(), tiers)

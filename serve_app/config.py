@@ -214,7 +214,17 @@ class ApiKeysConfig(_Strict):
     """Where the router reads its API keys (see `serve_app.router.auth` for the format)."""
 
     env: str | None = Field("SERVE_APP_API_KEYS", description="Environment variable holding them.")
-    file: str | None = Field(None, description="A file holding them (takes precedence).")
+    file: str | None = Field(
+        None,
+        description="A file holding them (takes precedence); re-read when it changes, so that "
+        "an added, rotated or revoked key takes effect without a restart.",
+    )
+    reload_interval_s: float = Field(
+        10,
+        gt=0,
+        le=60,
+        description="How often the router looks at `file` for a change.",
+    )
     lease_fraction: float = Field(
         0.1,
         gt=0,
@@ -244,6 +254,11 @@ class RouterConfig(_Strict):
     )
     max_body_bytes: PositiveInt = 2_000_000
     replicas: PositiveInt = 1
+    ray_resources: dict[str, float] = Field(
+        {},
+        description="Custom Ray resources each router replica needs, e.g. {serve_app_router: 1}, "
+        "to pin the router to the nodes (KubeRay worker group) that hold the API keys.",
+    )
 
 
 class TracingConfig(_Strict):

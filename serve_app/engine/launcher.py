@@ -1,7 +1,8 @@
 """The engine's command line and environment, built from a tier's config.
 
 Pure functions: everything here is decided from values, so that what a replica runs can be
-unit-tested for 1, 2 or 4 GPUs and for several engines on one host without starting anything.
+unit-tested for 1, 2 or 4 GPUs and for several engines on one host without starting anything;
+`with_hf_token` is the one file read, done by the supervisor before it builds the launch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from ..tracing import engine_flags
 
 # Passed through from the replica's environment when set; never logged.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# A file holding the Hugging Face token (a mounted Secret): the pod's environment holds its path,
+# only the engine's own environment holds the token.
+HF_TOKEN_PATH_ENV = "HF_TOKEN_PATH"
 PASSTHROUGH_ENV = (
     "PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
     "HUGGINGFACE_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER",
@@ -104,6 +108,22 @@ def build_launch(
     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
     env["PYTHONUNBUFFERED"] = "1"
     return LaunchSpec(argv=tuple(argv), env=env)
+
+
+def with_hf_token(environ: Mapping[str, str]) -> Mapping[str, str]:
+    """`environ` with `HF_TOKEN` read from the file `HF_TOKEN_PATH` names, when there is one.
+
+    Read at every engine start, so that the next engine uses a rotated token; a missing or empty
+    file (an optional Secret not created) means no token, as for public models.
+    """
+    path = environ.get(HF_TOKEN_PATH_ENV)
+    if not path:
+        return environ
+    try:
+        token = Path(path).read_text().strip()
+    except FileNotFoundError:
+        return environ
+    return {**environ, "HF_TOKEN": token} if token else environ
 
 
 def shard_uds_path(workdir: Path) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import TierConfig, TracingConfig
 from ..errors import EngineStartupError, EngineUnavailable
 from .client import EngineClient
-from .launcher import Ports, build_launch, shard_uds_path
+from .launcher import Ports, build_launch, shard_uds_path, with_hf_token
 from .process import EngineProcess
 
 READY_POLL_S = 0.25
@@ -54,7 +54,7 @@ class EngineSupervisor:
         self._workdir = Path(tempfile.mkdtemp(prefix=f"engine-{tier.name}-"))
         http, prometheus, master = free_ports(3)
         ports = Ports(http, prometheus, master, shard_uds_path(self._workdir))
-        self.spec = build_launch(tier, ports, gpu_ids, environ, tracing)
+        self.spec = build_launch(tier, ports, gpu_ids, with_hf_token(environ), tracing)
         self.process = EngineProcess(self.spec, logger)
         self.client = EngineClient(f"http://127.0.0.1:{http}", tier.request_timeout_s)
         self.state = EngineState.STARTING

@@ -1,7 +1,8 @@
 """API keys: who is calling, and which tiers they may use.
 
-Keys are read once, at router start, from an environment variable or a file (both meant to be
-mounted from a Kubernetes Secret), as a JSON or YAML list:
+Keys come from a file (mounted from a Kubernetes Secret, re-read when it changes: see
+`keyfile.py`) or from an environment variable (read once, at router start), as a JSON or YAML
+list:
 
     - name: team-a                 # the tenant: appears in logs and metrics, the key never does
       key: sk-...                  # the secret; only its SHA-256 is kept in memory
@@ -18,15 +19,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import ApiKeysConfig
 from ..errors import Forbidden, Unauthorized
+from .keyfile import ReloadingFile
 
 
 class _KeySpec(BaseModel):
@@ -59,9 +63,13 @@ def _digest(key: str) -> bytes:
 def load_tenants(config: ApiKeysConfig, environ: Mapping[str, str]) -> list[Tenant]:
     """Read and hash the keys; a bad document fails the router's start with a clear error."""
     if config.file is not None:
-        source, text = config.file, Path(config.file).read_text()
-    else:
-        source, text = f"${config.env}", environ.get(config.env or "", "")
+        return parse_tenants(Path(config.file).read_text(), config.file)
+    return parse_tenants(environ.get(config.env or "", ""), f"${config.env}")
+
+
+def parse_tenants(text: str, source: str) -> list[Tenant]:
+    """The tenants of a keys document; `ValueError` naming `source`, the entry and the field
+    (never a key) when it is invalid. An empty list is valid: every key revoked."""
     if not text.strip():
         raise ValueError(f"API keys are switched on but {source} is empty")
     try:
@@ -91,6 +99,10 @@ def _safe(exc: Exception) -> str:
     return type(exc).__name__
 
 
+class Authenticator(Protocol):
+    def authenticate(self, headers: Mapping[str, str]) -> Tenant: ...
+
+
 class KeyRing:
     def __init__(self, tenants: list[Tenant]) -> None:
         self._tenants = tenants
@@ -113,5 +125,25 @@ class KeyRing:
         return found
 
 
-def key_ring(config: ApiKeysConfig | None) -> KeyRing | None:
-    return None if config is None else KeyRing(load_tenants(config, os.environ))
+class FileKeyRing:
+    """The keys of a file, re-read when it changes (at most `reload_interval_s` old)."""
+
+    def __init__(
+        self, path: Path, interval_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._source = str(path)
+        self._file = ReloadingFile(path, self._parse, interval_s, clock)
+
+    def _parse(self, text: str) -> KeyRing:
+        return KeyRing(parse_tenants(text, self._source))
+
+    def authenticate(self, headers: Mapping[str, str]) -> Tenant:
+        return self._file.current().authenticate(headers)
+
+
+def key_ring(config: ApiKeysConfig | None) -> Authenticator | None:
+    if config is None:
+        return None
+    if config.file is not None:
+        return FileKeyRing(Path(config.file), config.reload_interval_s)
+    return KeyRing(load_tenants(config, os.environ))

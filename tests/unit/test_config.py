@@ -65,6 +65,9 @@ INVALID = [
     ("router.auto_rules", [{"tier": "medium", "min_max_tokens": 5}], "auto_rules[0].tier 'medium'"),
     ("router.auto_rules", [{"tier": "large"}], "a rule needs min_prompt_chars"),
     ("tiers.1.aliases", ["auto"], "'auto' is reserved"),
+    ("router.api_keys", {"file": "/k", "reload_interval_s": 61}, "api_keys.reload_interval_s"),
+    ("router.api_keys", {"file": "/k", "reload_interval_s": 0}, "api_keys.reload_interval_s"),
+    ("router.ray_resources", {"serve_app_router": "one"}, "router.ray_resources"),
 ]
 
 
@@ -75,3 +78,11 @@ def test_invalid_config_names_the_field(path: str, value: Any, message: str) -> 
     with pytest.raises(ValidationError) as info:
         build_app(args)
     assert message in str(info.value)
+
+
+def test_the_router_is_pinned_by_its_ray_resources() -> None:
+    args = local_args()
+    _set(args, "router.ray_resources", {"serve_app_router": 1})
+    options = build_app(args)._bound_deployment.ray_actor_options
+    assert options["resources"] == {"serve_app_router": 1}
+    assert options["num_cpus"] == 0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
 from serve_app.config import EngineConfig, TierConfig
-from serve_app.engine.launcher import Ports, build_launch
+from serve_app.engine.launcher import Ports, build_launch, with_hf_token
 
 
 def tgi_tier(gpus: int) -> TierConfig:
@@ -65,6 +66,29 @@ def test_secrets_pass_through_but_are_never_shown() -> None:
     assert "AWS_SECRET" not in spec.env
     shown = spec.redacted()
     assert "sk-engine-secret" not in shown and "hf_secret" not in shown
+
+
+def test_the_hf_token_is_read_from_its_file_at_each_start(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("hf_first\n")
+    environ = {"HF_TOKEN_PATH": str(token), "PATH": "/usr/bin"}
+    first = build_launch(tgi_tier(1), ports(0), ["0"], with_hf_token(environ))
+    assert first.env["HF_TOKEN"] == "hf_first"
+    assert "hf_first" not in first.redacted()
+    token.write_text("hf_rotated")
+    assert build_launch(tgi_tier(1), ports(0), ["0"], with_hf_token(environ)).env["HF_TOKEN"] == (
+        "hf_rotated"
+    )
+    assert "HF_TOKEN" not in environ  # the replica's own environment never holds it
+
+
+@pytest.mark.parametrize("content", [None, "", "\n"])
+def test_no_token_file_or_an_empty_one_means_no_token(tmp_path: Path, content: str | None) -> None:
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+    spec = build_launch(tgi_tier(1), ports(0), ["0"], with_hf_token({"HF_TOKEN_PATH": str(token)}))
+    assert "HF_TOKEN" not in spec.env
 
 
 def test_local_engine_takes_the_same_flags_on_cpu() -> None:
