@@ -16,6 +16,7 @@ from ..engine.client import EngineReply
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..metrics import app_metrics
+from .call import TierCall
 
 logger = logging.getLogger("ray.serve")
 
@@ -43,15 +44,15 @@ class TierDeployment:
     # Both calls first yield `None`: the router then knows a replica has taken the request, which
     # bounds the wait for one (a tier starting from zero) apart from the generation itself.
 
-    async def request(
-        self, path: str, payload: dict[str, Any]
-    ) -> AsyncIterator[EngineReply | None]:
-        yield None
-        yield await self._supervisor.client.post(path, payload)
+    # The router cancels a call whose client went away: the engine request is closed with it.
 
-    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[str | None]:
+    async def request(self, call: TierCall) -> AsyncIterator[EngineReply | None]:
         yield None
-        async for data in self._supervisor.client.stream(path, payload):
+        yield await self._supervisor.client.post(call.route, call.payload)
+
+    async def stream(self, call: TierCall) -> AsyncIterator[str | None]:
+        yield None
+        async for data in self._supervisor.client.stream(call.route, call.payload):
             yield data
 
     async def info(self) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""Sending a typed call to a tier: waiting (bounded) for a replica to take it, one retry of an
+engine at capacity before anything was sent, and cancelling the tier's work when the caller
+goes away. The transport is a seam: Serve handles in production, a fake in unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+from ray.serve.handle import DeploymentHandle
+
+from ..engine.client import EngineReply
+from ..errors import EngineReplyError, TierUnavailable
+from ..tier.call import TierCall
+
+ENGINE_BUSY_ATTEMPTS = 2  # a 429 from an engine, before any token, is tried once more
+T = TypeVar("T", covariant=True)
+
+
+class Calls(Protocol[T]):
+    """A tier call in progress (Serve's `DeploymentResponseGenerator`): first `None` once a
+    replica has taken it, then its items; `cancel` stops it in the replica."""
+
+    def __anext__(self) -> Any: ...
+    def cancel(self) -> None: ...
+
+
+class TierTransport(Protocol):
+    def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]: ...
+    def stream(self, tier: str, call: TierCall) -> Calls[str | None]: ...
+    async def info(self, tier: str) -> dict[str, Any]: ...
+
+
+class ServeTransport:
+    """Tier deployments through their Serve handles."""
+
+    def __init__(self, handles: Mapping[str, DeploymentHandle]) -> None:
+        self._handles = dict(handles)
+        self._streams = {name: h.options(stream=True) for name, h in handles.items()}
+
+    def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
+        calls: Calls[EngineReply | None] = self._streams[tier].request.remote(call)
+        return calls
+
+    def stream(self, tier: str, call: TierCall) -> Calls[str | None]:
+        calls: Calls[str | None] = self._streams[tier].stream.remote(call)
+        return calls
+
+    async def info(self, tier: str) -> dict[str, Any]:
+        info: dict[str, Any] = await self._handles[tier].info.remote()
+        return info
+
+
+class Dispatcher:
+    def __init__(self, transport: TierTransport, wait_timeout_s: Callable[[str], float]) -> None:
+        self._transport = transport
+        self._wait_timeout_s = wait_timeout_s
+
+    async def request(self, tier: str, call: TierCall) -> EngineReply:
+        """The engine's whole answer. Cancelling this (the client went away) cancels the tier's
+        call, which closes the engine request."""
+        for attempt in range(ENGINE_BUSY_ATTEMPTS):
+            replies = self._transport.request(tier, call)
+            try:
+                await self._taken(tier, replies)
+                reply = await anext(replies, None)
+            finally:
+                replies.cancel()
+            if reply is None:
+                raise TierUnavailable(f"tier {tier!r} ended the call without an answer; retry")
+            if reply.status != 429 or attempt == ENGINE_BUSY_ATTEMPTS - 1:
+                return reply
+        raise AssertionError("unreachable")
+
+    async def stream(self, tier: str, call: TierCall) -> tuple[str | None, Calls[str | None]]:
+        """Start a stream and wait for its first chunk, so that an error before any token
+        keeps its HTTP status. An engine at capacity (429) is tried once more: nothing has
+        been sent yet, and Serve may pick another replica."""
+        for attempt in range(ENGINE_BUSY_ATTEMPTS):
+            chunks = self._transport.stream(tier, call)
+            try:
+                await self._taken(tier, chunks)
+                return await anext(chunks, None), chunks
+            except EngineReplyError as exc:
+                chunks.cancel()
+                if exc.status != 429 or attempt == ENGINE_BUSY_ATTEMPTS - 1:
+                    raise
+            except BaseException:
+                chunks.cancel()
+                raise
+        raise AssertionError("unreachable")
+
+    async def info(self, tier: str) -> dict[str, Any]:
+        return await self._transport.info(tier)
+
+    async def _taken(self, tier: str, calls: Calls[Any]) -> None:
+        """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
+        timeout = self._wait_timeout_s(tier)
+        try:
+            await asyncio.wait_for(anext(calls), timeout)
+        except asyncio.TimeoutError:
+            raise TierUnavailable(
+                f"no replica of tier {tier!r} took the request within {timeout:.0f}s "
+                "(replica_wait_timeout_s): the tier is starting or saturated; retry later"
+            ) from None
