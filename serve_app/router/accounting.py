@@ -87,14 +87,17 @@ class RequestScope:
         recorder: Recorder,
         prompt_chars: int,
         on_tokens: Callable[[Usage], None],
+        tgi: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """`tgi`: statuses as TGI's routes answer them (see `router.errors`)."""
         self.tier = tier
         self.status = 200
         self._in_flight = in_flight
         self._recorder = recorder
         self._prompt_chars = prompt_chars
         self._on_tokens = on_tokens
+        self._tgi = tgi
         self._clock = clock
         self._start = self._last = clock()
         self._first: float | None = None
@@ -133,7 +136,8 @@ class RequestScope:
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             self.status = CLIENT_CLOSED
         elif exc is not None:
-            self.status = api_error(exc).status
+            error = api_error(exc)
+            self.status = error.tgi_status() if self._tgi else error.status
         usage = self.usage
         try:
             self._in_flight.add(self.tier, -1)

@@ -5,12 +5,13 @@ goes away. The transport is a seam: Serve handles in production, a fake in unit 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
-from ..engine.client import EngineReply
+from ..engine.client import EngineClient, EngineReply
 from ..errors import EngineReplyError, TierUnavailable
 from ..tier.call import TierCall
 
@@ -104,3 +105,48 @@ class Dispatcher:
                 f"no replica of tier {tier!r} took the request within {timeout:.0f}s "
                 "(replica_wait_timeout_s): the tier is starting or saturated; retry later"
             ) from None
+
+
+class _DirectCalls:
+    """An in-process call with Serve's `cancel`: closing it closes the engine request."""
+
+    def __init__(self, items: AsyncIterator[Any]) -> None:
+        self._items = items
+        self._closing: asyncio.Future[None] | None = None
+
+    def __anext__(self) -> Awaitable[Any]:
+        return self._items.__anext__()
+
+    def cancel(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # still running: its own cancellation closes it
+            await self._items.aclose()  # type: ignore[attr-defined]
+
+
+class DirectTransport:
+    """Tiers as engine clients in this process, without Serve: what a tier replica does, for
+    running the router alone (unit tests, the ASGI app against a real engine)."""
+
+    def __init__(self, clients: Mapping[str, EngineClient]) -> None:
+        self._clients = dict(clients)
+
+    def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
+        async def items() -> AsyncIterator[EngineReply | None]:
+            yield None
+            yield await self._clients[tier].post(call.route, call.payload)
+
+        return _DirectCalls(items())
+
+    def stream(self, tier: str, call: TierCall) -> Calls[str | None]:
+        async def items() -> AsyncIterator[str | None]:
+            yield None
+            async for data in self._clients[tier].stream(call.route, call.payload):
+                yield data
+
+        return _DirectCalls(items())
+
+    async def info(self, tier: str) -> dict[str, Any]:
+        return await self._clients[tier].info()

@@ -167,7 +167,7 @@ class Router:
             stream = body.get("stream") is True
         choice = self._policy.for_header(request.headers.get("x-tier"))
         call = tgi_call(route, body, self._config.tier(choice.tier), stream)
-        scope, headers = await self._open(request, choice, call)
+        scope, headers = await self._open(request, choice, call, tgi=True)
         if not stream:
             with scope:
                 reply = await self._dispatch.request(choice.tier, call)
@@ -182,7 +182,7 @@ class Router:
     # -- one request's life -------------------------------------------------------------------
 
     async def _open(
-        self, request: Request, choice: TierChoice, call: TierCall
+        self, request: Request, choice: TierChoice, call: TierCall, *, tgi: bool = False
     ) -> tuple[RequestScope, dict[str, str]]:
         """Admit the call (key, tier, quota) and open its scope; the answer's headers."""
         tenant: Tenant | None = request.state.tenant
@@ -196,7 +196,7 @@ class Router:
 
         # The single place a router span for the request would open and close (tracing).
         scope = RequestScope(
-            choice.tier, self._in_flight, self._recorder, call.prompt_chars, settle
+            choice.tier, self._in_flight, self._recorder, call.prompt_chars, settle, tgi
         )
         return scope, headers
 
