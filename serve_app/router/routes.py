@@ -22,11 +22,11 @@ from ..errors import InvalidRequest, ModelNotFound
 from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import RequestTraits, TierChoice, TierPolicy
 from .accounting import InFlight, Recorder, RequestScope, usage_from
-from .admission import Admission
 from .auth import Tenant, key_ring
 from .body import BodyLimits, read_json
 from .dispatch import Dispatcher, TierTransport
 from .errors import api_error, rate_limit_headers
+from .guard import Guard
 from .openai import Kind, Normaliser, parse_model, parse_request
 from .quota import LedgerCalls, Quotas
 from .sse import ScopedStream, openai_events, tgi_events
@@ -57,7 +57,7 @@ class Router:
             if keys is not None and ledger is not None
             else None
         )
-        self._admission = Admission(key_ring(keys), quotas, recorder, router.max_header_bytes)
+        self._guard = Guard(key_ring(keys), quotas, recorder, router.max_header_bytes)
         self._limits = BodyLimits(
             router.max_body_bytes, router.body_timeout_s, router.max_json_depth
         )
@@ -186,13 +186,13 @@ class Router:
     ) -> tuple[RequestScope, dict[str, str]]:
         """Admit the call (key, tier, quota) and open its scope; the answer's headers."""
         tenant: Tenant | None = request.state.tenant
-        reservation = await self._admission.admit(tenant, choice.tier, call)
+        reservation = await self._guard.admit(tenant, choice.tier, call)
         headers = _headers(choice)
         if reservation is not None:
             headers.update(rate_limit_headers(reservation.limits))
 
         def settle(usage: Any) -> None:
-            self._admission.settle(tenant, choice.tier, reservation, usage)
+            self._guard.settle(tenant, choice.tier, reservation, usage)
 
         # The single place a router span for the request would open and close (tracing).
         scope = RequestScope(
@@ -213,7 +213,7 @@ class Router:
         async def route(request: Request) -> Response:
             request.state.tenant = None
             try:
-                request.state.tenant = self._admission.identify(
+                request.state.tenant = self._guard.identify(
                     request.scope["headers"], request.headers
                 )
                 return await handler(request)

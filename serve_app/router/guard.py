@@ -13,7 +13,7 @@ from .auth import KeyRing, Tenant
 from .quota import Quotas, Reservation
 
 
-class Admission:
+class Guard:
     def __init__(
         self,
         keys: KeyRing | None,
