@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+from starlette.requests import ClientDisconnect
+
 from .errors import api_error
 
 logger = logging.getLogger("ray.serve")
@@ -133,7 +135,7 @@ class RequestScope:
         if self._closed:
             return
         self._closed = True
-        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit, ClientDisconnect)):
             self.status = CLIENT_CLOSED
         elif exc is not None:
             error = api_error(exc)

@@ -154,6 +154,7 @@ async def call(
     hang_up_after_chunks: int | None = None,
     raw: bytes | None = None,
     chunks: list[bytes] | None = None,
+    send_fails_after_chunks: int | None = None,
 ) -> Answer:
     """One request through the ASGI app; `hang_up_after_chunks` sends the client's disconnect
     once that many body chunks of the answer arrived."""
@@ -164,7 +165,8 @@ async def call(
         hdrs.append((b"content-length", str(len(content)).encode()))
     scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(),
              "query_string": b"", "headers": hdrs, "http_version": "1.1", "scheme": "http",
-             "server": ("test", 80), "client": ("test", 1), "root_path": ""}  # fmt: skip
+             "server": ("test", 80), "client": ("test", 1), "root_path": "",
+             "asgi": {"spec_version": "2.4" if send_fails_after_chunks else "2.0"}}  # fmt: skip
     sent: list[dict[str, Any]] = []
     gone = asyncio.Event()
     pending = list(parts)
@@ -177,6 +179,9 @@ async def call(
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
+        streamed = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+        if send_fails_after_chunks is not None and len(streamed) >= send_fails_after_chunks:
+            raise OSError("the client went away")  # how servers of ASGI 2.4 say it
         sent.append(message)
         body_chunks = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
         if hang_up_after_chunks is not None and len(body_chunks) >= hang_up_after_chunks:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import ClientDisconnect
 
 from serve_app.router.quota import Grant, Refusal
 
@@ -128,6 +129,19 @@ def test_a_stream_cut_by_the_client_settles_and_is_charged(tmp_path: Path, path:
     ((_, status, usage),) = recorder.outcomes
     assert status == 499 and usage.completion_tokens >= 4  # counted from the stream
     assert recorder.tokens_by_tenant["team-a"] >= 4
+
+
+def test_a_stream_whose_send_fails_settles(tmp_path: Path) -> None:
+    r, recorder, _ = router(config(tmp_path), slow_engine)
+
+    async def cut() -> None:
+        with pytest.raises(ClientDisconnect):
+            await call(r.asgi_app(), "POST", "/v1/chat/completions", {**CHAT, "stream": True},
+                       bearer("team-a"), send_fails_after_chunks=3)  # fmt: skip
+
+    asyncio.run(cut())
+    assert r.in_flight == {"small": 0}
+    assert [s for _, s, _ in recorder.outcomes] == [499]
 
 
 def test_a_stream_cancelled_before_its_first_byte_settles(tmp_path: Path) -> None:
