@@ -24,7 +24,7 @@ from ..tier.policy import RequestTraits, TierChoice, TierPolicy
 from .accounting import InFlight, Recorder, RequestScope, usage_from
 from .auth import Tenant, key_ring
 from .body import BodyLimits, read_json
-from .dispatch import Dispatcher, TierTransport
+from .dispatch import Calls, Dispatcher, TierTransport
 from .errors import api_error, rate_limit_headers
 from .guard import Guard
 from .openai import Kind, Normaliser, parse_model, parse_request
@@ -200,7 +200,10 @@ class Router:
         )
         return scope, headers
 
-    async def _start(self, scope: RequestScope, tier: str, call: TierCall) -> Any:
+    async def _start(
+        self, scope: RequestScope, tier: str, call: TierCall
+    ) -> tuple[str | None, Calls[str | None]]:
+        """Start a stream; a failure before its first chunk settles the scope here."""
         try:
             return await self._dispatch.stream(tier, call)
         except BaseException as exc:
