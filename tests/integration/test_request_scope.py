@@ -181,11 +181,13 @@ def test_tgi_routes_and_early_closed_streams_are_charged(stack: Stack) -> None:
     def generate(route: str) -> httpx.Response:
         return httpx.post(f"{stack.url}{route}", headers=auth("tokens"), timeout=120, json=body)
 
-    # each call reserves 21 + 100 tokens of the key's 400 a minute: three fit at once
-    with ThreadPoolExecutor(5) as pool:
-        replies = list(pool.map(generate, ["/generate", "/generate", "/", "/generate", "/"]))
+    # each call reserves 21 + 100 tokens of the key's 400 a minute: three fit at once (a fourth
+    # only once one has finished and given back what it did not use)
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(generate, ["/generate", "/", "/generate", "/", "/generate", "/"]))
     statuses = sorted(r.status_code for r in replies)
-    assert statuses == [200, 200, 200, 429, 429], statuses
+    assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses
+    assert set(statuses) == {200, 429}, statuses
     for reply in replies:
         if reply.status_code == 429:
             assert reply.json()["error_type"] == "overloaded"
@@ -193,7 +195,7 @@ def test_tgi_routes_and_early_closed_streams_are_charged(stack: Stack) -> None:
             assert int(reply.headers["retry-after"]) >= 1
     wait_for(lambda: tenant_tokens(stack, "tokens") > before, 60, "the TGI routes charged")
     charged = tenant_tokens(stack, "tokens") - before
-    assert 0 < charged <= 3 * 121, charged
+    assert 0 < charged <= statuses.count(200) * 121, charged
 
 
 def test_typed_quota_429_with_rate_limit_headers(stack: Stack) -> None:
