@@ -9,6 +9,7 @@ from ray.serve.deployment import Deployment
 
 from .config import AppConfig, TierConfig
 from .router.deployment import RouterDeployment
+from .router.ledger import LedgerDeployment
 from .tier.deployment import TierDeployment
 
 
@@ -67,9 +68,21 @@ def build_app(args: dict[str, Any]) -> Application:
         tier.name: tier_deployment(tier).bind(tier.for_replicas(), config.tracing)
         for tier in config.tiers
     }
+    ledger = None
+    if config.router.api_keys is not None:
+        # One replica holds every key's quota windows; Serve restarts it when it dies and
+        # replaces it on every redeploy. Its windows start empty again then.
+        ledger = LedgerDeployment.options(
+            name="quota-ledger",
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=10_000,
+            health_check_period_s=2,
+            health_check_timeout_s=5,
+        ).bind()
     return RouterDeployment.options(
         name="router",
         num_replicas=config.router.replicas,
         ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
         max_ongoing_requests=1000,
-    ).bind(config.for_replicas(), tiers)
+    ).bind(config.for_replicas(), tiers, ledger)

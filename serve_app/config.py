@@ -229,8 +229,17 @@ class ApiKeysConfig(_Strict):
         0.1,
         gt=0,
         le=1,
-        description="Share of a key's requests per minute a router replica takes from the "
-        "shared ledger at once.",
+        description="No longer used (admission asks the ledger once per request, nothing is "
+        "leased); accepted so that existing configs still deploy.",
+    )
+    on_ledger_failure: Literal["allow", "deny"] = Field(
+        "deny",
+        description="What a request of a key with quotas gets while the quota ledger does not "
+        "answer: 'deny' (503 with Retry-After) or 'allow' (admitted, not counted). Keys without "
+        "quotas never wait on the ledger.",
+    )
+    ledger_timeout_s: PositiveFloat = Field(
+        1.0, description="How long admission waits for the quota ledger before it counts as failed."
     )
 
     @model_validator(mode="after")
@@ -252,7 +261,31 @@ class RouterConfig(_Strict):
     api_keys: ApiKeysConfig | None = Field(
         None, description="Require API keys (with per-key tiers and quotas); off when unset."
     )
-    max_body_bytes: PositiveInt = 2_000_000
+    max_body_bytes: PositiveInt = Field(
+        2_000_000, description="Larger bodies are a 413, chunked ones included (read no further)."
+    )
+    body_timeout_s: PositiveFloat = Field(
+        30.0, description="The whole body must arrive within this (else 408)."
+    )
+    max_header_bytes: PositiveInt = Field(
+        16_384, description="Request headers (names and values) above this are a 431."
+    )
+    max_json_depth: PositiveInt = Field(
+        64, description="Deeper nesting of arrays and objects in a body is a 400."
+    )
+    max_messages: PositiveInt = Field(
+        1_000, description="Chat requests with more messages are a 400."
+    )
+    fallback_tier: str | None = Field(
+        None,
+        description="Tier for model names no tier answers to on the OpenAI routes (TGI's "
+        "clients send placeholder names such as 'tgi' or 'dummy'); unset: 404 model_not_found.",
+    )
+    tgi_any_tier_name: bool = Field(
+        True,
+        description="On TGI's routes, an unknown X-Tier goes to fallback_tier (else default_tier), "
+        "as TGI answers whatever model name it is sent.",
+    )
     replicas: PositiveInt = 1
     ray_resources: dict[str, float] = Field(
         {},
@@ -307,6 +340,9 @@ class AppConfig(_Strict):
         default = self.router.default_tier
         if default is not None and default not in names:
             raise ValueError(f"router.default_tier {default!r} is not one of the tiers")
+        fallback = self.router.fallback_tier
+        if fallback is not None and fallback not in names:
+            raise ValueError(f"router.fallback_tier {fallback!r} is not one of the tiers")
         for i, rule in enumerate(self.router.auto_rules):
             if rule.tier not in names:
                 raise ValueError(

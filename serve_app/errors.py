@@ -7,16 +7,34 @@
     │   ├── PayloadTooLarge   the body is over the router's limit
     │   ├── Unauthorized      no API key, or an unknown one
     │   ├── Forbidden         the key may not use that tier
-    │   └── QuotaExceeded     the key's requests or tokens per minute are spent
+    │   ├── QuotaExceeded     the key's requests or tokens per minute are spent (which, in `kind`)
+    │   ├── HeadersTooLarge   the request's headers are over the router's limit
+    │   └── RequestTimeout    the body did not arrive within the router's time limit
     ├── EngineReplyError      the engine answered with an error status and body
     ├── EngineUnavailable     the engine could not be reached, or did not answer in time
     ├── TierUnavailable       no replica of the tier answered within its first-byte timeout
+    ├── QuotaUnavailable      the quota ledger did not answer, and keys with quotas are refused
     └── EngineStartupError    the engine exited or timed out while starting
 
 Every error pickles with all its fields, since tier replicas raise them across Ray to the router.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+QuotaKind = Literal["requests", "tokens"]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Where one of a key's per-minute budgets stands (OpenAI's `x-ratelimit-*` headers)."""
+
+    kind: QuotaKind
+    limit: int
+    remaining: int
+    reset_s: float
 
 
 class ServeAppError(Exception):
@@ -51,10 +69,26 @@ class Forbidden(RequestError):
 
 
 class QuotaExceeded(RequestError):
-    def __init__(self, message: str, retry_after_s: float) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float,
+        kind: QuotaKind = "requests",
+        limits: tuple[RateLimit, ...] = (),
+    ) -> None:
         super().__init__(message)
-        self.args = (message, retry_after_s)
+        self.args = (message, retry_after_s, kind, limits)
         self.retry_after_s = retry_after_s
+        self.kind = kind
+        self.limits = limits
+
+
+class HeadersTooLarge(RequestError):
+    pass
+
+
+class RequestTimeout(RequestError):
+    pass
 
 
 class EngineReplyError(ServeAppError):
@@ -74,6 +108,12 @@ class EngineUnavailable(ServeAppError):
 
 
 class TierUnavailable(ServeAppError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class QuotaUnavailable(ServeAppError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

@@ -21,12 +21,18 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Protocol
 
 from ray.serve import metrics
+
+
+class TokenUsage(Protocol):
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
@@ -77,50 +83,36 @@ def app_metrics() -> _Metrics:
     return _Metrics()
 
 
-class InFlight:
-    """Requests in flight per tier in this router replica (spill-over reads it too)."""
+class MetricsRecorder:
+    """Request outcomes into the application's metrics (the router's `Recorder`)."""
 
-    def __init__(self) -> None:
-        self.by_tier: dict[str, int] = {}
+    def in_flight(self, tier: str, count: int) -> None:
+        app_metrics().in_flight.set(count, {"tier": tier})
 
-    def add(self, tier: str, delta: int) -> None:
-        self.by_tier[tier] = self.by_tier.get(tier, 0) + delta
-        app_metrics().in_flight.set(self.by_tier[tier], {"tier": tier})
+    def first_token(self, tier: str, seconds: float) -> None:
+        app_metrics().ttft.observe(seconds, {"tier": tier})
 
+    def between_tokens(self, tier: str, seconds: float) -> None:
+        app_metrics().itl.observe(seconds, {"tier": tier})
 
-class RequestTimer:
-    """One request's timings and outcome, recorded once it ends."""
+    def finished(self, tier: str, status: int, seconds: float, usage: TokenUsage) -> None:
+        m, tags = app_metrics(), {"tier": tier}
+        m.requests.inc(1, {**tags, "status": str(status)})
+        m.duration.observe(seconds, tags)
+        if usage.prompt_tokens:
+            m.prompt_tokens.inc(usage.prompt_tokens, tags)
+        if usage.completion_tokens:
+            m.completion_tokens.inc(usage.completion_tokens, tags)
 
-    def __init__(
-        self,
-        tier: str,
-        in_flight: InFlight,
-        on_usage: Callable[[dict[str, Any] | None], None] | None = None,
-    ) -> None:
-        self.tags = {"tier": tier}
-        self._on_usage = on_usage
-        self.start = self.last = time.perf_counter()
-        self.first: float | None = None
-        self._in_flight = in_flight
-        in_flight.add(tier, +1)
+    def spill_over(self, tier: str, to_tier: str) -> None:
+        app_metrics().spill_overs.inc(1, {"tier": tier, "to_tier": to_tier})
 
-    def chunk(self) -> None:
-        now = time.perf_counter()
-        m = app_metrics()
-        if self.first is None:
-            self.first = now
-            m.ttft.observe(now - self.start, self.tags)
-        else:
-            m.itl.observe(now - self.last, self.tags)
-        self.last = now
+    def tenant_request(self, tenant: str, tier: str) -> None:
+        app_metrics().tenant_requests.inc(1, {"tenant": tenant, "tier": tier})
 
-    def finish(self, status: int, usage: dict[str, Any] | None) -> None:
-        m = app_metrics()
-        m.requests.inc(1, {**self.tags, "status": str(status)})
-        m.duration.observe(time.perf_counter() - self.start, self.tags)
-        if usage:
-            m.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0), self.tags)
-            m.completion_tokens.inc(int(usage.get("completion_tokens") or 0), self.tags)
-        self._in_flight.add(self.tags["tier"], -1)
-        if self._on_usage is not None:
-            self._on_usage(usage)
+    def tenant_tokens(self, tenant: str, tier: str, tokens: int) -> None:
+        if tokens > 0:
+            app_metrics().tenant_tokens.inc(tokens, {"tenant": tenant, "tier": tier})
+
+    def tenant_rejection(self, tenant: str, reason: str) -> None:
+        app_metrics().tenant_rejections.inc(1, {"tenant": tenant, "reason": reason})

@@ -17,11 +17,25 @@ import httpx
 from ..errors import EngineReplyError, EngineUnavailable
 from .sse import sse_data
 
+# Headers the engine sends that belong to the connection or to the router, not to the answer.
+_NOT_PASSED = frozenset({"x-request-id"})
+
 
 @dataclass(frozen=True)
 class EngineReply:
+    """The engine's status, body and its own `x-*` headers (TGI's timings and token counts:
+    `x-compute-time`, `x-prompt-tokens`, `x-generated-tokens`, ...), passed through."""
+
     status: int
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+def passed_headers(headers: httpx.Headers) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in headers.items() if k.startswith("x-") and k not in _NOT_PASSED)
 
 
 def reply_error(status: int, body: bytes) -> EngineReplyError:
@@ -46,11 +60,18 @@ def stream_error(data: str) -> EngineReplyError:
 
 
 class EngineClient:
-    def __init__(self, base_url: str, request_timeout_s: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        request_timeout_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`transport` is httpx's own seam: tests hand in `httpx.MockTransport`."""
         self._http = httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(request_timeout_s, connect=5.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            transport=transport,
         )
 
     @asynccontextmanager
@@ -82,14 +103,16 @@ class EngineClient:
         return reply.text
 
     async def post(
-        self, path: str, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+        self, path: str, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None
     ) -> EngineReply:
+        """Cancelling the caller closes the connection: the engine drops the request.
+        `headers` (a W3C `traceparent`) go with the request."""
         async with self._translated(path):
             reply = await self._http.post(path, json=payload, headers=headers)
-        return EngineReply(reply.status_code, reply.content)
+        return EngineReply(reply.status_code, reply.content, passed_headers(reply.headers))
 
     async def stream(
-        self, path: str, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+        self, path: str, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None
     ) -> AsyncIterator[str]:
         """SSE data payloads. A non-200 answer raises before anything is yielded; closing the
         iterator closes the connection, which is how the engine learns to stop generating.

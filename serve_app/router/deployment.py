@@ -1,4 +1,4 @@
-"""The router as Serve's HTTP ingress."""
+"""The router as Serve's HTTP ingress: the router over Serve handles to the tiers and ledger."""
 
 from __future__ import annotations
 
@@ -9,14 +9,27 @@ from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 
 from ..config import AppConfig
-from .app import Router
+from ..metrics import MetricsRecorder
+from .dispatch import ServeTransport
+from .ledger import ServeLedger
+from .routes import Router
 
 
 @serve.deployment
 @serve.ingress()
 class RouterDeployment:
-    def __init__(self, config: AppConfig, tiers: Mapping[str, DeploymentHandle]) -> None:
-        self._router = Router(config, tiers)
+    def __init__(
+        self,
+        config: AppConfig,
+        tiers: Mapping[str, DeploymentHandle],
+        ledger: DeploymentHandle | None = None,
+    ) -> None:
+        self._router = Router(
+            config,
+            ServeTransport(tiers),
+            MetricsRecorder(),
+            ServeLedger(ledger) if ledger is not None else None,
+        )
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return self._router.asgi_app()

@@ -7,7 +7,6 @@ Strict clients trip on each; this module turns them into what OpenAI's API retur
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any, Literal
 
 from ..config import TierConfig
 from ..errors import InvalidRequest
+from .sse import DONE, json_event
 
 Kind = Literal["chat", "completion"]
 ENGINE_PATH: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
@@ -156,8 +156,5 @@ class Normaliser:
         return events
 
 
-def sse(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
+sse = json_event
+SSE_DONE = DONE

@@ -1,137 +1,238 @@
-"""Per-key quotas that hold across router replicas.
+"""Per-key quotas: requests and tokens per minute, one ledger for every router replica.
 
-One Ray actor, the ledger, keeps a token bucket per key for requests and one for tokens (both
-refilled continuously up to their per-minute limit). Router replicas do not ask it on every
-request: they take a lease of requests (`lease_fraction` of the limit) and spend it locally, and
-report tokens after each answer.
+The ledger keeps, per key, what was admitted in the last 60 seconds (a sliding window): a request
+is admitted only if the requests, and the tokens it may use, still fit under the key's limits.
+Admission *reserves* prompt + `max_tokens`; once the answer is done the reservation is settled
+to the tokens actually used, and what was not used comes back at once. Nothing is leased to
+router replicas, so the number of replicas changes nothing: in any 60 s the ledger admits at most
+the limit, and a client below its limit is never refused. A key can overshoot its tokens only by
+what its answers use beyond their reservation.
 
-Accuracy: requests are only admitted out of leases the ledger granted, so the cluster never
-admits more than the limit; a lease unused for `LEASE_TTL_S` lapses, so it can hold back at most
-(router replicas x lease) requests from other replicas for that long. Tokens are known only after
-an answer: a key whose token bucket runs dry is refused from then until it refills, so it can
-overshoot by the tokens of the requests already in flight.
+`QuotaLedger` is pure (a clock is injected); `Quotas` is a router replica's client of it,
+bounded in time and with an explicit answer for a ledger that does not respond.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import math
 import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
-import ray
-
-from ..errors import QuotaExceeded
+from ..errors import QuotaExceeded, QuotaKind, QuotaUnavailable, RateLimit
 from .auth import Tenant
 
-LEDGER_NAME = "serve_app_quota_ledger"
-LEDGER_NAMESPACE = "serve_app"
-LEASE_TTL_S = 5.0
+logger = logging.getLogger("ray.serve")
+WINDOW_S = 60.0
 
 
 @dataclass
-class Bucket:
-    level: float
-    updated: float
+class _Entry:
+    at: float
+    amount: float
+    live: bool = True
 
-    def refill(self, per_minute: int, now: float) -> None:
-        self.level = min(per_minute, self.level + (now - self.updated) * per_minute / 60)
-        self.updated = now
 
-    def wait_for(self, amount: float, per_minute: int) -> float:
-        """Seconds until `amount` is in the bucket."""
-        return max(0.0, (amount - self.level) * 60 / per_minute)
+class SlidingWindow:
+    """What one key used in the last `WINDOW_S`: one entry per admission."""
+
+    def __init__(self) -> None:
+        self._entries: deque[_Entry] = deque()
+        self._used = 0.0
+
+    def used(self, now: float) -> float:
+        while self._entries and self._entries[0].at <= now - WINDOW_S:
+            entry = self._entries.popleft()
+            entry.live = False
+            self._used -= entry.amount
+        return self._used
+
+    def add(self, now: float, amount: float) -> _Entry:
+        self.used(now)
+        entry = _Entry(now, amount)
+        self._entries.append(entry)
+        self._used += amount
+        return entry
+
+    def adjust(self, entry: _Entry, amount: float) -> None:
+        """Settle a reservation to what was used (if it is still in the window)."""
+        if entry.live:
+            self._used += amount - entry.amount
+            entry.amount = amount
+
+    def wait_for(self, now: float, amount: float, limit: int) -> float:
+        """Seconds until `amount` fits under `limit` (a full window when it never will)."""
+        if amount > limit:
+            return WINDOW_S
+        excess = self.used(now) + amount - limit
+        for entry in self._entries:
+            if excess <= 0:
+                break
+            excess -= entry.amount
+            if excess <= 0:
+                return max(0.0, entry.at + WINDOW_S - now)
+        return 0.0
+
+    def reset_s(self, now: float) -> float:
+        """Seconds until the window is empty again."""
+        self.used(now)
+        return max(0.0, self._entries[-1].at + WINDOW_S - now) if self._entries else 0.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: int
+    limits: tuple[RateLimit, ...]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    kind: QuotaKind
+    retry_after_s: float
+    limits: tuple[RateLimit, ...]
 
 
 class QuotaLedger:
-    """The shared buckets (a named Ray actor); limits travel with each call."""
+    """The shared windows. Limits travel with each call, so a key's new limits apply at once."""
 
-    def __init__(self) -> None:
-        self._requests: dict[str, Bucket] = {}
-        self._tokens: dict[str, Bucket] = {}
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._requests: dict[str, SlidingWindow] = {}
+        self._tokens: dict[str, SlidingWindow] = {}
+        self._pending: OrderedDict[int, tuple[str, _Entry]] = OrderedDict()
+        self._ids = itertools.count(1)
 
-    def _bucket(self, buckets: dict[str, Bucket], key: str, per_minute: int) -> Bucket:
-        now = time.monotonic()
-        bucket = buckets.setdefault(key, Bucket(per_minute, now))
-        bucket.refill(per_minute, now)
-        return bucket
+    def reserve(
+        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
+    ) -> Grant | Refusal:
+        now = self._clock()
+        self._forget_stale(now)
+        checks: list[tuple[QuotaKind, SlidingWindow, int, float]] = []
+        if requests_per_minute:
+            checks.append(("requests", self._window(self._requests, key), requests_per_minute, 1))
+        if tokens_per_minute:
+            checks.append(("tokens", self._window(self._tokens, key), tokens_per_minute, tokens))
+        for kind, window, limit, amount in checks:
+            if window.used(now) + amount > limit:
+                wait = window.wait_for(now, amount, limit)
+                return Refusal(kind, wait, self._state(checks, now))
+        grant_id = next(self._ids)
+        for kind, window, _, amount in checks:
+            entry = window.add(now, amount)
+            if kind == "tokens":
+                self._pending[grant_id] = (key, entry)
+        return Grant(grant_id, self._state(checks, now))
 
-    def lease_requests(self, key: str, per_minute: int, want: int) -> tuple[int, float]:
-        """Up to `want` requests; with none granted, how long until one is available."""
-        bucket = self._bucket(self._requests, key, per_minute)
-        granted = min(want, math.floor(bucket.level))
-        bucket.level -= granted
-        return granted, 0.0 if granted else bucket.wait_for(1, per_minute)
+    def settle(self, key: str, grant_id: int, tokens_used: int) -> None:
+        found = self._pending.pop(grant_id, None)
+        if found is not None and found[0] == key:
+            self._tokens[key].adjust(found[1], max(0, tokens_used))
 
-    def spend_tokens(self, key: str, per_minute: int, used: int) -> float:
-        """Take `used` tokens; returns 0, or how long the key must wait once the bucket is dry."""
-        bucket = self._bucket(self._tokens, key, per_minute)
-        bucket.level -= used
-        return 0.0 if bucket.level > 0 else bucket.wait_for(1, per_minute)
+    def _window(self, windows: dict[str, SlidingWindow], key: str) -> SlidingWindow:
+        return windows.setdefault(key, SlidingWindow())
 
-    def tokens_blocked_for(self, key: str, per_minute: int) -> float:
-        bucket = self._bucket(self._tokens, key, per_minute)
-        return 0.0 if bucket.level > 0 else bucket.wait_for(1, per_minute)
+    def _forget_stale(self, now: float) -> None:
+        """Reservations never settled (their router died) are left as reserved."""
+        while self._pending:
+            grant_id, (_, entry) = next(iter(self._pending.items()))
+            if entry.at > now - WINDOW_S:
+                break
+            del self._pending[grant_id]
 
-
-def ledger() -> ray.actor.ActorHandle:
-    """The cluster's ledger, created by whichever router replica asks first."""
-    return (
-        ray.remote(QuotaLedger)
-        .options(
-            name=LEDGER_NAME,
-            namespace=LEDGER_NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",  # outlives any one router replica
-            num_cpus=0,
+    @staticmethod
+    def _state(
+        checks: list[tuple[QuotaKind, SlidingWindow, int, float]], now: float
+    ) -> tuple[RateLimit, ...]:
+        return tuple(
+            RateLimit(kind, limit, max(0, math.floor(limit - w.used(now))), w.reset_s(now))
+            for kind, w, limit, _ in checks
         )
-        .remote()
-    )
 
 
-@dataclass
-class Lease:
-    remaining: int = 0
-    expires: float = 0.0
+class LedgerCalls(Protocol):
+    """How a router replica reaches the ledger (a Serve handle, or the class in tests)."""
+
+    async def reserve(
+        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
+    ) -> Grant | Refusal: ...
+
+    async def settle(self, key: str, grant_id: int, tokens_used: int) -> None: ...
+
+
+class InProcessLedger:
+    """A `QuotaLedger` behind the async `LedgerCalls` interface, within one process."""
+
+    def __init__(self, ledger: QuotaLedger) -> None:
+        self.ledger = ledger
+
+    async def reserve(
+        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
+    ) -> Grant | Refusal:
+        return self.ledger.reserve(key, requests_per_minute, tokens_per_minute, tokens)
+
+    async def settle(self, key: str, grant_id: int, tokens_used: int) -> None:
+        self.ledger.settle(key, grant_id, tokens_used)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    tenant: str
+    grant_id: int | None  # None: admitted without the ledger (on_ledger_failure: allow)
+    limits: tuple[RateLimit, ...]
 
 
 class Quotas:
-    """A router replica's view: leases of requests, and keys blocked on tokens."""
+    """A router replica's admission against the ledger, bounded by `timeout_s`."""
 
-    def __init__(self, lease_fraction: float) -> None:
-        self._ledger = ledger()
-        self._fraction = lease_fraction
-        self._leases: dict[str, Lease] = {}
-        self._blocked_until: dict[str, float] = {}
-        self._lock = asyncio.Lock()
+    def __init__(
+        self, ledger: LedgerCalls, timeout_s: float, on_failure: Literal["allow", "deny"]
+    ) -> None:
+        self._ledger = ledger
+        self._timeout_s = timeout_s
+        self._on_failure = on_failure
 
-    async def admit(self, tenant: Tenant) -> None:
-        now = time.monotonic()
-        if tenant.tokens_per_minute and self._blocked_until.get(tenant.name, 0) > now:
-            raise _exceeded("tokens", self._blocked_until[tenant.name] - now)
-        limit = tenant.requests_per_minute
-        if not limit:
+    async def reserve(self, tenant: Tenant, tokens: int) -> Reservation | None:
+        """None for a key without quotas; raises `QuotaExceeded` or `QuotaUnavailable`."""
+        if not tenant.requests_per_minute and not tenant.tokens_per_minute:
+            return None
+        try:
+            answer = await asyncio.wait_for(
+                self._ledger.reserve(
+                    tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute, tokens
+                ),
+                self._timeout_s,
+            )
+        except Exception as exc:  # the ledger's own failure, whatever Ray calls it
+            logger.warning("quota ledger failed (%s): %s", self._on_failure, type(exc).__name__)
+            if self._on_failure == "allow":
+                return Reservation(tenant.name, None, ())
+            raise QuotaUnavailable("the quota service is not answering; retry shortly") from None
+        if isinstance(answer, Refusal):
+            raise exceeded(answer)
+        return Reservation(tenant.name, answer.id, answer.limits)
+
+    async def settle(self, reservation: Reservation, tokens_used: int) -> None:
+        if reservation.grant_id is None:
             return
-        async with self._lock:
-            lease = self._leases.setdefault(tenant.name, Lease())
-            if lease.remaining == 0 or lease.expires < now:
-                want = max(1, int(limit * self._fraction))
-                granted, wait = await self._ledger.lease_requests.remote(tenant.name, limit, want)
-                if not granted:
-                    raise _exceeded("requests", wait)
-                lease.remaining, lease.expires = granted, now + LEASE_TTL_S
-            lease.remaining -= 1
-
-    async def spend(self, tenant: Tenant, tokens: int) -> None:
-        if not tenant.tokens_per_minute or tokens <= 0:
-            return
-        wait = await self._ledger.spend_tokens.remote(tenant.name, tenant.tokens_per_minute, tokens)
-        if wait > 0:
-            self._blocked_until[tenant.name] = time.monotonic() + wait
+        try:
+            await asyncio.wait_for(
+                self._ledger.settle(reservation.tenant, reservation.grant_id, tokens_used),
+                self._timeout_s,
+            )
+        except Exception as exc:  # the reservation then stays as reserved: never under-charged
+            logger.warning("quota settlement failed: %s", type(exc).__name__)
 
 
-def _exceeded(what: str, wait_s: float) -> QuotaExceeded:
-    seconds = max(1, math.ceil(wait_s))
+def exceeded(refusal: Refusal) -> QuotaExceeded:
+    seconds = max(1, math.ceil(refusal.retry_after_s))
     return QuotaExceeded(
-        f"this API key has used its {what} per minute; retry in {seconds}s", retry_after_s=seconds
+        f"this API key has used its {refusal.kind} per minute; retry in {seconds}s",
+        retry_after_s=seconds,
+        kind=refusal.kind,
+        limits=refusal.limits,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -17,6 +17,7 @@ from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..metrics import app_metrics
 from ..tracing import Tracing
+from .call import TierCall
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,21 +48,21 @@ class TierDeployment:
     # bounds the wait for one (a tier starting from zero) apart from the generation itself.
     # `trace` is the router's W3C context (see `serve_app.tracing`), empty when tracing is off.
 
-    async def request(
-        self, path: str, payload: dict[str, Any], trace: Mapping[str, str] | None = None
-    ) -> AsyncIterator[EngineReply | None]:
+    # The router cancels a call whose client went away: the engine request is closed with it.
+
+    async def request(self, call: TierCall) -> AsyncIterator[EngineReply | None]:
         yield None
-        with self._tracing.span(f"tier {path}", trace, self._tier) as span:
-            reply = await self._supervisor.client.post(path, payload, span.headers())
+        with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
+            reply = await self._supervisor.client.post(call.route, call.payload, span.headers())
             span.status(reply.status)
         yield reply
 
-    async def stream(
-        self, path: str, payload: dict[str, Any], trace: Mapping[str, str] | None = None
-    ) -> AsyncIterator[str | None]:
+    async def stream(self, call: TierCall) -> AsyncIterator[str | None]:
         yield None
-        with self._tracing.span(f"tier {path}", trace, self._tier) as span:
-            async for data in self._supervisor.client.stream(path, payload, span.headers()):
+        with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
+            async for data in self._supervisor.client.stream(
+                call.route, call.payload, span.headers()
+            ):
                 span.chunk()
                 yield data
 

@@ -36,6 +36,9 @@ class TierPolicy:
         self._by_model = {name: tier.name for tier in config.tiers for name in tier.model_names}
         self._config = config
         self.default = config.default_tier
+        self.fallback = config.router.fallback_tier
+        self._tgi_fallback = config.router.fallback_tier or config.default_tier
+        self._tgi_any_name = config.router.tgi_any_tier_name
 
     @property
     def model_names(self) -> list[str]:
@@ -45,20 +48,38 @@ class TierPolicy:
         return model == AUTO_MODEL or model in self._by_model
 
     def for_model(
-        self, model: str, traits: RequestTraits, in_flight: Mapping[str, int]
+        self,
+        model: str,
+        traits: RequestTraits,
+        in_flight: Mapping[str, int],
+        allowed: frozenset[str] | None = None,
     ) -> TierChoice:
+        """`allowed`: the tiers the caller's key may use (None: all); spill-over goes only
+        there, else the request stays on its tier and waits its turn."""
         if model == AUTO_MODEL:
             choice = self._auto(traits)
+        elif model not in self._by_model and self.fallback is not None:
+            choice = TierChoice(self.fallback, f"fallback for unknown model {model}")
         else:
             tier = self._named(model, "model")
             choice = TierChoice(tier, "model" if tier == model else f"alias {model}")
-        return self._spill_over(choice, in_flight)
+        return self._spill_over(choice, in_flight, allowed)
 
     def for_header(self, tier: str | None) -> TierChoice:
         """TGI-native routes pick a tier with the X-Tier header (a tier name or alias)."""
         if tier is None:
             return TierChoice(self.default, "default tier")
+        if tier not in self._by_model and self._tgi_any_name:
+            return TierChoice(self._tgi_fallback, "fallback for unknown X-Tier")
         return TierChoice(self._named(tier, "X-Tier"), "X-Tier header")
+
+    def models_for(self, allowed: frozenset[str] | None) -> list[str]:
+        """The model names a key may use; `auto` when every tier it may pick is allowed."""
+        if allowed is None:
+            return self.model_names
+        names = [name for name, tier in self._by_model.items() if tier in allowed]
+        auto_tiers = {self.default, *(rule.tier for rule in self._config.router.auto_rules)}
+        return [*names, AUTO_MODEL] if auto_tiers <= allowed else names
 
     def _named(self, name: str, param: str) -> str:
         try:
@@ -76,9 +97,15 @@ class TierPolicy:
                 return TierChoice(rule.tier, f"auto rule {i}")
         return TierChoice(self.default, "auto default")
 
-    def _spill_over(self, choice: TierChoice, in_flight: Mapping[str, int]) -> TierChoice:
+    def _spill_over(
+        self, choice: TierChoice, in_flight: Mapping[str, int], allowed: frozenset[str] | None
+    ) -> TierChoice:
         tier = self._config.tier(choice.tier)
-        if tier.overflow_tier and in_flight.get(tier.name, 0) >= tier.overflow_at_in_flight:
+        if tier.overflow_tier is None or (
+            allowed is not None and tier.overflow_tier not in allowed
+        ):
+            return choice
+        if in_flight.get(tier.name, 0) >= tier.overflow_at_in_flight:
             reason = f"spill-over from {tier.name} ({choice.reason})"
             return TierChoice(tier.overflow_tier, reason, spilled_from=tier.name)
         return choice

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray.serve._private.build_app import build_app as flatten
 
 from serve_app.app import build_app
 from serve_app.config import AppConfig
@@ -86,3 +87,29 @@ def test_the_router_is_pinned_by_its_ray_resources() -> None:
     options = build_app(args)._bound_deployment.ray_actor_options
     assert options["resources"] == {"serve_app_router": 1}
     assert options["num_cpus"] == 0
+
+
+@pytest.mark.parametrize(
+    ("router", "message"),
+    [
+        ({"fallback_tier": "medium"}, "router.fallback_tier 'medium' is not one of the tiers"),
+        ({"api_keys": {"on_ledger_failure": "maybe"}}, "router.api_keys.on_ledger_failure"),
+        ({"max_messages": 0}, "router.max_messages"),
+    ],
+)
+def test_router_settings_are_checked(router: dict[str, Any], message: str) -> None:
+    args = local_args()
+    args["router"].update(router)
+    with pytest.raises(ValidationError, match=message.replace(".", r"\.")):
+        AppConfig.model_validate(args)
+
+
+def test_keys_on_add_the_quota_ledger_to_the_application() -> None:
+    args = local_args()
+    assert "quota-ledger" not in _deployments(build_app(args))
+    args["router"]["api_keys"] = {"env": "KEYS", "lease_fraction": 0.1}  # old field still taken
+    assert "quota-ledger" in _deployments(build_app(args))
+
+
+def _deployments(app: Any) -> set[str]:
+    return {d.name for d in flatten(app, name="llm").deployments}

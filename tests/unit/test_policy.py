@@ -67,3 +67,37 @@ def test_spill_over_while_saturated_and_back() -> None:
 def test_tgi_routes_use_the_header_or_the_default() -> None:
     assert POLICY.for_header(None).tier == "small"
     assert POLICY.for_header("large").reason == "X-Tier header"
+
+
+def test_spill_over_only_to_a_tier_the_key_may_use() -> None:
+    small_only = frozenset({"small"})
+    stays = POLICY.for_model("small", traits(), {"small": 9}, small_only)
+    assert (stays.tier, stays.spilled_from) == ("small", None)
+    spilled = POLICY.for_model("small", traits(), {"small": 9}, frozenset({"small", "large"}))
+    assert spilled.tier == "large"
+
+
+def test_unknown_names_follow_the_fallback_settings() -> None:
+    with pytest.raises(ModelNotFound):
+        POLICY.for_model("dummy", traits(), {})
+    unknown = POLICY.for_header("tgi")  # TGI answers any name: the default tier by default
+    assert (unknown.tier, unknown.reason) == ("small", "fallback for unknown X-Tier")
+    args = CONFIG.model_dump()
+    args["router"].update({"fallback_tier": "large", "tgi_any_tier_name": False})
+    strict = TierPolicy(AppConfig.model_validate(args))
+    choice = strict.for_model("dummy", traits(), {})
+    assert (choice.tier, choice.reason) == ("large", "fallback for unknown model dummy")
+    with pytest.raises(ModelNotFound):
+        strict.for_header("tgi")
+
+
+@pytest.mark.parametrize(
+    ("allowed", "names"),
+    [
+        (None, {"small", "mini", "large", "auto"}),
+        (frozenset({"small"}), {"small", "mini"}),  # auto may pick large
+        (frozenset({"large"}), {"large"}),
+    ],
+)
+def test_models_a_key_may_use(allowed: frozenset[str] | None, names: set[str]) -> None:
+    assert set(POLICY.models_for(allowed)) == names

@@ -1,0 +1,157 @@
+"""Sending a typed call to a tier: waiting (bounded) for a replica to take it, one retry of an
+engine at capacity before anything was sent, and cancelling the tier's work when the caller
+goes away. The transport is a seam: Serve handles in production, a fake in unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import Any, Protocol, TypeVar
+
+from ray.serve.handle import DeploymentHandle
+
+from ..engine.client import EngineClient, EngineReply
+from ..errors import EngineReplyError, TierUnavailable
+from ..tier.call import TierCall
+from ..tracing import current
+
+ENGINE_BUSY_ATTEMPTS = 2  # a 429 from an engine, before any token, is tried once more
+T = TypeVar("T", covariant=True)
+
+
+class Calls(Protocol[T]):
+    """A tier call in progress (Serve's `DeploymentResponseGenerator`): first `None` once a
+    replica has taken it, then its items; `cancel` stops it in the replica."""
+
+    def __anext__(self) -> Any: ...
+    def cancel(self) -> None: ...
+
+
+class TierTransport(Protocol):
+    def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]: ...
+    def stream(self, tier: str, call: TierCall) -> Calls[str | None]: ...
+    async def info(self, tier: str) -> dict[str, Any]: ...
+
+
+class ServeTransport:
+    """Tier deployments through their Serve handles."""
+
+    def __init__(self, handles: Mapping[str, DeploymentHandle]) -> None:
+        self._handles = dict(handles)
+        self._streams = {name: h.options(stream=True) for name, h in handles.items()}
+
+    def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
+        calls: Calls[EngineReply | None] = self._streams[tier].request.remote(call)
+        return calls
+
+    def stream(self, tier: str, call: TierCall) -> Calls[str | None]:
+        calls: Calls[str | None] = self._streams[tier].stream.remote(call)
+        return calls
+
+    async def info(self, tier: str) -> dict[str, Any]:
+        info: dict[str, Any] = await self._handles[tier].info.remote()
+        return info
+
+
+class Dispatcher:
+    def __init__(self, transport: TierTransport, wait_timeout_s: Callable[[str], float]) -> None:
+        self._transport = transport
+        self._wait_timeout_s = wait_timeout_s
+
+    async def request(self, tier: str, call: TierCall) -> EngineReply:
+        """The engine's whole answer. Cancelling this (the client went away) cancels the tier's
+        call, which closes the engine request."""
+        call = replace(call, trace=current().carrier())
+        for attempt in range(ENGINE_BUSY_ATTEMPTS):
+            replies = self._transport.request(tier, call)
+            try:
+                await self._taken(tier, replies)
+                reply = await anext(replies, None)
+            finally:
+                replies.cancel()
+            if reply is None:
+                raise TierUnavailable(f"tier {tier!r} ended the call without an answer; retry")
+            if reply.status != 429 or attempt == ENGINE_BUSY_ATTEMPTS - 1:
+                return reply
+        raise AssertionError("unreachable")
+
+    async def stream(self, tier: str, call: TierCall) -> tuple[str | None, Calls[str | None]]:
+        """Start a stream and wait for its first chunk, so that an error before any token
+        keeps its HTTP status. An engine at capacity (429) is tried once more: nothing has
+        been sent yet, and Serve may pick another replica."""
+        call = replace(call, trace=current().carrier())
+        for attempt in range(ENGINE_BUSY_ATTEMPTS):
+            chunks = self._transport.stream(tier, call)
+            try:
+                await self._taken(tier, chunks)
+                return await anext(chunks, None), chunks
+            except EngineReplyError as exc:
+                chunks.cancel()
+                if exc.status != 429 or attempt == ENGINE_BUSY_ATTEMPTS - 1:
+                    raise
+            except BaseException:
+                chunks.cancel()
+                raise
+        raise AssertionError("unreachable")
+
+    async def info(self, tier: str) -> dict[str, Any]:
+        return await self._transport.info(tier)
+
+    async def _taken(self, tier: str, calls: Calls[Any]) -> None:
+        """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
+        timeout = self._wait_timeout_s(tier)
+        try:
+            await asyncio.wait_for(anext(calls), timeout)
+        except asyncio.TimeoutError:
+            raise TierUnavailable(
+                f"no replica of tier {tier!r} took the request within {timeout:.0f}s "
+                "(replica_wait_timeout_s): the tier is starting or saturated; retry later"
+            ) from None
+        current().replica_taken()
+
+
+class _DirectCalls:
+    """An in-process call with Serve's `cancel`: closing it closes the engine request."""
+
+    def __init__(self, items: AsyncIterator[Any]) -> None:
+        self._items = items
+        self._closing: asyncio.Future[None] | None = None
+
+    def __anext__(self) -> Awaitable[Any]:
+        return self._items.__anext__()
+
+    def cancel(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # still running: its own cancellation closes it
+            await self._items.aclose()  # type: ignore[attr-defined]
+
+
+class DirectTransport:
+    """Tiers as engine clients in this process, without Serve: what a tier replica does, for
+    running the router alone (unit tests, the ASGI app against a real engine)."""
+
+    def __init__(self, clients: Mapping[str, EngineClient]) -> None:
+        self._clients = dict(clients)
+
+    def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
+        async def items() -> AsyncIterator[EngineReply | None]:
+            yield None
+            yield await self._clients[tier].post(call.route, call.payload)
+
+        return _DirectCalls(items())
+
+    def stream(self, tier: str, call: TierCall) -> Calls[str | None]:
+        async def items() -> AsyncIterator[str | None]:
+            yield None
+            async for data in self._clients[tier].stream(call.route, call.payload):
+                yield data
+
+        return _DirectCalls(items())
+
+    async def info(self, tier: str) -> dict[str, Any]:
+        return await self._clients[tier].info()

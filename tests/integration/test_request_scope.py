@@ -1,0 +1,389 @@
+"""Every exit of a request settles in-flight, metrics and quota; keys, quotas and bad input
+with two router replicas and the real engines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import text_generation
+import yaml
+from huggingface_hub import InferenceClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import wait_for
+
+from .conftest import Stack, local_config
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
+KEYS = {
+    "team-a": "sk-team-a-0123456789abcdef",
+    "small-only": "sk-small-only-0123456789abcdef",
+    "metered": "sk-metered-0123456789abcdef",
+    "tokens": "sk-tokens-0123456789abcdef",
+    "streamer": "sk-streamer-0123456789abcdef",
+}
+OVERFLOW_AT = 3
+
+
+@pytest.fixture(scope="module")
+def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    keys = [
+        {"name": "team-a", "key": KEYS["team-a"]},
+        {"name": "small-only", "key": KEYS["small-only"], "tiers": ["small"]},
+        {"name": "metered", "key": KEYS["metered"], "requests_per_minute": 1000},
+        {"name": "tokens", "key": KEYS["tokens"], "tokens_per_minute": 400},
+        {"name": "streamer", "key": KEYS["streamer"]},
+    ]
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(yaml.safe_dump(keys))
+    config = local_config()
+    args = config["applications"][0]["args"]
+    args["router"].update(
+        {"replicas": 2, "api_keys": {"file": str(path)}, "max_messages": 100, "body_timeout_s": 3,
+         "fallback_tier": "small"}
+    )  # fmt: skip
+    for tier in args["tiers"]:
+        tier["default_max_tokens"] = 4
+    args["tiers"][0]["overflow_at_in_flight"] = OVERFLOW_AT
+    ray_head.deploy(config)
+    return ray_head
+
+
+def auth(name: str = "team-a") -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[name]}"}
+
+
+def metric(stack: Stack, name: str) -> dict[str, float]:
+    """A metric's samples from Ray's metrics port: labels text -> value."""
+    text = httpx.get(f"http://127.0.0.1:{stack.head.metrics_port}/metrics", timeout=10).text
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            found[labels] = float(value)
+    return found
+
+
+def tier_in_flight(stack: Stack) -> dict[str, float]:
+    samples = metric(stack, "ray_serve_app_in_flight_requests")
+    totals: dict[str, float] = {}
+    for labels, value in samples.items():
+        tier = re.search(r'tier="([^"]+)"', labels)
+        if tier:
+            totals[tier.group(1)] = totals.get(tier.group(1), 0) + value
+    return totals
+
+
+def tenant_tokens(stack: Stack, tenant: str) -> float:
+    samples = metric(stack, "ray_serve_app_tenant_tokens_total")
+    return sum(v for labels, v in samples.items() if f'tenant="{tenant}"' in labels)
+
+
+def test_disconnect_storm_leaves_nothing_in_flight_and_no_spill_over(stack: Stack) -> None:
+    async def storm() -> None:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120, headers=auth()) as client:
+
+            async def waiting() -> None:  # hangs up while waiting for a whole answer
+                body = {"model": "small", "messages": STORY, "max_tokens": 200}
+                with contextlib.suppress(asyncio.TimeoutError, httpx.HTTPError):
+                    await asyncio.wait_for(client.post("/v1/chat/completions", json=body), 1.5)
+
+            async def streaming(route: str, body: dict[str, Any]) -> None:  # hangs up mid-stream
+                try:
+                    async with client.stream("POST", route, json=body) as reply:
+                        async for line in reply.aiter_lines():
+                            if line.startswith("data:"):
+                                break
+                except httpx.HTTPError:
+                    pass
+
+            chat = {"model": "small", "messages": STORY, "max_tokens": 200, "stream": True}
+            tgi = {"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 200}}
+            jobs = [waiting() for _ in range(50)]
+            jobs += [streaming("/v1/chat/completions", chat) for _ in range(40)]
+            jobs += [streaming("/generate_stream", tgi) for _ in range(10)]
+            await asyncio.gather(*jobs)
+
+    asyncio.run(storm())
+
+    def settled() -> bool:
+        counts = tier_in_flight(stack)
+        return bool(counts) and all(v == 0 for v in counts.values())
+
+    wait_for(settled, 90, "every in-flight gauge back at 0")
+    after = httpx.post(f"{stack.url}/v1/chat/completions", headers=auth(), timeout=120,
+                       json={"model": "small", "messages": QUESTION, "max_tokens": 4})  # fmt: skip
+    assert after.status_code == 200, after.text
+    assert (after.headers["x-tier"], after.headers["x-tier-reason"]) == ("small", "model")
+
+
+def test_a_small_only_key_is_never_refused_small_under_overflow(stack: Stack) -> None:
+    long = {"model": "small", "messages": STORY, "max_tokens": 300}
+    probe = {"model": "small", "messages": QUESTION, "max_tokens": 2}
+
+    def post(key: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(f"{stack.url}/v1/chat/completions", headers=auth(key), timeout=240,
+                          json=body)  # fmt: skip
+
+    with ThreadPoolExecutor(16) as pool:
+        # more than both router replicas' OVERFLOW_AT small requests in flight: small overflows
+        holders = [pool.submit(post, "team-a", long) for _ in range(4 * OVERFLOW_AT)]
+        time.sleep(3)
+        team = [pool.submit(post, "team-a", probe) for _ in range(3)]
+        small_only = [pool.submit(post, "small-only", probe) for _ in range(3)]
+        replies = [f.result() for f in team + small_only + holders]
+    assert "large" in {r.headers.get("x-tier") for r in replies[:3]}  # small did overflow
+    for reply in replies[3:6]:
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-tier"] == "small"
+
+
+def test_models_list_only_what_a_key_may_use(stack: Stack) -> None:
+    def ids(name: str) -> set[str]:
+        reply = httpx.get(f"{stack.url}/v1/models", headers=auth(name), timeout=10)
+        return {m["id"] for m in reply.json()["data"]}
+
+    assert ids("small-only") == {"small", "smollm2", "gpt-4o-mini"}
+    assert {"small", "large", "gpt-4o", "auto"} <= ids("team-a")
+    hidden = httpx.get(f"{stack.url}/v1/models/large", headers=auth("small-only"), timeout=10)
+    assert hidden.status_code == 404
+
+
+def test_tgi_routes_and_early_closed_streams_are_charged(stack: Stack) -> None:
+    before = tenant_tokens(stack, "streamer")
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", headers=auth("streamer"),
+                      json={"model": "small", "messages": STORY, "max_tokens": 100,
+                            "stream": True}, timeout=120) as reply:  # fmt: skip
+        seen = 0
+        for line in reply.iter_lines():
+            seen += line.startswith("data:")
+            if seen == 5:
+                break
+    wait_for(lambda: tenant_tokens(stack, "streamer") >= before + 5, 60, "the cut stream charged")
+
+    before = tenant_tokens(stack, "tokens")
+    body = {"inputs": "Tell me a long story.", "parameters": {"max_new_tokens": 100}}
+
+    def generate(route: str) -> httpx.Response:
+        return httpx.post(f"{stack.url}{route}", headers=auth("tokens"), timeout=120, json=body)
+
+    # each call reserves 21 + 100 tokens of the key's 400 a minute: three fit at once (a fourth
+    # only once one has finished and given back what it did not use)
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(generate, ["/generate", "/", "/generate", "/", "/generate", "/"]))
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses
+    assert set(statuses) == {200, 429}, statuses
+    for reply in replies:
+        if reply.status_code == 429:
+            assert reply.json()["error_type"] == "overloaded"
+            assert reply.headers["x-ratelimit-limit-tokens"] == "400"
+            assert int(reply.headers["retry-after"]) >= 1
+    wait_for(lambda: tenant_tokens(stack, "tokens") > before, 60, "the TGI routes charged")
+    charged = tenant_tokens(stack, "tokens") - before
+    assert 0 < charged <= statuses.count(200) * 121, charged
+
+
+def test_typed_quota_429_with_rate_limit_headers(stack: Stack) -> None:
+    ok = httpx.post(f"{stack.url}/v1/chat/completions", headers=auth("metered"), timeout=60,
+                    json={"model": "small", "messages": QUESTION, "max_tokens": 2})  # fmt: skip
+    assert ok.status_code == 200
+    assert ok.headers["x-ratelimit-limit-requests"] == "1000"
+    assert int(ok.headers["x-ratelimit-remaining-requests"]) < 1000
+    assert re.fullmatch(r"\d+(ms|s|m\d+s)", ok.headers["x-ratelimit-reset-requests"])
+
+
+def ledger_replicas() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if argv.startswith(b"ray::ServeReplica:llm:quota-ledger"):
+                found.append(int(entry.name))
+    return found
+
+
+def test_killed_ledger_denies_metered_keys_then_comes_back(stack: Stack) -> None:
+    (victim,) = ledger_replicas()
+    os.kill(victim, signal.SIGKILL)
+    statuses, codes = [], set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        reply = httpx.post(f"{stack.url}/v1/chat/completions", headers=auth("metered"),
+                           timeout=60, json={"model": "small", "messages": QUESTION,
+                                             "max_tokens": 2})  # fmt: skip
+        statuses.append(reply.status_code)
+        if reply.status_code == 503:
+            codes.add(reply.json()["error"]["code"])
+            assert reply.headers["retry-after"]
+        if reply.status_code == 200 and 503 in statuses:
+            break
+        time.sleep(0.2)
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and statuses[-1] == 200, statuses
+    assert codes == {"quota_unavailable"}
+    # keys without quotas never waited on the ledger
+    assert httpx.post(f"{stack.url}/v1/chat/completions", headers=auth(), timeout=60,
+                      json={"model": "small", "messages": QUESTION}).status_code == 200  # fmt: skip
+    assert ledger_replicas() and victim not in ledger_replicas()
+
+
+# -- malformed input: every case a 4xx ------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+MALFORMED = [
+    # (route, raw body, extra headers, status)
+    ("/v1/chat/completions", DEEP.encode(), {}, 400),
+    ("/generate", ('{"inputs": ' + DEEP + "}").encode(), {}, 422),
+    ("/v1/chat/completions", b'{"model": "small", "messages": [{"role": "user", "content": "\\ud800"}]}', {}, 400),
+    ("/generate", b'{"inputs": "\\ud800"}', {}, 422),
+    ("/generate", b'{"inputs": "hi", "parameters": {"max_new_tokens": 1000.0}}', {}, 422),
+    ("/generate_stream", b'{"inputs": "hi", "parameters": {"max_new_tokens": 100000}}', {}, 422),
+    ("/v1/chat/completions", json.dumps({"model": "small", "messages": [{"role": "user", "content": "x"}] * 20_000}).encode(), {}, 400),
+    ("/v1/chat/completions", b"\xff\xfe{}", {}, 400),
+    ("/v1/chat/completions", b'{"model": "small", "messages": [], "x": NaN}', {}, 400),
+    ("/v1/chat/completions", json.dumps({"model": "small", "messages": QUESTION}).encode(), {"x-big": "a" * 40_000}, 431),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("route", "raw", "headers", "status"), MALFORMED)
+def test_malformed_input_is_a_4xx(
+    stack: Stack, route: str, raw: bytes, headers: dict[str, str], status: int
+) -> None:
+    reply = httpx.post(f"{stack.url}{route}", content=raw, timeout=60,
+                       headers={**auth(), "content-type": "application/json", **headers})  # fmt: skip
+    assert reply.status_code == status, reply.text[:300]
+    if route.startswith("/v1"):
+        assert reply.json()["error"]["message"]
+    else:
+        assert reply.json()["error_type"] == "validation"
+
+
+def test_chunked_body_over_the_limit_is_refused_unread(stack: Stack) -> None:
+    def chunks() -> Any:
+        yield b'{"model": "small", "messages": [{"role": "user", "content": "'
+        for _ in range(3000):
+            yield b"a" * 1000
+        yield b'"}]}'
+
+    reply = httpx.post(f"{stack.url}/v1/chat/completions", content=chunks(), timeout=60,
+                       headers=auth())  # fmt: skip
+    assert reply.status_code == 413
+
+
+def test_a_body_that_never_arrives_is_cut_off(stack: Stack) -> None:
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+                     f"{KEYS['team-a']}\r\ncontent-length: 100\r\n\r\n{{".encode())  # fmt: skip
+        start = time.monotonic()
+        answer = sock.recv(65536)
+        assert answer.split(b" ", 2)[1] == b"408", answer[:200]
+        assert time.monotonic() - start < 10
+
+
+def test_only_health_answers_without_a_key(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/health", timeout=10).status_code == 200
+    for method, path in [("GET", "/v1/models"), ("GET", "/info"), ("POST", "/generate"),
+                         ("POST", "/"), ("POST", "/v1/completions")]:  # fmt: skip
+        assert httpx.request(method, f"{stack.url}{path}", timeout=10).status_code == 401
+
+
+def test_tgis_own_clients_with_no_model_and_a_validation_error(stack: Stack) -> None:
+    client = InferenceClient(base_url=stack.url, api_key=KEYS["team-a"])
+    chat = client.chat_completion(messages=QUESTION, max_tokens=4)  # sends model "dummy"
+    assert chat.choices[0].message.content
+    assert client.text_generation("The capital of France is", max_new_tokens=4)
+    tgi = text_generation.Client(stack.url, headers=auth(), timeout=60)
+    assert tgi.generate("Hi", max_new_tokens=2).generated_text is not None
+    with pytest.raises(text_generation.errors.ValidationError, match="limit of 512"):
+        tgi.generate("Hi", max_new_tokens=100_000)
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+    reply = httpx.post(f"{stack.url}/generate", headers=auth(), timeout=60, json=body)
+    argv = next(iter(stack.engines().values()))
+    port = argv[argv.index("--port") + 1]
+    direct = httpx.post(f"http://127.0.0.1:{port}/generate", timeout=60, json=body)
+    sent = {k for k in direct.headers if k.startswith("x-") and k != "x-request-id"}
+    print(json.dumps({"engine_headers": sorted(sent)}))
+    assert sent <= set(reply.headers)  # whatever the engine sends comes through
+    if "x-compute-time" in sent:  # an engine that speaks TGI's headers: all of them
+        assert set(reply.headers) >= TGI_HEADERS
+        assert int(reply.headers["x-generated-tokens"]) <= 2
+
+
+TGI_HEADERS = {"x-compute-time", "x-total-time", "x-validation-time", "x-queue-time",
+               "x-inference-time", "x-time-per-token", "x-prompt-tokens", "x-generated-tokens"}  # fmt: skip
+
+
+# -- fuzz: no 5xx over every public route, keys on --------------------------------------------
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+FIELDS = {
+    "model": st.sampled_from(["small", "large", "auto", "gpt-4o", "nope", ""]) | JSONISH,
+    "messages": st.just(QUESTION) | JSONISH,
+    "prompt": st.text(max_size=20) | JSONISH,
+    "max_tokens": st.integers(-3, 4) | st.floats(-2, 5) | JSONISH,
+    "temperature": st.floats(-1, 3) | JSONISH,
+    "stream": st.booleans() | JSONISH,
+    "stop": JSONISH,
+    "n": st.integers(0, 3),
+    "inputs": st.text(max_size=20) | JSONISH,
+    "parameters": st.fixed_dictionaries({}, optional={"max_new_tokens": st.integers(-2, 3) | st.floats(-1, 4),
+                                                      "temperature": st.floats(-1, 2)}) | JSONISH,
+}  # fmt: skip
+BODIES = st.fixed_dictionaries({}, optional=FIELDS) | JSONISH
+ROUTES = st.sampled_from([("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+                          ("POST", "/generate"), ("POST", "/generate_stream"), ("POST", "/"),
+                          ("GET", "/v1/models"), ("GET", "/v1/models/small"), ("GET", "/info"),
+                          ("GET", "/health")])  # fmt: skip
+HEADERS = st.fixed_dictionaries({}, optional={
+    "x-tier": st.sampled_from(["small", "large", "nope", ""]),
+    "authorization": st.sampled_from([f"Bearer {KEYS['team-a']}", f"Bearer {KEYS['small-only']}",
+                                      "Bearer nope", "Basic x"]),
+})  # fmt: skip
+FUZZ_EXAMPLES = 5000
+
+
+def test_fuzzed_requests_never_get_a_5xx(stack: Stack) -> None:
+    client = httpx.Client(base_url=stack.url, timeout=60)
+    seen: list[int] = []
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(route=ROUTES, body=BODIES, raw=st.booleans(), headers=HEADERS)
+    def one(route: tuple[str, str], body: Any, raw: bool, headers: dict[str, str]) -> None:
+        content = json.dumps(body).encode()
+        content = content[:-1] if raw else content
+        headers = {"authorization": f"Bearer {KEYS['team-a']}", **headers}
+        reply = client.request(route[0], route[1], content=content, headers=headers)
+        seen.append(reply.status_code)
+        assert reply.status_code < 500, (route, body, reply.text)
+
+    start = time.monotonic()
+    one()
+    client.close()
+    counts = {s: seen.count(s) for s in sorted(set(seen))}
+    print(json.dumps({"fuzz_requests": len(seen), "seconds": round(time.monotonic() - start),
+                      "statuses": counts}))  # fmt: skip
+    assert len(seen) >= FUZZ_EXAMPLES and 200 in seen
