@@ -38,6 +38,14 @@ def tier_deployment(tier: TierConfig) -> Deployment:
             }
         }
     )
+    if tier.routing is not None:
+        # Replica choice by engine state (`serve_app.tier.request_router`).
+        scaling["request_router_config"] = {
+            "request_router_class": "serve_app.tier.request_router:EngineAwareRouter",
+            "request_router_kwargs": tier.routing.model_dump(),
+            "request_routing_stats_period_s": tier.routing.stats_period_s,
+            "request_routing_stats_timeout_s": 5,
+        }
     return TierDeployment.options(
         name=f"tier-{tier.name}",
         ray_actor_options={

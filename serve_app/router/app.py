@@ -25,6 +25,8 @@ from ..errors import (
 )
 from ..metrics import InFlight, RequestTimer, app_metrics
 from ..tier.policy import RequestTraits, TierChoice, TierPolicy
+from ..tier.replica_choice import route_hint
+from ..tier.request_router import session_header
 from . import tgi
 from .auth import Tenant, key_ring
 from .errors import api_error
@@ -211,7 +213,7 @@ class Router:
 
     async def _request(self, tier: str, path: str, body: dict[str, Any]) -> EngineReply:
         for attempt in range(ENGINE_BUSY_ATTEMPTS):
-            replies = self._streams[tier].request.remote(path, body)
+            replies = self._routed(tier, body).request.remote(path, body)
             await self._taken(tier, replies)
             try:
                 reply = await anext(replies, None)
@@ -227,7 +229,7 @@ class Router:
         keeps its HTTP status. An engine at capacity (429) is tried once more: nothing has
         been sent yet, and Serve may pick another replica."""
         for attempt in range(ENGINE_BUSY_ATTEMPTS):
-            chunks = self._streams[tier].stream.remote(path, body)
+            chunks = self._routed(tier, body).stream.remote(path, body)
             await self._taken(tier, chunks)
             try:
                 return await anext(chunks, None), chunks
@@ -239,6 +241,16 @@ class Router:
                 chunks.cancel()
                 raise
         raise AssertionError("unreachable")
+
+    def _routed(self, tier: str, body: dict[str, Any]) -> DeploymentHandle:
+        """Replica choice (`serve_app.tier.replica_choice`): for a tier with `routing`, the
+        request's hint (prefix key or `x-session-id`, sizes) rides in Serve's session id."""
+        routing = self._config.tier(tier).routing
+        if routing is None:
+            return self._streams[tier]
+        default = self._config.tier(tier).default_max_tokens
+        hint = route_hint(body, session_header(), default, routing)
+        return self._streams[tier].options(session_id=hint.encode())
 
     async def _taken(self, tier: str, calls: DeploymentResponseGenerator) -> None:
         """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""

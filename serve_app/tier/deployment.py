@@ -16,6 +16,7 @@ from ..engine.client import EngineReply
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..metrics import app_metrics
+from .replica_choice import EngineState
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,6 +38,7 @@ class TierDeployment:
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log)
         self._tags = {"tier": tier.name}
+        self._slots = tier.engine.max_batch_size or tier.engine.max_concurrent_requests
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
 
@@ -63,6 +65,12 @@ class TierDeployment:
         app_metrics().engine_queue.set(load.queued, self._tags)
         app_metrics().engine_running.set(load.running, self._tags)
         return {ENGINE_QUEUE: load.queued, ENGINE_RUNNING: load.running}
+
+    async def record_routing_stats(self) -> dict[str, float]:
+        """The engine's load, for `serve_app.tier.request_router` (tiers with `routing`)."""
+        load = parse_load(await self._supervisor.client.metrics())
+        state = EngineState(load.queued, load.running, self._slots, load.kv_pressure)
+        return state.as_stats()
 
     async def check_health(self) -> None:
         await self._supervisor.check()
