@@ -11,6 +11,7 @@
     ├── EngineReplyError      the engine answered with an error status and body
     ├── EngineUnavailable     the engine could not be reached, or did not answer in time
     ├── TierUnavailable       no replica of the tier answered within its first-byte timeout
+    ├── AdmissionRefused      the tier's admission queue is full, or the wait for a turn too long
     └── EngineStartupError    the engine exited or timed out while starting
 
 Every error pickles with all its fields, since tier replicas raise them across Ray to the router.
@@ -77,6 +78,13 @@ class TierUnavailable(ServeAppError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class AdmissionRefused(ServeAppError):
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s)
+        self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class EngineStartupError(ServeAppError):
