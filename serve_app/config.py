@@ -135,6 +135,21 @@ class ReplicaRouting(_Strict):
     )
 
 
+class TierAdmission(_Strict):
+    """A tier's admission queue in each router replica; see `serve_app.router.fair_queue`."""
+
+    max_in_flight: PositiveInt = Field(
+        description="Requests of this tier one router replica lets run at once; the rest wait "
+        "in the queue, by priority class and fairly across tenants."
+    )
+    max_queued: Annotated[int, Field(ge=0)] = Field(
+        256, description="Requests that may wait; past this, 429 with Retry-After at once."
+    )
+    max_wait_s: PositiveFloat = Field(
+        30.0, description="Longest wait for a turn before a 429 with Retry-After."
+    )
+
+
 class TierConfig(_Strict):
     """One model tier: its own Serve deployment whose replicas each supervise one engine."""
 
@@ -177,6 +192,9 @@ class TierConfig(_Strict):
         None,
         description="Route on engine load (and optionally prompt prefixes) instead of Serve's "
         "default choice of replica.",
+    )
+    admission: TierAdmission | None = Field(
+        None, description="Queue requests in the router by priority and tenant (off when unset)."
     )
     replicas: ReplicaBounds = ReplicaBounds()
     scaling: QueueScaling = Field(

@@ -28,6 +28,7 @@ from ..tier.policy import RequestTraits, TierChoice, TierPolicy
 from ..tier.replica_choice import route_hint
 from ..tier.request_router import session_header
 from . import tgi
+from .admission import admissions, leaving
 from .auth import Tenant, key_ring
 from .errors import api_error
 from .openai import SSE_DONE, Kind, Normaliser, parse_model, parse_request, sse
@@ -50,6 +51,7 @@ class Router:
         keys = config.router.api_keys
         self._keys = key_ring(keys)
         self._quotas = Quotas(keys.lease_fraction) if keys else None
+        self._admissions = admissions(config)
 
     def asgi_app(self) -> Starlette:
         as_openai, as_tgi = self._openai_errors, self._tgi_errors
@@ -175,7 +177,7 @@ class Router:
                     )
                 return error.response(tgi=tgi)
 
-        return route
+        return leaving(route)  # admission (issue 16): the tier's turn is left on every exit
 
     def _openai_errors(self, handler: Handler) -> Handler:
         return self._guarded(handler, tgi=False)
@@ -184,10 +186,16 @@ class Router:
         return self._guarded(handler, tgi=True)
 
     async def _admit(self, request: Request, tier: str) -> None:
-        """The caller's key may use this tier, and has quota left."""
+        """The caller's key may use this tier, and has quota left; then its turn in the
+        tier's admission queue, if the tier has one."""
         tenant: Tenant | None = request.state.tenant
-        if tenant is None:
-            return
+        if tenant is not None:
+            await self._admit_tenant(tenant, tier)
+        if tier in self._admissions:  # issue 16: fair, prioritised admission
+            cost = self._config.tier(tier).default_max_tokens
+            await request.state.admitted.enter(self._admissions[tier], request, cost)
+
+    async def _admit_tenant(self, tenant: Tenant, tier: str) -> None:
         tenant.check_tier(tier)
         if self._quotas is not None:
             await self._quotas.admit(tenant)
@@ -198,6 +206,7 @@ class Router:
         tenant: Tenant | None = request.state.tenant
 
         def account(usage: dict[str, Any] | None) -> None:
+            request.state.admitted.leave(int(usage.get("total_tokens") or 0) if usage else None)
             if tenant is None or not usage:
                 return
             tokens = int(usage.get("total_tokens") or 0)

@@ -8,6 +8,8 @@ mounted from a Kubernetes Secret), as a JSON or YAML list:
       tiers: [small]               # optional: tiers this key may use (default: all)
       requests_per_minute: 60      # optional quotas, enforced across router replicas
       tokens_per_minute: 100000
+      priority: interactive        # optional: or `batch` (runs after interactive in a full tier)
+      weight: 1                    # optional: share of a full tier's tokens against other keys
 
 A request presents its key as `Authorization: Bearer <key>` or `x-api-key: <key>`; its hash is
 compared with every known hash in constant time.
@@ -21,6 +23,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,6 +40,8 @@ class _KeySpec(BaseModel):
     tiers: tuple[str, ...] | None = None
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)
+    priority: Literal["interactive", "batch"] = "interactive"
+    weight: float = Field(1.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class Tenant:
     tiers: frozenset[str] | None
     requests_per_minute: int | None
     tokens_per_minute: int | None
+    priority: Literal["interactive", "batch"] = "interactive"
+    weight: float = 1.0
 
     def check_tier(self, tier: str) -> None:
         if self.tiers is not None and tier not in self.tiers:
@@ -80,6 +87,8 @@ def load_tenants(config: ApiKeysConfig, environ: Mapping[str, str]) -> list[Tena
             tiers=frozenset(s.tiers) if s.tiers is not None else None,
             requests_per_minute=s.requests_per_minute,
             tokens_per_minute=s.tokens_per_minute,
+            priority=s.priority,
+            weight=s.weight,
         )
         for s in specs
     ]

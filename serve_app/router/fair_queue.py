@@ -23,7 +23,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,7 +46,7 @@ class Entry:
 
 @dataclass
 class FairScheduler:
-    weights: Mapping[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # tenant -> share (default 1)
     counters: dict[str, float] = field(default_factory=dict)
     _queues: dict[Priority, dict[str, deque[Entry]]] = field(
         default_factory=lambda: {p: {} for p in PRIORITIES}
@@ -135,9 +135,12 @@ class Admission:
         self._waiting: dict[Entry, asyncio.Future[None]] = {}
         self._on_change = on_change
 
-    async def enter(self, tenant: str, priority: Priority, cost: float) -> Ticket:
+    async def enter(
+        self, tenant: str, priority: Priority, cost: float, weight: float = 1.0
+    ) -> Ticket:
         """Wait for a turn; `AdmissionRefused` if the queue is full or the wait too long."""
         now = self._clock()
+        self.scheduler.weights[tenant] = weight
         if self.in_flight < self._max_in_flight and not self.scheduler:
             self.in_flight += 1
             self.scheduler.charge(tenant, cost)
