@@ -18,6 +18,9 @@ the client. Scenarios:
     skew      90 % short and 10 % long generations, short prompts: default vs load
     prefix    `--prefixes` long system prompts shared by many users: load vs prefix
     unshared  long prompts, none shared: load vs prefix (affinity must cost nothing)
+    fairness  a fourth tier, `fair`, with an admission queue and two API keys: a light
+              tenant's streamed requests alone, then while a heavy tenant sends ten times as
+              many (non-streamed, longer) requests, more than the tier can serve
 
 Writes bench/results/routing.json.
 """
@@ -53,6 +56,7 @@ class Ask:
     prompt: str
     max_tokens: int
     tenant: str = ""
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,10 +100,17 @@ def unshared(rng: random.Random, rate: float, duration_s: float, prompt_words: i
 
 async def one(client: httpx.AsyncClient, url: str, model: str, ask: Ask,
               headers: dict[str, str]) -> Sample:  # fmt: skip
-    body = {"model": model, "prompt": ask.prompt, "max_tokens": ask.max_tokens, "stream": True}
+    body = {"model": model, "prompt": ask.prompt, "max_tokens": ask.max_tokens,
+            "stream": ask.stream}  # fmt: skip
     start = time.perf_counter()
     first: float | None = None
     ok = False
+    if not ask.stream:
+        try:
+            reply = await client.post(url, json=body, headers=headers)
+            return Sample(ask, time.perf_counter() - start, reply.status_code == 200)
+        except httpx.HTTPError:
+            return Sample(ask, time.perf_counter() - start, False)
     try:
         async with client.stream("POST", url, json=body, headers=headers) as reply:
             ok = reply.status_code == 200
@@ -170,19 +181,59 @@ def tier(name: str, args: argparse.Namespace, routing: dict[str, Any] | None) ->
     return spec
 
 
-def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
+def fair_tier(args: argparse.Namespace) -> dict[str, Any]:
+    spec = tier("fair", args, {})
+    spec["engine"]["max_batch_size"] = args.fair_slots
+    spec["replicas"] = {"min": 2, "max": 2}
+    spec["admission"] = {"max_in_flight": args.fair_in_flight, "max_queued": 1024,
+                         "max_wait_s": 10}  # fmt: skip
+    return spec
+
+
+def deploy_config(args: argparse.Namespace, http_port: int, keys_file: Path) -> dict[str, Any]:
     tiers = [
         tier("default", args, None),
         tier("load", args, {}),
         tier("prefix", args, {"prefix_affinity": True, "prefix_chars": 512}),
+        fair_tier(args),
     ]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
         "applications": [{"name": "llm", "route_prefix": "/",
                           "import_path": "serve_app.app:build_app",
-                          "args": {"router": {"max_body_bytes": 4_000_000}, "tiers": tiers}}],
+                          "args": {"router": {"max_body_bytes": 4_000_000,
+                                            "api_keys": {"file": str(keys_file)}},
+                                   "tiers": tiers}}],
     }  # fmt: skip
+
+
+KEYS = {"light": "sk-light-tenant-0000000001", "heavy": "sk-heavy-tenant-0000000002"}
+
+
+def fairness(url: str, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    """The light tenant alone, then with the heavy one; the light tenant's asks are the same."""
+    light, t = [], 0.0
+    while (t := t + rng.expovariate(args.light_rate)) < args.duration:
+        light.append(Ask(t, f"light {len(light)}: {words(rng, 8)}", args.short_tokens, "light"))
+    heavy, t = [], 0.0
+    while (t := t + rng.expovariate(args.light_rate * 10)) < args.duration:
+        heavy.append(Ask(t, f"heavy {len(heavy)}: {words(rng, 8)}", args.heavy_tokens, "heavy",
+                         stream=False))  # fmt: skip
+    headers = {name: {"authorization": f"Bearer {key}"} for name, key in KEYS.items()}
+    rows: dict[str, Any] = {}
+    for label, asks in (("light_alone", light), ("light_with_heavy", sorted(
+            light + heavy, key=lambda a: a.at_s))):  # fmt: skip
+        samples, took = asyncio.run(replay(url, "fair", asks, headers))
+        for who in ("light", "heavy"):
+            mine = [s for s in samples if s.ask.tenant == who]
+            if mine:
+                rows[f"{label}/{who}"] = summary(mine, took, args.duration / 5)
+                print(f"  {label}/{who}: {json.dumps(rows[f'{label}/{who}'])}", flush=True)
+    alone, shared = rows["light_alone/light"], rows["light_with_heavy/light"]
+    rows["ratio_p99"] = round(shared["ttft_p99_ms"] / alone["ttft_p99_ms"], 3)
+    rows["ratio_p50"] = round(shared["ttft_p50_ms"] / alone["ttft_p50_ms"], 3)
+    return rows
 
 
 def compare(url: str, asks: list[Ask], tiers: tuple[str, str], skip_s: float) -> dict[str, Any]:
@@ -199,7 +250,7 @@ def compare(url: str, asks: list[Ask], tiers: tuple[str, str], skip_s: float) ->
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--scenarios", default="skew,prefix,unshared")
+    p.add_argument("--scenarios", default="skew,prefix,unshared,fairness")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--ttft-ms", type=float, default=20.0)
@@ -213,6 +264,10 @@ def main() -> int:
     p.add_argument("--prefix-rate", type=float, default=3.0)
     p.add_argument("--prefixes", type=int, default=16)
     p.add_argument("--prefix-words", type=int, default=1000)
+    p.add_argument("--light-rate", type=float, default=3.0)
+    p.add_argument("--heavy-tokens", type=int, default=32)
+    p.add_argument("--fair-slots", type=int, default=24)
+    p.add_argument("--fair-in-flight", type=int, default=48)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "routing.json"))
     args = p.parse_args()
@@ -222,8 +277,10 @@ def main() -> int:
     env = localstack.ray_env()
     env["TMPDIR"] = tmpdir
     http_port = free_port()
+    keys_file = Path(tmpdir) / "keys.json"
+    keys_file.write_text(json.dumps([{"name": n, "key": k} for n, k in KEYS.items()]))
     config_path = Path(tmpdir) / "serve.json"
-    config_path.write_text(json.dumps(deploy_config(args, http_port)))
+    config_path.write_text(json.dumps(deploy_config(args, http_port, keys_file)))
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "host": platform.node()},
@@ -234,9 +291,10 @@ def main() -> int:
         localstack.deploy(config_path, head, env)
         localstack.wait_running(head, timeout_s=300)
         url = f"http://127.0.0.1:{http_port}/v1/completions"
-        warm = [Ask(i * 0.05, f"warm {i}", 2) for i in range(12)]
-        for model in ("default", "load", "prefix"):
-            asyncio.run(replay(url, model, warm))
+        warm = [Ask(i * 0.05, f"warm {i}", 2, "light") for i in range(12)]
+        auth = {"light": {"authorization": f"Bearer {KEYS['light']}"}}
+        for model in ("default", "load", "prefix", "fair"):
+            asyncio.run(replay(url, model, warm, auth))
         rng = random.Random(args.seed)
         skip = args.duration / 5
         if "skew" in scenarios:
@@ -253,6 +311,9 @@ def main() -> int:
             asks = unshared(rng, args.prefix_rate, args.duration, args.prefix_words,
                             args.short_tokens)  # fmt: skip
             results["unshared"] = compare(url, asks, ("load", "prefix"), skip)
+        if "fairness" in scenarios:
+            print("fairness: light tenant alone vs with a heavy one", flush=True)
+            results["fairness"] = fairness(url, args, rng)
     finally:
         localstack.stop_head(head)
     out = Path(args.out)
