@@ -12,7 +12,7 @@ from .router.deployment import RouterDeployment
 from .tier.deployment import TierDeployment
 
 
-def tier_deployment(tier: TierConfig) -> Deployment:
+def tier_deployment(tier: TierConfig, routers: int = 1) -> Deployment:
     """A tier's Serve deployment; its Ray resources come from the same config as the engine's
     `--num-shard`, so the two cannot disagree."""
     bounds = tier.replicas
@@ -42,7 +42,7 @@ def tier_deployment(tier: TierConfig) -> Deployment:
         # Replica choice by engine state (`serve_app.tier.request_router`).
         scaling["request_router_config"] = {
             "request_router_class": "serve_app.tier.request_router:EngineAwareRouter",
-            "request_router_kwargs": tier.routing.model_dump(),
+            "request_router_kwargs": {"routing": tier.routing.model_dump(), "routers": routers},
             "request_routing_stats_period_s": tier.routing.stats_period_s,
             "request_routing_stats_timeout_s": 5,
         }
@@ -71,7 +71,10 @@ def tier_deployment(tier: TierConfig) -> Deployment:
 def build_app(args: dict[str, Any]) -> Application:
     """Validate `args` as an `AppConfig` (errors name the bad field) and bind the deployments."""
     config = AppConfig.model_validate(args)
-    tiers = {tier.name: tier_deployment(tier).bind(tier.for_replicas()) for tier in config.tiers}
+    routers = config.router.replicas
+    tiers = {
+        tier.name: tier_deployment(tier, routers).bind(tier.for_replicas()) for tier in config.tiers
+    }
     return RouterDeployment.options(
         name="router",
         num_replicas=config.router.replicas,

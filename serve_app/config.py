@@ -107,8 +107,15 @@ class ReplicaRouting(_Strict):
     prefix_chars: PositiveInt = Field(
         1024, description="How much of the prompt (or conversation) the prefix key covers."
     )
+    prefix_view_size: PositiveInt = Field(
+        256,
+        description="Keys the router remembers per replica as probably cached there (TGI "
+        "does not tell what its prefix cache holds).",
+    )
     affinity_margin_s: float = Field(
-        0.5, ge=0, description="Extra expected wait accepted to stay on the preferred replica."
+        0.5,
+        ge=0,
+        description="Extra expected cost accepted to stay on a replica that has seen the key.",
     )
     session_margin_s: float = Field(
         2.0,

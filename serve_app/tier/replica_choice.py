@@ -9,13 +9,19 @@ a new request, found by replaying the requests it holds through its slots in ord
     work(request) = (prompt_tokens * prefill_token_fraction + output_tokens) * token_time_s
     slot_free     = the earliest time a slot frees after every held request has had its turn
 
-Requests the engine reports beyond those this router sent (other routers' requests) count with
-the average work of this router's own. A replica whose KV cache is past `kv_pressure_limit`
+With several router replicas, each sees only its own share of an engine's requests: the
+others' share of what the engine reports, `reported * (1 - 1/routers)`, counts with the average
+work of this router's own. (The report is a fraction of a second old; with one router it is not
+used for counts at all, since a stale count would steer requests away from a replica that has
+just finished its work.) A replica whose KV cache is past `kv_pressure_limit`
 has no free slot until one of its requests ends.
 
-Affinity: a request with a key (a hash of the prompt's leading part, or of its `x-session-id`)
-prefers one replica, found by rendezvous hashing (stable while replicas come and go); it stays
-there unless that replica's wait exceeds the best one's by the configured margin.
+A request's cost on a replica is that wait plus its own prefill, which is nothing where the
+replica's prefix cache likely holds it. TGI says nothing about its cache, so the router keeps
+its own view: the keys (a hash of the prompt's leading part, or of the `x-session-id`) of the
+requests it recently sent to each replica. A request whose key a replica has seen stays with
+that replica unless it costs more than the cheapest one by the configured margin; a key seen
+nowhere goes by cost alone (so prompts that share nothing are routed as without affinity).
 
 Everything here is a function over values; `serve_app.tier.request_router` is its Serve shell.
 """
@@ -97,6 +103,7 @@ class Assignment:
     sent_at: float
     prompt_tokens: int
     output_tokens: int
+    cached: bool = False  # its prefix was in the replica's cache (as far as the router knows)
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class ReplicaView:
     replica_id: str
     engine: EngineState | None
     assigned: tuple[Assignment, ...] = ()
+    prefixes: frozenset[str] = frozenset()  # keys of requests recently sent there
 
 
 def _digest(text: str) -> str:
@@ -168,15 +176,19 @@ def _work_s(prompt_tokens: int, output_tokens: int, routing: ReplicaRouting) -> 
     return (prompt_tokens * routing.prefill_token_fraction + output_tokens) * routing.token_time_s
 
 
-def expected_wait(view: ReplicaView, now: float, routing: ReplicaRouting) -> float:
+def expected_wait(
+    view: ReplicaView, now: float, routing: ReplicaRouting, routers: int = 1
+) -> float:
     """Seconds until the replica's engine can start one more request (see the module doc)."""
     engine = view.engine or EngineState(slots=1)
     free_at = [float("-inf")] * engine.slots  # a heap of the times each slot frees
-    works = [_work_s(a.prompt_tokens, a.output_tokens, routing) for a in view.assigned]
+    works = [
+        _work_s(0 if a.cached else a.prompt_tokens, a.output_tokens, routing) for a in view.assigned
+    ]
     for assignment, work in sorted(zip(view.assigned, works, strict=True), key=_sent):
         start = max(heapq.heappop(free_at), assignment.sent_at)
         heapq.heappush(free_at, start + work)
-    unknown = max(0, round(engine.queued + engine.running) - len(view.assigned))
+    unknown = round((engine.queued + engine.running) * (1 - 1 / routers))
     if unknown:
         mean = sum(works) / len(works) if works else routing.token_time_s * 64
         for _ in range(unknown):
@@ -192,30 +204,34 @@ def _sent(pair: tuple[Assignment, float]) -> float:
     return pair[0].sent_at
 
 
-def preferred(key: str, replica_ids: Sequence[str]) -> str:
-    """Rendezvous hashing: each key's replica changes only when that replica goes away."""
-    return max(replica_ids, key=lambda rid: _digest(f"{key}|{rid}"))
-
-
 def rank_replicas(
-    views: Sequence[ReplicaView], hint: RouteHint | None, now: float, routing: ReplicaRouting
+    views: Sequence[ReplicaView],
+    hint: RouteHint | None,
+    now: float,
+    routing: ReplicaRouting,
+    routers: int = 1,
 ) -> list[str]:
-    """Replica ids, best first. Ties in expected wait go to the replica holding fewer
-    requests, then to a per-request hash, so equal replicas share the load."""
+    """Replica ids, cheapest first. Ties go to the replica holding fewer requests, then to a
+    per-request hash, so equal replicas share the load."""
     if not views:
         return []
-    spread = hint.key if hint is not None and hint.key else f"{now!r}"
-    waits = {v.replica_id: expected_wait(v, now, routing) for v in views}
+    key = hint.key if hint is not None else ""
+    prefill = _work_s(hint.prompt_tokens, 0, routing) if hint is not None else 0.0
+    cost = {
+        v.replica_id: expected_wait(v, now, routing, routers)
+        + (0.0 if key and key in v.prefixes else prefill)
+        for v in views
+    }
     held = {v.replica_id: len(v.assigned) for v in views}
+    spread = key or f"{now!r}"
     order = sorted(
-        waits,
-        key=lambda rid: (round(waits[rid], 6), held[rid], _digest(f"{spread}|{rid}")),
+        cost, key=lambda rid: (round(cost[rid], 6), held[rid], _digest(f"{spread}|{rid}"))
     )
-    if hint is None or not hint.key:
-        return order
-    favourite = preferred(hint.key, order)
-    margin = routing.session_margin_s if hint.pinned else routing.affinity_margin_s
-    if waits[favourite] - waits[order[0]] <= margin:
-        order.remove(favourite)
-        order.insert(0, favourite)
+    homes = [v.replica_id for v in views if key and key in v.prefixes]
+    if homes:
+        home = min(homes, key=order.index)
+        margin = routing.session_margin_s if hint and hint.pinned else routing.affinity_margin_s
+        if cost[home] - cost[order[0]] <= margin:
+            order.remove(home)
+            order.insert(0, home)
     return order

@@ -13,7 +13,6 @@ from serve_app.tier.replica_choice import (
     ReplicaView,
     RouteHint,
     expected_wait,
-    preferred,
     prompt_text,
     rank_replicas,
     route_hint,
@@ -51,13 +50,18 @@ def test_time_already_spent_counts_as_progress() -> None:
     assert expected_wait(view("a", 100, 20, sent=NOW - 0.15), NOW, R) == pytest.approx(0.05)
 
 
-def test_requests_from_other_routers_count_with_the_average_work() -> None:
-    # this router holds one 40-token request; the engine reports 3 in flight: two unknown
-    # ones of the average (0.4 s) start now, filling the second slot and queueing one more.
-    alone = expected_wait(view("a", 40), NOW, R)
-    crowded = expected_wait(view("a", 40, running=2, queued=1), NOW, R)
-    assert alone == 0.0
-    assert crowded == pytest.approx(0.4)
+def test_other_routers_share_of_the_reported_load_counts_with_the_average_work() -> None:
+    # this router holds one 40-token request; the engine reports 3 in flight. With two
+    # routers, half of those (rounded: 2) are the other's: average work (0.4 s) from now,
+    # filling the second slot and queueing one more.
+    crowded = view("a", 40, running=2, queued=1)
+    assert expected_wait(crowded, NOW, R, routers=2) == pytest.approx(0.4)
+
+
+def test_with_one_router_a_stale_report_does_not_count() -> None:
+    # the engine still reports requests that have since finished: only what this router
+    # holds counts, or a replica that just emptied would look busy
+    assert expected_wait(view("a", 40, running=2, queued=3), NOW, R) == 0.0
 
 
 def test_kv_pressure_past_the_limit_leaves_no_free_slot() -> None:
@@ -84,34 +88,48 @@ def test_equal_replicas_tie_break_by_fewer_requests_then_spread() -> None:
     assert first == {"a", "b"}
 
 
-def test_affinity_keeps_a_key_on_its_replica_within_the_margin() -> None:
-    ids = ["a", "b", "c"]
-    hint = RouteHint(10, 10, key="k1")
-    home = preferred("k1", ids)
+def seen(v: ReplicaView, *keys: str) -> ReplicaView:
+    return ReplicaView(v.replica_id, v.engine, v.assigned, frozenset(keys))
+
+
+def test_a_key_stays_on_the_replica_that_has_seen_it_within_the_margin() -> None:
+    hint = RouteHint(1, 10, key="k1")  # no prefill cost: only the margin keeps it home
     # home slightly busier (0.3 s < margin 0.5 s): still first
-    views = [view(rid, *((30, 100) if rid == home else ())) for rid in ids]
-    assert rank_replicas(views, hint, NOW, R)[0] == home
-    # home much busier (2 s): the best replica wins
-    views = [view(rid, *((200, 300) if rid == home else ())) for rid in ids]
-    assert rank_replicas(views, hint, NOW, R)[0] != home
+    views = [seen(view("a", 30, 100), "k1"), view("b"), view("c")]
+    assert rank_replicas(views, hint, NOW, R)[0] == "a"
+    # home much busier (2 s): the cheapest replica wins
+    views = [seen(view("a", 200, 300), "k1"), view("b"), view("c")]
+    assert rank_replicas(views, hint, NOW, R)[0] != "a"
+
+
+def test_a_cached_prefix_saves_its_prefill_in_the_cost() -> None:
+    routing = ReplicaRouting(token_time_s=0.01, prefill_token_fraction=0.1, affinity_margin_s=0)
+    hint = RouteHint(1000, 10, key="sys")  # prefill: 1000 * 0.1 * 10 ms = 1 s
+    views = [seen(view("a", 50, 60), "sys"), view("b")]  # a: 0.5 s wait, b: idle
+    assert rank_replicas(views, hint, NOW, routing) == ["a", "b"]
+    assert rank_replicas(views, RouteHint(1000, 10, key="other"), NOW, routing) == ["b", "a"]
+
+
+def test_a_request_with_its_prefix_cached_counts_no_prefill_in_the_wait() -> None:
+    routing = ReplicaRouting(token_time_s=0.01, prefill_token_fraction=0.1)
+    cold = ReplicaView("a", EngineState(slots=1), (Assignment(NOW, 1000, 10),))
+    warm = ReplicaView("a", EngineState(slots=1), (Assignment(NOW, 1000, 10, cached=True),))
+    assert expected_wait(cold, NOW, routing) == pytest.approx(1.1)
+    assert expected_wait(warm, NOW, routing) == pytest.approx(0.1)
 
 
 def test_a_pinned_session_has_its_own_larger_margin() -> None:
-    ids = ["a", "b"]
-    hint = RouteHint(10, 10, key="s", pinned=True)
-    home = preferred("s", ids)
-    views = [view(rid, *((150, 300) if rid == home else ())) for rid in ids]
-    assert rank_replicas(views, hint, NOW, R)[0] == home  # 1.5 s: within session_margin_s
-    assert rank_replicas(views, RouteHint(10, 10, key="s"), NOW, R)[0] != home
+    views = [seen(view("a", 150, 300), "s"), view("b")]  # home 1.5 s behind
+    assert rank_replicas(views, RouteHint(1, 10, key="s", pinned=True), NOW, R)[0] == "a"
+    assert rank_replicas(views, RouteHint(1, 10, key="s"), NOW, R)[0] == "b"
 
 
-def test_rendezvous_moves_only_keys_of_a_removed_replica() -> None:
-    keys = [f"k{i}" for i in range(200)]
-    before = {k: preferred(k, ["a", "b", "c"]) for k in keys}
-    after = {k: preferred(k, ["a", "b"]) for k in keys}
-    moved = {k for k in keys if before[k] != after[k]}
-    assert moved == {k for k in keys if before[k] == "c"}
-    assert 30 < len(moved) < 110  # about a third
+def test_a_key_seen_nowhere_goes_by_cost_alone() -> None:
+    views = [view("a", 10), view("b"), view("c", 10)]
+    assert rank_replicas(views, RouteHint(1, 10, key="new"), NOW, R)[0] == "b"
+    spread = {rank_replicas([view("a"), view("b")], RouteHint(1, 1, key=f"k{i}"), NOW, R)[0]
+              for i in range(20)}  # fmt: skip
+    assert spread == {"a", "b"}
 
 
 def test_prompt_text_covers_chat_completion_and_tgi_bodies() -> None:
@@ -177,6 +195,12 @@ def test_a_tier_with_routing_gets_the_engine_aware_request_router() -> None:
     )._deployment_config.request_router_config.is_default_request_router()
     config = tier_deployment(routed)._deployment_config.request_router_config
     assert config.request_router_class == "serve_app.tier.request_router:EngineAwareRouter"
-    assert config.request_router_kwargs["prefix_affinity"] is True
+    assert config.request_router_kwargs["routers"] == 1
     assert config.request_routing_stats_period_s == 0.25
-    assert ReplicaRouting.model_validate(config.request_router_kwargs) == routed.routing
+    assert ReplicaRouting.model_validate(config.request_router_kwargs["routing"]) == routed.routing
+    assert (
+        tier_deployment(routed, 3)._deployment_config.request_router_config.request_router_kwargs[
+            "routers"
+        ]
+        == 3
+    )
