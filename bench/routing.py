@@ -190,13 +190,19 @@ def fair_tier(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def deploy_config(args: argparse.Namespace, http_port: int, keys_file: Path) -> dict[str, Any]:
-    tiers = [
-        tier("default", args, None),
-        tier("load", args, {}),
-        tier("prefix", args, {"prefix_affinity": True, "prefix_chars": 512}),
-        fair_tier(args),
-    ]
+NEEDS = {"skew": ("default", "load"), "prefix": ("load", "prefix"),
+         "unshared": ("load", "prefix"), "fairness": ("fair",)}  # fmt: skip
+
+
+def deploy_config(args: argparse.Namespace, http_port: int, keys_file: Path,
+                  names: list[str]) -> dict[str, Any]:  # fmt: skip
+    specs = {
+        "default": lambda: tier("default", args, None),
+        "load": lambda: tier("load", args, {}),
+        "prefix": lambda: tier("prefix", args, {"prefix_affinity": True, "prefix_chars": 512}),
+        "fair": lambda: fair_tier(args),
+    }
+    tiers = [specs[name]() for name in names]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
@@ -280,7 +286,9 @@ def main() -> int:
     keys_file = Path(tmpdir) / "keys.json"
     keys_file.write_text(json.dumps([{"name": n, "key": k} for n, k in KEYS.items()]))
     config_path = Path(tmpdir) / "serve.json"
-    config_path.write_text(json.dumps(deploy_config(args, http_port, keys_file)))
+    names = [t for t in ("default", "load", "prefix", "fair")
+             if any(t in NEEDS[sc] for sc in scenarios)]  # fmt: skip
+    config_path.write_text(json.dumps(deploy_config(args, http_port, keys_file, names)))
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "host": platform.node()},
@@ -293,7 +301,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{http_port}/v1/completions"
         warm = [Ask(i * 0.05, f"warm {i}", 2, "light") for i in range(12)]
         auth = {"light": {"authorization": f"Bearer {KEYS['light']}"}}
-        for model in ("default", "load", "prefix", "fair"):
+        for model in names:
             asyncio.run(replay(url, model, warm, auth))
         rng = random.Random(args.seed)
         skip = args.duration / 5
