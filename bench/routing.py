@@ -215,6 +215,7 @@ def deploy_config(args: argparse.Namespace, http_port: int, keys_file: Path,
 
 
 KEYS = {"light": "sk-light-tenant-0000000001", "heavy": "sk-heavy-tenant-0000000002"}
+ANY_KEY = {"": {"authorization": f"Bearer {KEYS['light']}"}}  # scenarios without tenants
 
 
 def fairness(url: str, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
@@ -245,7 +246,7 @@ def fairness(url: str, args: argparse.Namespace, rng: random.Random) -> dict[str
 def compare(url: str, asks: list[Ask], tiers: tuple[str, str], skip_s: float) -> dict[str, Any]:
     rows = {}
     for model in tiers:
-        samples, took = asyncio.run(replay(url, model, asks))
+        samples, took = asyncio.run(replay(url, model, asks, ANY_KEY))
         rows[model] = summary(samples, took, skip_s)
         print(f"  {model}: {json.dumps(rows[model])}", flush=True)
     base, new = (rows[t] for t in tiers)
@@ -264,14 +265,14 @@ def main() -> int:
     p.add_argument("--prefill-us-per-token", type=float, default=1000.0)
     p.add_argument("--cache-tokens", type=int, default=6000)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
-    p.add_argument("--skew-rate", type=float, default=5.0)
+    p.add_argument("--skew-rate", type=float, default=3.6)
     p.add_argument("--short-tokens", type=int, default=8)
     p.add_argument("--long-tokens", type=int, default=100)
     p.add_argument("--prefix-rate", type=float, default=3.0)
     p.add_argument("--prefixes", type=int, default=16)
     p.add_argument("--prefix-words", type=int, default=1000)
-    p.add_argument("--light-rate", type=float, default=3.0)
-    p.add_argument("--heavy-tokens", type=int, default=32)
+    p.add_argument("--light-rate", type=float, default=2.0)
+    p.add_argument("--heavy-tokens", type=int, default=64)
     p.add_argument("--fair-slots", type=int, default=24)
     p.add_argument("--fair-in-flight", type=int, default=48)
     p.add_argument("--seed", type=int, default=1)
@@ -299,10 +300,9 @@ def main() -> int:
         localstack.deploy(config_path, head, env)
         localstack.wait_running(head, timeout_s=300)
         url = f"http://127.0.0.1:{http_port}/v1/completions"
-        warm = [Ask(i * 0.05, f"warm {i}", 2, "light") for i in range(12)]
-        auth = {"light": {"authorization": f"Bearer {KEYS['light']}"}}
+        warm = [Ask(i * 0.05, f"warm {i}", 2) for i in range(12)]
         for model in names:
-            asyncio.run(replay(url, model, warm, auth))
+            asyncio.run(replay(url, model, warm, ANY_KEY))
         rng = random.Random(args.seed)
         skip = args.duration / 5
         if "skew" in scenarios:
