@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from serve_app.config import ApiKeysConfig, AppConfig
 from serve_app.errors import InvalidRequest
-from serve_app.router.admission import admissions, priority
+from serve_app.router.admission import admissions, leaving, priority
 from serve_app.router.auth import Tenant, load_tenants
 
 
@@ -54,3 +61,35 @@ def test_only_tiers_with_admission_get_a_queue() -> None:
     assert list(queues) == ["a"]
     with pytest.raises(ValueError, match="max_in_flight"):
         AppConfig.model_validate({"tiers": [{"name": "a", "admission": {"max_in_flight": 0}}]})
+
+
+def test_every_exit_gives_the_turn_back() -> None:
+    """Answered, streamed to the end, failed after admission: in flight returns to zero."""
+    queue = admissions(
+        AppConfig.model_validate({"tiers": [{"name": "a", "admission": {"max_in_flight": 1}}]})
+    )["a"]
+    during: list[int] = []
+
+    async def handler(request: Request) -> Response:
+        request.state.tenant = None
+        await request.state.admitted.enter(queue, request, 10)
+        during.append(queue.in_flight)
+        kind = request.path_params["kind"]
+        if kind == "fail":
+            return JSONResponse({"error": "x"}, status_code=500)
+        if kind == "stream":
+
+            async def body() -> AsyncIterator[bytes]:
+                for i in range(3):
+                    during.append(queue.in_flight)
+                    yield f"{i}".encode()
+
+            return StreamingResponse(body())
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/{kind}", leaving(handler))])
+    with TestClient(app) as client:
+        for kind in ("plain", "stream", "fail", "plain"):
+            client.get(f"/{kind}")
+            assert queue.in_flight == 0, kind
+    assert during and all(n == 1 for n in during)  # the turn is held until the answer is sent
