@@ -13,7 +13,7 @@ from .router.ledger import LedgerDeployment
 from .tier.deployment import TierDeployment
 
 
-def tier_deployment(tier: TierConfig) -> Deployment:
+def tier_deployment(tier: TierConfig, routers: int = 1) -> Deployment:
     """A tier's Serve deployment; its Ray resources come from the same config as the engine's
     `--num-shard`, so the two cannot disagree."""
     bounds = tier.replicas
@@ -39,6 +39,14 @@ def tier_deployment(tier: TierConfig) -> Deployment:
             }
         }
     )
+    if tier.routing is not None:
+        # Replica choice by engine state (`serve_app.tier.request_router`).
+        scaling["request_router_config"] = {
+            "request_router_class": "serve_app.tier.request_router:EngineAwareRouter",
+            "request_router_kwargs": {"routing": tier.routing.model_dump(), "routers": routers},
+            "request_routing_stats_period_s": tier.routing.stats_period_s,
+            "request_routing_stats_timeout_s": 5,
+        }
     return TierDeployment.options(
         name=f"tier-{tier.name}",
         ray_actor_options={
@@ -65,7 +73,9 @@ def build_app(args: dict[str, Any]) -> Application:
     """Validate `args` as an `AppConfig` (errors name the bad field) and bind the deployments."""
     config = AppConfig.model_validate(args)
     tiers = {
-        tier.name: tier_deployment(tier).bind(tier.for_replicas(), config.tracing)
+        tier.name: tier_deployment(tier, config.router.replicas).bind(
+            tier.for_replicas(), config.tracing
+        )
         for tier in config.tiers
     }
     ledger = None

@@ -95,6 +95,68 @@ class QueueScaling(_Strict):
     hysteresis: float = Field(0.2, ge=0, lt=1)
 
 
+class ReplicaRouting(_Strict):
+    """How requests pick a replica inside a tier; see `serve_app.tier.replica_choice`."""
+
+    prefix_affinity: bool = Field(
+        False,
+        description="Send requests whose prompts share their leading part to the same replica "
+        "(its engine's prefix cache then skips their prefill), unless it is busier than the "
+        "best replica by more than affinity_margin_s.",
+    )
+    prefix_chars: PositiveInt = Field(
+        1024, description="How much of the prompt (or conversation) the prefix key covers."
+    )
+    prefix_view_size: PositiveInt = Field(
+        256,
+        description="Keys the router remembers per replica as probably cached there (TGI "
+        "does not tell what its prefix cache holds).",
+    )
+    affinity_margin_s: float = Field(
+        0.5,
+        ge=0,
+        description="Extra expected cost accepted to stay on a replica that has seen the key.",
+    )
+    session_margin_s: float = Field(
+        2.0,
+        ge=0,
+        description="The same for a conversation pinned by its `x-session-id` header.",
+    )
+    token_time_s: PositiveFloat = Field(
+        0.03, description="Estimated seconds per generated token in one engine slot."
+    )
+    prefill_token_fraction: float = Field(
+        0.02,
+        ge=0,
+        description="Cost of one prompt token's prefill, as a fraction of a generated token's.",
+    )
+    kv_pressure_limit: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Above this KV-cache use (current / max batch tokens), a replica counts as "
+        "having no free slot.",
+    )
+    stats_period_s: PositiveFloat = Field(
+        0.5, description="How often each replica publishes its engine's load for routing."
+    )
+
+
+class TierAdmission(_Strict):
+    """A tier's admission queue in each router replica; see `serve_app.router.fair_queue`."""
+
+    max_in_flight: PositiveInt = Field(
+        description="Requests of this tier one router replica lets run at once; the rest wait "
+        "in the queue, by priority class and fairly across tenants."
+    )
+    max_queued: Annotated[int, Field(ge=0)] = Field(
+        256, description="Requests that may wait; past this, 429 with Retry-After at once."
+    )
+    max_wait_s: PositiveFloat = Field(
+        30.0, description="Longest wait for a turn before a 429 with Retry-After."
+    )
+
+
 class TierConfig(_Strict):
     """One model tier: its own Serve deployment whose replicas each supervise one engine."""
 
@@ -132,6 +194,14 @@ class TierConfig(_Strict):
         32,
         description="Saturated means: this many requests of this tier in flight in one router "
         "replica.",
+    )
+    routing: ReplicaRouting | None = Field(
+        None,
+        description="Route on engine load (and optionally prompt prefixes) instead of Serve's "
+        "default choice of replica.",
+    )
+    admission: TierAdmission | None = Field(
+        None, description="Queue requests in the router by priority and tenant (off when unset)."
     )
     replicas: ReplicaBounds = ReplicaBounds()
     scaling: QueueScaling = Field(

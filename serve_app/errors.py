@@ -14,6 +14,7 @@
     ├── EngineUnavailable     the engine could not be reached, or did not answer in time
     ├── TierUnavailable       no replica of the tier answered within its first-byte timeout
     ├── QuotaUnavailable      the quota ledger did not answer, and keys with quotas are refused
+    ├── AdmissionRefused      the tier's admission queue is full, or the wait for a turn too long
     └── EngineStartupError    the engine exited or timed out while starting
 
 Every error pickles with all its fields, since tier replicas raise them across Ray to the router.
@@ -117,6 +118,13 @@ class QuotaUnavailable(ServeAppError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class AdmissionRefused(ServeAppError):
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s)
+        self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class EngineStartupError(ServeAppError):

@@ -17,6 +17,7 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_tenant_requests_total{tenant, tier}    admitted requests per API key's tenant
     ray_serve_app_tenant_tokens_total{tenant, tier}      prompt + completion tokens per tenant
     ray_serve_app_tenant_rejections_total{tenant, reason}  403s and 429s per tenant
+    ray_serve_app_admission_queue{tier, priority}        waiting in a tier's admission queue
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class _Metrics:
         )
         self.tenant_rejections = metrics.Counter(
             "serve_app_tenant_rejections", "Refused requests per tenant.", ("tenant", "reason")
+        )
+        self.admission_queue = metrics.Gauge(
+            "serve_app_admission_queue", "Requests waiting for a turn.", ("tier", "priority")
         )
         self.spill_overs = metrics.Counter(
             "serve_app_spill_overs", "Requests sent on to an overflow tier.", ("tier", "to_tier")

@@ -17,6 +17,7 @@ import uvicorn
 from .backend import Backend, LlamaBackend
 from .cli import EngineArgs, parse_args
 from .model import ModelNotFoundError, resolve_gguf
+from .prefix_cache import Prefill, PrefixCache
 from .scheduler import Scheduler
 from .server import Engine, create_app
 from .simulated import SIMULATED_MODEL, SimulatedBackend, Timetable
@@ -71,7 +72,10 @@ def load_backend(args: EngineArgs) -> Backend:
     if args.model_id == SIMULATED_MODEL:
         table = Timetable(args.sim_ttft_ms / 1000, args.sim_itl_ms / 1000, args.sim_output_tokens)
         log.info("simulating a model: %s, %d slots", table, args.max_batch_size)
-        return SimulatedBackend(table, slots=args.max_batch_size)
+        cache = PrefixCache(args.sim_prefix_cache_tokens) if args.sim_prefix_cache_tokens else None
+        per_token = args.sim_prefill_us_per_token / 1e6
+        prefill = Prefill(per_token, cache) if per_token else None
+        return SimulatedBackend(table, slots=args.max_batch_size, prefill=prefill)
     gguf = resolve_gguf(args.model_id)
     log.info("loading %s with %d slots", gguf.name, args.max_batch_size)
     return LlamaBackend(

@@ -55,6 +55,8 @@ class EngineArgs:
     sim_ttft_ms: float
     sim_itl_ms: float
     sim_output_tokens: int
+    sim_prefill_us_per_token: float
+    sim_prefix_cache_tokens: int
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
 
@@ -86,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-ttft-ms", type=float, default=20.0)
     sim.add_argument("--sim-itl-ms", type=float, default=10.0)
     sim.add_argument("--sim-output-tokens", type=int, default=64)
+    sim.add_argument("--sim-prefill-us-per-token", type=float, default=0.0,
+                     help="prefill time per uncached prompt token (0: none)")  # fmt: skip
+    sim.add_argument("--sim-prefix-cache-tokens", type=int, default=0,
+                     help="prefix cache size in tokens (0: no cache)")  # fmt: skip
     for flag in GPU_ONLY_FLAGS:
         if flag in GPU_ONLY_SWITCHES:
             p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import Finished, GeneratedToken, Token
+from .prefix_cache import Prefill
 from .validation import Sampling
 
 SIMULATED_MODEL = "simulated"
@@ -29,9 +30,10 @@ class Timetable:
 
 
 class SimulatedBackend:
-    def __init__(self, timetable: Timetable, *, slots: int) -> None:
+    def __init__(self, timetable: Timetable, *, slots: int, prefill: Prefill | None = None) -> None:
         self._timetable = timetable
         self.slots = slots
+        self._prefill = prefill  # prompt-length-dependent prefill, with a prefix cache
 
     async def tokenize(self, text: str) -> list[tuple[int, str]]:
         """Whitespace-separated words; ids are stable hashes, as a vocabulary would give."""
@@ -50,7 +52,10 @@ class SimulatedBackend:
     ) -> AsyncIterator[GeneratedToken | Finished]:
         table = self._timetable
         count = min(table.output_tokens, sampling.max_new_tokens)
-        await asyncio.sleep(table.ttft_s)
+        prefill_s = 0.0
+        if self._prefill is not None:
+            prefill_s = self._prefill.seconds([i for i, _ in await self.tokenize(prompt)])
+        await asyncio.sleep(table.ttft_s + prefill_s)
         for i in range(count):
             if i:
                 await asyncio.sleep(table.itl_s)

@@ -9,6 +9,8 @@ list:
       tiers: [small]               # optional: tiers this key may use (default: all)
       requests_per_minute: 60      # optional quotas, enforced across router replicas
       tokens_per_minute: 100000
+      priority: interactive        # optional: or `batch` (runs after interactive in a full tier)
+      weight: 1                    # optional: share of a full tier's tokens against other keys
 
 A request presents its key as `Authorization: Bearer <key>` or `x-api-key: <key>`; its hash is
 compared with every known hash in constant time.
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,6 +43,8 @@ class _KeySpec(BaseModel):
     tiers: tuple[str, ...] | None = None
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)
+    priority: Literal["interactive", "batch"] = "interactive"
+    weight: float = Field(1.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class Tenant:
     tiers: frozenset[str] | None
     requests_per_minute: int | None
     tokens_per_minute: int | None
+    priority: Literal["interactive", "batch"] = "interactive"
+    weight: float = 1.0
 
     def check_tier(self, tier: str) -> None:
         if self.tiers is not None and tier not in self.tiers:
@@ -88,6 +94,8 @@ def parse_tenants(text: str, source: str) -> list[Tenant]:
             tiers=frozenset(s.tiers) if s.tiers is not None else None,
             requests_per_minute=s.requests_per_minute,
             tokens_per_minute=s.tokens_per_minute,
+            priority=s.priority,
+            weight=s.weight,
         )
         for s in specs
     ]

@@ -26,7 +26,7 @@ class RouterDeployment:
     ) -> None:
         self._router = Router(
             config,
-            ServeTransport(tiers),
+            ServeTransport(tiers, {tier.name: tier for tier in config.tiers}),
             MetricsRecorder(),
             ServeLedger(ledger) if ledger is not None else None,
         )

@@ -12,9 +12,12 @@ from typing import Any, Protocol, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
+from ..config import TierConfig
 from ..engine.client import EngineClient, EngineReply
 from ..errors import EngineReplyError, TierUnavailable
 from ..tier.call import TierCall
+from ..tier.replica_choice import route_hint
+from ..tier.request_router import session_header
 from ..tracing import current
 
 ENGINE_BUSY_ATTEMPTS = 2  # a 429 from an engine, before any token, is tried once more
@@ -38,17 +41,29 @@ class TierTransport(Protocol):
 class ServeTransport:
     """Tier deployments through their Serve handles."""
 
-    def __init__(self, handles: Mapping[str, DeploymentHandle]) -> None:
+    def __init__(
+        self, handles: Mapping[str, DeploymentHandle], tiers: Mapping[str, TierConfig]
+    ) -> None:
         self._handles = dict(handles)
+        self._tiers = dict(tiers)
         self._streams = {name: h.options(stream=True) for name, h in handles.items()}
 
     def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
-        calls: Calls[EngineReply | None] = self._streams[tier].request.remote(call)
+        calls: Calls[EngineReply | None] = self._routed(tier, call).request.remote(call)
         return calls
 
     def stream(self, tier: str, call: TierCall) -> Calls[str | None]:
-        calls: Calls[str | None] = self._streams[tier].stream.remote(call)
+        calls: Calls[str | None] = self._routed(tier, call).stream.remote(call)
         return calls
+
+    def _routed(self, tier: str, call: TierCall) -> DeploymentHandle:
+        """Replica choice (`serve_app.tier.replica_choice`): for a tier with `routing`, the
+        request's hint (prefix key or `x-session-id`, sizes) rides in Serve's session id."""
+        config = self._tiers[tier]
+        if config.routing is None:
+            return self._streams[tier]
+        hint = route_hint(call.payload, session_header(), config.default_max_tokens, config.routing)
+        return self._streams[tier].options(session_id=hint.encode())
 
     async def info(self, tier: str) -> dict[str, Any]:
         info: dict[str, Any] = await self._handles[tier].info.remote()

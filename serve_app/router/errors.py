@@ -22,6 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.responses import JSONResponse
 
 from ..errors import (
+    AdmissionRefused,
     EngineReplyError,
     EngineUnavailable,
     Forbidden,
@@ -145,6 +146,9 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, exc.message, "invalid_request_error", None, exc.param)
     if isinstance(exc, EngineReplyError):
         return _engine_reply(exc)
+    if isinstance(exc, AdmissionRefused):
+        return APIError(429, exc.message, "server_overloaded", "tier_queue_full",
+                        retry_after_s=exc.retry_after_s)  # fmt: skip
     if isinstance(exc, EngineUnavailable):
         return APIError(503, f"the engine is unavailable: {exc.message}", "server_error",
                         "engine_unavailable", retry_after_s=2)  # fmt: skip

@@ -23,6 +23,7 @@ from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import RequestTraits, TierChoice, TierPolicy
 from ..tracing import Tracing, current
 from .accounting import InFlight, Recorder, RequestScope, Usage, usage_from
+from .admission import admissions, leaving
 from .auth import Tenant, key_ring
 from .body import BodyLimits, read_json
 from .dispatch import Calls, Dispatcher, TierTransport
@@ -64,6 +65,7 @@ class Router:
         )
         self._created = int(time.time())
         self._tracing = Tracing.configure(config.tracing, "router")
+        self._admissions = admissions(config)  # fair, prioritised queues of tiers that have one
 
     @property
     def in_flight(self) -> dict[str, int]:
@@ -191,6 +193,13 @@ class Router:
         trace = current()
         trace.tier(self._config.tier(choice.tier), tenant.name if tenant else None)
         reservation = await self._guard.admit(tenant, choice.tier, call)
+        if choice.tier in self._admissions:
+            try:
+                cost = call.max_tokens or self._config.tier(choice.tier).default_max_tokens
+                await request.state.admitted.enter(self._admissions[choice.tier], request, cost)
+            except BaseException:
+                self._guard.settle(tenant, choice.tier, reservation, Usage(0, 0))
+                raise
         trace.admitted()
         headers = _headers(choice)
         if reservation is not None:
@@ -200,6 +209,7 @@ class Router:
             trace.usage(
                 {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
             )
+            request.state.admitted.leave(usage.total)  # the queue's turn, if the tier queues
             self._guard.settle(tenant, choice.tier, reservation, usage)
 
         scope = RequestScope(
@@ -236,7 +246,8 @@ class Router:
                     self._recorder.tenant_rejection(tenant.name, error.code or "")
                 return trace.finish(error.response(tgi=tgi))
 
-        return route
+        # A tier's admission turn is left on every exit, answered or not.
+        return leaving(route)
 
     def _openai_errors(self, handler: Handler) -> Handler:
         return self._guarded(handler, tgi=False)

@@ -18,6 +18,7 @@ from ..engine.supervisor import EngineSupervisor
 from ..metrics import app_metrics
 from ..tracing import Tracing
 from .call import TierCall
+from .replica_choice import EngineState
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,6 +42,7 @@ class TierDeployment:
         self._tier = tier
         self._tracing = Tracing.configure(tracing, f"tier-{tier.name}")
         self._tags = {"tier": tier.name}
+        self._slots = tier.engine.max_batch_size or tier.engine.max_concurrent_requests
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
 
@@ -75,6 +77,12 @@ class TierDeployment:
         app_metrics().engine_queue.set(load.queued, self._tags)
         app_metrics().engine_running.set(load.running, self._tags)
         return {ENGINE_QUEUE: load.queued, ENGINE_RUNNING: load.running}
+
+    async def record_routing_stats(self) -> dict[str, float]:
+        """The engine's load, for `serve_app.tier.request_router` (tiers with `routing`)."""
+        load = parse_load(await self._supervisor.client.metrics())
+        state = EngineState(load.queued, load.running, self._slots, load.kv_pressure)
+        return state.as_stats()
 
     async def check_health(self) -> None:
         await self._supervisor.check()

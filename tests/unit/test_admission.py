@@ -1,0 +1,95 @@
+"""A request's priority (the key's class, lowered by a header) and the keys' new fields."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from serve_app.config import ApiKeysConfig, AppConfig
+from serve_app.errors import InvalidRequest
+from serve_app.router.admission import admissions, leaving, priority
+from serve_app.router.auth import Tenant, load_tenants
+
+
+def tenant(level: str) -> Tenant:
+    return Tenant("t", b"", None, None, None, priority=level)  # type: ignore[arg-type]
+
+
+def test_the_key_sets_the_class_and_a_header_may_only_lower_it() -> None:
+    assert priority(tenant("interactive"), None) == "interactive"
+    assert priority(tenant("interactive"), "batch") == "batch"
+    assert priority(tenant("batch"), "interactive") == "batch"  # not raised
+    assert priority(tenant("batch"), None) == "batch"
+    assert priority(None, " Batch ") == "batch"  # no keys: the header decides
+    assert priority(None, None) == "interactive"
+
+
+def test_an_unknown_priority_header_is_a_400_naming_it() -> None:
+    with pytest.raises(InvalidRequest, match="x-priority must be one of interactive, batch"):
+        priority(None, "urgent")
+
+
+def test_keys_carry_priority_and_weight() -> None:
+    text = (
+        "- {name: a, key: aaaaaaaaaaaaaaaaaaaa, priority: batch, weight: 3}\n"
+        "- {name: b, key: bbbbbbbbbbbbbbbbbbbb}\n"
+    )
+    a, b = load_tenants(ApiKeysConfig(env="K"), {"K": text})
+    assert (a.priority, a.weight, b.priority, b.weight) == ("batch", 3.0, "interactive", 1.0)
+    with pytest.raises(ValueError, match="priority"):
+        load_tenants(
+            ApiKeysConfig(env="K"), {"K": "- {name: c, key: cccccccccccccccccc, priority: vip}"}
+        )
+
+
+def test_only_tiers_with_admission_get_a_queue() -> None:
+    config = AppConfig.model_validate(
+        {
+            "tiers": [
+                {"name": "a", "admission": {"max_in_flight": 4, "max_wait_s": 2}},
+                {"name": "b"},
+            ]
+        }
+    )
+    queues = admissions(config)
+    assert list(queues) == ["a"]
+    with pytest.raises(ValueError, match="max_in_flight"):
+        AppConfig.model_validate({"tiers": [{"name": "a", "admission": {"max_in_flight": 0}}]})
+
+
+def test_every_exit_gives_the_turn_back() -> None:
+    """Answered, streamed to the end, failed after admission: in flight returns to zero."""
+    queue = admissions(
+        AppConfig.model_validate({"tiers": [{"name": "a", "admission": {"max_in_flight": 1}}]})
+    )["a"]
+    during: list[int] = []
+
+    async def handler(request: Request) -> Response:
+        request.state.tenant = None
+        await request.state.admitted.enter(queue, request, 10)
+        during.append(queue.in_flight)
+        kind = request.path_params["kind"]
+        if kind == "fail":
+            return JSONResponse({"error": "x"}, status_code=500)
+        if kind == "stream":
+
+            async def body() -> AsyncIterator[bytes]:
+                for i in range(3):
+                    during.append(queue.in_flight)
+                    yield f"{i}".encode()
+
+            return StreamingResponse(body())
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/{kind}", leaving(handler))])
+    with TestClient(app) as client:
+        for kind in ("plain", "stream", "fail", "plain"):
+            client.get(f"/{kind}")
+            assert queue.in_flight == 0, kind
+    assert during and all(n == 1 for n in during)  # the turn is held until the answer is sent
