@@ -115,7 +115,7 @@ def compare(direct: dict[str, float], stack: dict[str, float]) -> dict[str, floa
         "added_ttft_p50_ms": stack["ttft_p50_ms"] - direct["ttft_p50_ms"],
         "added_ttft_p99_ms": stack["ttft_p99_ms"] - direct["ttft_p99_ms"],
         "added_itl_p99_ms": stack["itl_p99_ms"] - direct["itl_p99_ms"],
-        "throughput_ratio": stack["tokens_per_s"] / direct["tokens_per_s"],
+        "throughput_ratio": stack["tokens_per_s"] / max(direct["tokens_per_s"], 1e-9),
         "goodput_ratio": stack["goodput_per_s"] / max(direct["goodput_per_s"], 1e-9),
     }
 
@@ -138,14 +138,47 @@ def ab(direct: Load, stack: Load, runs: int, measure: Measure) -> dict[str, Any]
     return {**med, "vs_direct": compare(med["direct"], med["stack"])}
 
 
+def pids_by_role() -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {role: [] for role in ROLES}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            role = next((r for r, pattern in ROLES.items() if pattern.search(argv)), None)
+            if role is not None:
+                found[role].append(int(entry.name))
+    return found
+
+
+def start_profiles(py_spy: str, folder: Path, seconds: int) -> list[subprocess.Popen[bytes]]:
+    """py-spy on one process of each Python hop, sampling while the load runs."""
+    pids = pids_by_role()
+    folder.mkdir(parents=True, exist_ok=True)
+    profilers = []
+    for role in ("router", "tier", "engine"):
+        if pids[role]:
+            out = folder / f"profile_{role}.txt"
+            argv = [py_spy, "record", "--nonblocking", "-r", "200", "-d", str(seconds), "-f", "raw",
+                    "-p", str(pids[role][0]), "-o", str(out)]  # fmt: skip
+            profilers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))  # fmt: skip
+    return profilers
+
+
 def hops(gen: LoadGenerator, loads: dict[str, Load], streams: int, requests: int,
-         slo: float) -> dict[str, Any]:  # fmt: skip
+         slo: float, profile: Callable[[], list[subprocess.Popen[bytes]]] | None = None,
+         ) -> dict[str, Any]:  # fmt: skip
     """One run per path at `streams`: TTFT/ITL per path, and CPU microseconds per streamed chunk
-    of each role's processes."""
+    of each role's processes; `profile` starts profilers for the stack's run."""
     out: dict[str, Any] = {"streams": streams}
     for path, load in loads.items():
+        profilers = profile() if profile is not None and path == "stack" else []
         before = cpu_by_role()
         result = gen.closed_loop(load, streams, requests)
+        for p in profilers:
+            p.wait(timeout=60)
         after = cpu_by_role()
         chunks = max(1, sum(s.tokens for s in result.samples))
         cpu_us = {role: (after[role] - before[role]) / chunks * 1e6 for role in ROLES}
@@ -204,6 +237,8 @@ def main() -> int:
     parser.add_argument("--hop-streams", default="1,256", help="where to break the cost down")
     parser.add_argument("--real", action="store_true", help="also measure the real model")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
+    parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     out = args.out or ROOT / "bench" / "results" / f"stack_overhead_{cpus}cpu.json"
@@ -220,7 +255,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "machine": {"cpus": cpus, "platform": platform.platform(),
                     "python": platform.python_version()},
-        "commit": _commit(),
+        "commit": args.commit or _commit(),
         "ingress": {k: v for k, v in env.items() if k in localstack.SERVE_TUNING},
         "replicas": args.replicas, "routers": args.routers,
         "load_processes": args.processes,
@@ -257,7 +292,13 @@ def main() -> int:
             print(f"rate={rate}: {_brief(row)}", flush=True)
         for streams in [int(x) for x in args.hop_streams.split(",") if x]:
             loads = {"direct": direct, "router_port": routers, "stack": stack}
-            row = hops(gen, loads, streams, args.requests, slo)
+            profile = None
+            if args.py_spy and streams == max(int(x) for x in args.hop_streams.split(",")):
+
+                def profile() -> list[subprocess.Popen[bytes]]:
+                    return start_profiles(args.py_spy, out.parent, 6)
+
+            row = hops(gen, loads, streams, args.requests, slo, profile)
             results["hops"].append(row)
             print(f"hops at {streams}: " + json.dumps(
                 {p: {k: round(v, 1) for k, v in row[p]["cpu_us_per_chunk"].items()}
