@@ -54,9 +54,9 @@ INGRESS_PORTS = {
 }
 
 
-def ingress_env(head: Head, *, prefer_defaults: bool = False) -> dict[str, str]:
-    """Where one head's HAProxy listens and keeps its files (pure but for the port probe)."""
-    base = Path(head.temp_dir) / "haproxy"
+def ingress_env(temp_dir: str, *, prefer_defaults: bool = False) -> dict[str, str]:
+    """Where the HAProxy of a Ray cluster with this temp dir listens and keeps its files."""
+    base = Path(temp_dir) / "haproxy"
 
     ports = {
         name: str(free_port(default if prefer_defaults else None))
@@ -74,7 +74,8 @@ def ingress_env(head: Head, *, prefer_defaults: bool = False) -> dict[str, str]:
 
 def start_head(head: Head, env: Mapping[str, str], *, prefer_defaults: bool = False) -> Head:
     """Start `head` with `env` plus its own HAProxy ports and files (`ingress_env`)."""
-    return local_ray.start_head(head, {**env, **ingress_env(head, prefer_defaults=prefer_defaults)})
+    ingress = ingress_env(head.temp_dir, prefer_defaults=prefer_defaults)
+    return local_ray.start_head(head, {**env, **ingress})
 
 
 def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:

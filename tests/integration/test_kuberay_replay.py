@@ -48,6 +48,7 @@ def replayed() -> Iterator[dict[str, Any]]:
     env["SERVE_APP_API_KEYS"] = json.dumps([{"name": "replay", "key": API_KEY}])
     gcs, dashboard, http = free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env.update(localstack.ingress_env(temp_dir))  # HAProxy's ports and files, this cluster's own
     sessions = [
         local_ray.ray_start(
             [
