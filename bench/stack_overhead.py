@@ -237,15 +237,23 @@ def main() -> int:
     parser.add_argument("--hop-streams", default="1,256", help="where to break the cost down")
     parser.add_argument("--real", action="store_true", help="also measure the real model")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--no-fast-ingress",
+        action="store_true",
+        help="without HAProxy and throughput-optimised Serve, for comparison",
+    )
     parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
     parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
     args = parser.parse_args()
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0))
     out = args.out or ROOT / "bench" / "results" / f"stack_overhead_{cpus}cpu.json"
 
     tmpdir = tempfile.mkdtemp(prefix="bench-")
     env = localstack.ray_env()
     env["TMPDIR"] = tmpdir
+    if args.no_fast_ingress:
+        env.pop("RAY_SERVE_ENABLE_HA_PROXY")
+        env.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED")
     http_port = free_port()
     config_path = Path(tmpdir) / "serve.json"
     config_path.write_text(json.dumps(deploy_config(args, http_port)))
@@ -269,7 +277,7 @@ def main() -> int:
         localstack.wait_running(head, timeout_s=300)
         stack = Load((f"http://127.0.0.1:{http_port}/v1/chat/completions",), "sim", args.tokens)
         direct = Load(engine_urls(tmpdir, "simulated"), "tgi", args.tokens)
-        routers = Load(router_urls(head), "sim", args.tokens)
+        routers = Load(router_urls(head) or stack.urls, "sim", args.tokens)
         results["engines"] = len(direct.urls)
         gen.closed_loop(stack, 16, 2)  # warm both paths up
         gen.closed_loop(direct, 16, 2)
