@@ -28,7 +28,8 @@ test: install
 
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'
-	PYTHONPATH=. $(PY) bench/stack_overhead.py --real
+	PYTHONPATH=. $(PY) bench/sim_engine.py --out bench/results/sim_engine_$$(nproc)cpu.json
+	PYTHONPATH=. $(PY) bench/stack_overhead.py
 	PYTHONPATH=. $(PY) bench/engine_batching.py
 
 lint: install

@@ -1,130 +1,122 @@
-"""What the stack costs over a direct engine: the same engine process, measured both ways.
+"""What the stack costs over its engines reached directly: one tier of N simulated engines.
 
-    python bench/stack_overhead.py [--concurrency 1,8,32,64] [--rates 20,50] [--rounds 3] [--real]
+    PYTHONPATH=. python bench/stack_overhead.py [--replicas 4] [--routers 2] [--processes 4]
+        [--concurrency 1,8,64,256,512] [--rates 100,400] [--rounds 3] [--out FILE] [--real]
 
-Starts a Ray head, deploys one tier on the simulated engine (no model compute: a fixed time to
-first token, inter-token latency and length; `--real` adds a tier with the real model), finds that
-tier's engine process, and sends the same streaming chat requests directly to the engine and
-through the whole stack (Serve proxy → router → tier replica → engine), alternating sides each
-round so machine noise hits both. Closed-loop concurrency sweeps and open-loop Poisson rates;
-per request: time to first token (TTFT), inter-token latency (ITL), end-to-end latency, tokens.
-Writes bench/results/stack_overhead.json and .png.
+Starts a Ray head, deploys one tier of `--replicas` replicas on the simulated engine (no model
+compute: a fixed time to first token, inter-token latency and length) behind `--routers` router
+replicas, finds the tier's engine processes, and sends the same streaming chat requests
+directly to those engines (round-robin) and through the whole stack (HAProxy → router → tier
+replica → engine), alternating sides each round so machine noise hits both. The load comes from
+`--processes` worker processes (bench/loadgen.py). Closed-loop concurrency sweeps and open-loop
+Poisson rates; per request: time to first token (TTFT), inter-token latency (ITL), tokens.
+
+Where the time goes (`hops`): at 1 and 256 streams the stack's side is also measured through one
+router replica's own port (HAProxy skipped), and the CPU seconds of every process of each hop
+(HAProxy, router replicas, tier replicas, engines) are read from /proc around the run and
+divided by the streamed chunks. Writes the JSON (default
+bench/results/stack_overhead_<N>cpu.json) and a PNG next to it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import random
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
-from itertools import pairwise
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from bench.loadgen import Load, LoadGenerator, summary
 from serve_app import localstack
 from serve_app.localstack import Head
 from tests.helpers import engines_under, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-MESSAGES = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
+ROLES = {  # process role -> how its command line reads
+    "haproxy": re.compile(rb"haproxy\x00"),
+    "router": re.compile(rb"ServeReplica:llm:router"),
+    "tier": re.compile(rb"ServeReplica:llm:tier-"),
+    "engine": re.compile(rb"serve_app\.local_engine"),
+    "ray": re.compile(rb"ray::|raylet|gcs_server|dashboard"),
+}
 
 
-@dataclass(frozen=True)
-class Sample:
-    ttft_s: float
-    itl_s: list[float]
-    e2e_s: float
-    tokens: int
-    ok: bool
+def tier(name: str, engine: dict[str, Any], replicas: int) -> dict[str, Any]:
+    return {"name": name, "engine": engine, "max_ongoing_requests": 4096,
+            "max_queued_requests": -1, "default_max_tokens": 64, "max_tokens_limit": 512,
+            "replicas": {"min": replicas, "max": replicas}}  # fmt: skip
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> Sample:
-    body = {"model": model, "messages": MESSAGES, "max_tokens": tokens, "stream": True}
-    start = time.perf_counter()
-    stamps: list[float] = []
-    try:
-        async with client.stream("POST", url, json=body) as reply:
-            ok = reply.status_code == 200
-            async for line in reply.aiter_lines():
-                if line.startswith("data:") and '"content"' in line:
-                    stamps.append(time.perf_counter())
-    except httpx.HTTPError:
-        ok = False
-    end = time.perf_counter()
-    ttft = stamps[0] - start if stamps else end - start
-    return Sample(ttft, [b - a for a, b in pairwise(stamps)], end - start, len(stamps), ok)
-
-
-async def closed_loop(url: str, model: str, concurrency: int, requests: int,
-                      tokens: int) -> tuple[list[Sample], float]:  # fmt: skip
-    samples: list[Sample] = []
-    remaining = iter(range(requests))
-    limits = httpx.Limits(max_connections=concurrency * 2)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-
-        async def worker() -> None:
-            for _ in remaining:
-                samples.append(await one_request(client, url, model, tokens))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return samples, time.perf_counter() - start
-
-
-async def open_loop(url: str, model: str, rate: float, duration_s: float, tokens: int,
-                    seed: int) -> tuple[list[Sample], float]:  # fmt: skip
-    rng = random.Random(seed)
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4096)) as client:
-        tasks, start = [], time.perf_counter()
-        while time.perf_counter() - start < duration_s:
-            tasks.append(asyncio.create_task(one_request(client, url, model, tokens)))
-            await asyncio.sleep(rng.expovariate(rate))
-        samples = list(await asyncio.gather(*tasks))
-        return samples, time.perf_counter() - start
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def summary(samples: list[Sample], elapsed: float, slo_ttft_s: float) -> dict[str, float]:
-    good = [s for s in samples if s.ok]
-    ttft = [s.ttft_s for s in good]
-    itl = [x for s in good for x in s.itl_s]
-    tokens = sum(s.tokens for s in good)
+def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
+    sim = {"launcher": "local", "model_id": "simulated", "max_batch_size": 1024,
+           "max_concurrent_requests": 8192,
+           "extra_args": ["--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
+                          "--sim-output-tokens", str(args.tokens)]}  # fmt: skip
+    tiers = [tier("sim", sim, args.replicas)]
+    if args.real:
+        tiers.append(tier("real", {"launcher": "local", "threads": 1, "max_batch_size": 4}, 1))
     return {
-        "requests": len(samples),
-        "errors": len(samples) - len(good),
-        "ttft_p50_ms": pct(ttft, 0.5) * 1000,
-        "ttft_p90_ms": pct(ttft, 0.9) * 1000,
-        "ttft_p99_ms": pct(ttft, 0.99) * 1000,
-        "itl_mean_ms": statistics.fmean(itl) * 1000 if itl else float("nan"),
-        "itl_p99_ms": pct(itl, 0.99) * 1000,
-        "e2e_p50_ms": pct([s.e2e_s for s in good], 0.5) * 1000,
-        "requests_per_s": len(good) / elapsed,
-        "tokens_per_s": tokens / elapsed,
-        "goodput_per_s": sum(1 for s in good if s.ttft_s <= slo_ttft_s) / elapsed,
-    }
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [{"name": "llm", "route_prefix": "/",
+                          "import_path": "serve_app.app:build_app",
+                          "args": {"router": {"replicas": args.routers}, "tiers": tiers}}],
+    }  # fmt: skip
+
+
+def engine_urls(tmpdir: str, model_id: str) -> tuple[str, ...]:
+    urls = tuple(
+        f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/v1/chat/completions"
+        for argv in engines_under(tmpdir).values()
+        if argv[argv.index("--model-id") + 1] == model_id
+    )
+    if not urls:
+        raise RuntimeError(f"no engine for {model_id}")
+    return urls
+
+
+def router_urls(head: Head) -> tuple[str, ...]:
+    """Each router replica's own HTTP server, as HAProxy's config names them."""
+    found = set()
+    for cfg in Path(head.temp_dir, "haproxy").rglob("haproxy.cfg"):
+        text = cfg.read_text()
+        found |= set(re.findall(r"server SERVE_REPLICA_llm-router\S* ([\d.]+:\d+)", text))
+    return tuple(f"http://{hp}/v1/chat/completions" for hp in sorted(found))
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds used so far by every live process of each role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = dict.fromkeys(ROLES, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for role, pattern in ROLES.items():
+            if pattern.search(argv):
+                totals[role] += (int(fields[11]) + int(fields[12])) / tick
+                break
+    return totals
 
 
 def compare(direct: dict[str, float], stack: dict[str, float]) -> dict[str, float]:
     return {
         "added_ttft_p50_ms": stack["ttft_p50_ms"] - direct["ttft_p50_ms"],
         "added_ttft_p99_ms": stack["ttft_p99_ms"] - direct["ttft_p99_ms"],
-        "added_per_chunk_ms": stack["itl_mean_ms"] - direct["itl_mean_ms"],
-        "throughput_ratio": stack["tokens_per_s"] / direct["tokens_per_s"],
+        "added_itl_p99_ms": stack["itl_p99_ms"] - direct["itl_p99_ms"],
+        "throughput_ratio": stack["tokens_per_s"] / max(direct["tokens_per_s"], 1e-9),
+        "goodput_ratio": stack["goodput_per_s"] / max(direct["goodput_per_s"], 1e-9),
     }
 
 
@@ -132,44 +124,66 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def tier(name: str, engine: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "engine": engine, "max_ongoing_requests": 1024,
-            "default_max_tokens": 64, "max_tokens_limit": 512}  # fmt: skip
+Measure = Callable[[Load], dict[str, float]]
 
 
-def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
-    sim = {"launcher": "local", "model_id": "simulated", "max_batch_size": 512,
-           "max_concurrent_requests": 4096,
-           "extra_args": ["--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
-                          "--sim-output-tokens", str(args.tokens)]}  # fmt: skip
-    tiers = [tier("sim", sim)]
-    if args.real:
-        tiers.append(tier("real", {"launcher": "local", "threads": 1, "max_batch_size": 4}))
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": http_port},
-        "applications": [{"name": "llm", "route_prefix": "/",
-                          "import_path": "serve_app.app:build_app",
-                          "args": {"tiers": tiers}}],
-    }  # fmt: skip
-
-
-def engine_url(tmpdir: str, model_id: str) -> str:
-    for argv in engines_under(tmpdir).values():
-        if argv[argv.index("--model-id") + 1] == model_id:
-            return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/v1/chat/completions"
-    raise RuntimeError(f"no engine for {model_id}")
-
-
-def ab(direct: str, stack: str, model: str, runs: int, measure: Any) -> dict[str, Any]:
-    """Alternate direct and stack `runs` times; medians per side and the ratios."""
+def ab(direct: Load, stack: Load, runs: int, measure: Measure) -> dict[str, Any]:
+    """Alternate direct and stack `runs` times; medians per side and the comparisons."""
     sides: dict[str, list[dict[str, float]]] = {"direct": [], "stack": []}
     for i in range(runs):
         order = [("direct", direct), ("stack", stack)]
-        for side, url in order if i % 2 == 0 else order[::-1]:
-            sides[side].append(measure(url, model if side == "stack" else "tgi"))
+        for side, load in order if i % 2 == 0 else order[::-1]:
+            sides[side].append(measure(load))
     med = {side: median_of(r) for side, r in sides.items()}
-    return {**med, "ratios": compare(med["direct"], med["stack"])}
+    return {**med, "vs_direct": compare(med["direct"], med["stack"])}
+
+
+def pids_by_role() -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {role: [] for role in ROLES}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            role = next((r for r, pattern in ROLES.items() if pattern.search(argv)), None)
+            if role is not None:
+                found[role].append(int(entry.name))
+    return found
+
+
+def start_profiles(py_spy: str, folder: Path, seconds: int) -> list[subprocess.Popen[bytes]]:
+    """py-spy on one process of each Python hop, sampling while the load runs."""
+    pids = pids_by_role()
+    folder.mkdir(parents=True, exist_ok=True)
+    profilers = []
+    for role in ("router", "tier", "engine"):
+        if pids[role]:
+            out = folder / f"profile_{role}.txt"
+            argv = [py_spy, "record", "--nonblocking", "-r", "200", "-d", str(seconds), "-f", "raw",
+                    "-p", str(pids[role][0]), "-o", str(out)]  # fmt: skip
+            profilers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))  # fmt: skip
+    return profilers
+
+
+def hops(gen: LoadGenerator, loads: dict[str, Load], streams: int, requests: int,
+         slo: float, profile: Callable[[], list[subprocess.Popen[bytes]]] | None = None,
+         ) -> dict[str, Any]:  # fmt: skip
+    """One run per path at `streams`: TTFT/ITL per path, and CPU microseconds per streamed chunk
+    of each role's processes; `profile` starts profilers for the stack's run."""
+    out: dict[str, Any] = {"streams": streams}
+    for path, load in loads.items():
+        profilers = profile() if profile is not None and path == "stack" else []
+        before = cpu_by_role()
+        result = gen.closed_loop(load, streams, requests)
+        for p in profilers:
+            p.wait(timeout=60)
+        after = cpu_by_role()
+        chunks = max(1, sum(s.tokens for s in result.samples))
+        cpu_us = {role: (after[role] - before[role]) / chunks * 1e6 for role in ROLES}
+        out[path] = {**summary(result, slo), "chunks": chunks, "cpu_us_per_chunk": cpu_us}
+    return out
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -180,103 +194,160 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     levels = results["closed_loop"]
     xs = [row["concurrency"] for row in levels]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rates = results["open_loop"]
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(16, 4.2))
     for side, style in (("direct", "o-"), ("stack", "s-")):
         left.plot(xs, [r[side]["ttft_p50_ms"] for r in levels], style, label=f"{side} p50")
         left.plot(xs, [r[side]["ttft_p99_ms"] for r in levels], style, alpha=0.4,
                   label=f"{side} p99")  # fmt: skip
-        right.plot(xs, [r[side]["tokens_per_s"] for r in levels], style, label=side)
-    left.set(
-        xscale="log", xlabel="concurrent streams", ylabel="TTFT (ms)", title="Time to first token"
-    )
-    right.set(xscale="log", xlabel="concurrent streams", ylabel="tokens/s", title="Throughput")
-    for ax in (left, right):
+        mid.plot(xs, [r[side]["tokens_per_s"] for r in levels], style, label=side)
+        if rates:
+            rx = [r["rate_per_s"] for r in rates]
+            right.plot(rx, [r[side]["goodput_per_s"] for r in rates], style, label=side)
+    left.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="TTFT (ms)",
+             title="Time to first token (closed loop)")  # fmt: skip
+    mid.set(xscale="log", xlabel="concurrent streams", ylabel="tokens/s",
+            title="Throughput (closed loop)")  # fmt: skip
+    right.set(xlabel="offered requests/s", ylabel="requests/s with TTFT ≤ SLO",
+              title="Goodput (open loop)")  # fmt: skip
+    for ax in (left, mid, right):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Stack vs direct engine (simulated model) — {results['machine']['cpus']} CPUs")
+    m = results["machine"]
+    fig.suptitle(f"Stack vs {results['replicas']} simulated engines direct — {m['cpus']} CPUs, "
+                 f"{results['routers']} router replicas")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--rates", default="20,50", help="open-loop Poisson rates, requests/s")
+    parser.add_argument("--replicas", type=int, default=4, help="tier replicas = engines")
+    parser.add_argument("--routers", type=int, default=2, help="router replicas")
+    parser.add_argument("--processes", type=int, default=4, help="load generator processes")
+    parser.add_argument("--concurrency", default="1,8,64,256,512")
+    parser.add_argument("--rates", default="100,400", help="open-loop Poisson rates, requests/s")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=4, help="requests per stream per run")
+    parser.add_argument("--requests", type=int, default=3, help="requests per stream per run")
     parser.add_argument("--duration", type=float, default=5.0, help="open-loop seconds per run")
     parser.add_argument("--ttft-ms", type=float, default=20.0)
     parser.add_argument("--itl-ms", type=float, default=10.0)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--slo-ttft-ms", type=float, default=200.0)
+    parser.add_argument("--hop-streams", default="1,256", help="where to break the cost down")
     parser.add_argument("--real", action="store_true", help="also measure the real model")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--no-fast-ingress",
+        action="store_true",
+        help="without HAProxy and throughput-optimised Serve, for comparison",
+    )
+    parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
+    parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
     args = parser.parse_args()
+    cpus = len(os.sched_getaffinity(0))
+    out = args.out or ROOT / "bench" / "results" / f"stack_overhead_{cpus}cpu.json"
 
     tmpdir = tempfile.mkdtemp(prefix="bench-")
     env = localstack.ray_env()
     env["TMPDIR"] = tmpdir
+    if args.no_fast_ingress:
+        env.pop("RAY_SERVE_ENABLE_HA_PROXY")
+        env.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED")
     http_port = free_port()
     config_path = Path(tmpdir) / "serve.json"
     config_path.write_text(json.dumps(deploy_config(args, http_port)))
-    head = localstack.start_head(Head.private(), env)
+    head = localstack.start_head(Head.private(num_cpus=max(cpus, 8)), env)
+    gen = LoadGenerator(args.processes)
+    slo = args.slo_ttft_ms / 1000
+    results: dict[str, Any] = {
+        "machine": {"cpus": cpus, "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "commit": args.commit or _commit(),
+        "ingress": {k: v for k, v in env.items() if k in localstack.SERVE_TUNING},
+        "replicas": args.replicas, "routers": args.routers,
+        "load_processes": args.processes,
+        "simulated_engine": {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
+                             "tokens": args.tokens},
+        "slo_ttft_ms": args.slo_ttft_ms, "rounds": args.rounds,
+        "closed_loop": [], "open_loop": [], "hops": [],
+    }  # fmt: skip
     try:
         localstack.deploy(config_path, head, env)
         localstack.wait_running(head, timeout_s=300)
-        stack = f"http://127.0.0.1:{http_port}/v1/chat/completions"
-        direct = engine_url(tmpdir, "simulated")
-        slo = args.slo_ttft_ms / 1000
-        results: dict[str, Any] = {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "simulated_engine": {
-                "ttft_ms": args.ttft_ms,
-                "itl_ms": args.itl_ms,
-                "tokens": args.tokens,
-            },
-            "slo_ttft_ms": args.slo_ttft_ms,
-            "rounds": args.rounds,
-            "closed_loop": [],
-            "open_loop": [],
-        }
-        asyncio.run(closed_loop(stack, "sim", 4, 8, args.tokens))  # warm both paths up
-        asyncio.run(closed_loop(direct, "tgi", 4, 8, args.tokens))
-        for c in [int(x) for x in args.concurrency.split(",")]:
+        stack = Load((f"http://127.0.0.1:{http_port}/v1/chat/completions",), "sim", args.tokens)
+        direct = Load(engine_urls(tmpdir, "simulated"), "tgi", args.tokens)
+        routers = Load(router_urls(head) or stack.urls, "sim", args.tokens)
+        results["engines"] = len(direct.urls)
+        gen.closed_loop(stack, 16, 2)  # warm both paths up
+        gen.closed_loop(direct, 16, 2)
+        for c in [int(x) for x in args.concurrency.split(",") if x]:
 
-            def measure(url: str, model: str, c: int = c) -> dict[str, float]:
-                samples, took = asyncio.run(closed_loop(url, model, c, c * args.requests,
-                                                        args.tokens))  # fmt: skip
-                return summary(samples, took, slo)
+            def measure(load: Load, c: int = c) -> dict[str, float]:
+                return summary(gen.closed_loop(load, c, args.requests), slo)
 
-            row = {"concurrency": c, **ab(direct, stack, "sim", args.rounds, measure)}
+            row = {"concurrency": c, **ab(direct, stack, args.rounds, measure)}
             results["closed_loop"].append(row)
-            print(f"c={c}: {json.dumps(row['ratios'])}", flush=True)
+            print(f"c={c}: {_brief(row)}", flush=True)
         for rate in [float(x) for x in args.rates.split(",") if x]:
 
-            def measure_rate(url: str, model: str, rate: float = rate) -> dict[str, float]:
-                samples, took = asyncio.run(open_loop(url, model, rate, args.duration,
-                                                      args.tokens, seed=int(rate)))  # fmt: skip
-                return summary(samples, took, slo)
+            def measure_rate(load: Load, rate: float = rate) -> dict[str, float]:
+                result = gen.open_loop(load, rate, args.duration, seed=int(rate))
+                return summary(result, slo)
 
-            row = {"rate_per_s": rate, **ab(direct, stack, "sim", args.rounds, measure_rate)}
+            row = {"rate_per_s": rate, **ab(direct, stack, args.rounds, measure_rate)}
             results["open_loop"].append(row)
-            print(f"rate={rate}: {json.dumps(row['ratios'])}", flush=True)
+            print(f"rate={rate}: {_brief(row)}", flush=True)
+        for streams in [int(x) for x in args.hop_streams.split(",") if x]:
+            loads = {"direct": direct, "router_port": routers, "stack": stack}
+            profile = None
+            if args.py_spy and streams == max(int(x) for x in args.hop_streams.split(",")):
+
+                def profile() -> list[subprocess.Popen[bytes]]:
+                    return start_profiles(args.py_spy, out.parent, 6)
+
+            row = hops(gen, loads, streams, args.requests, slo, profile)
+            results["hops"].append(row)
+            print(f"hops at {streams}: " + json.dumps(
+                {p: {k: round(v, 1) for k, v in row[p]["cpu_us_per_chunk"].items()}
+                 for p in loads}), flush=True)  # fmt: skip
         if args.real:
-            real_direct = engine_url(tmpdir, "smollm2-135m-instruct")
+            real = Load(engine_urls(tmpdir, "smollm2-135m-instruct"), "tgi", 64)
 
-            def measure_real(url: str, model: str) -> dict[str, float]:
-                samples, took = asyncio.run(closed_loop(url, model, 4, 8, 64))
-                return summary(samples, took, slo)
+            def measure_real(load: Load) -> dict[str, float]:
+                return summary(gen.closed_loop(load, 4, 2), slo)
 
-            real = ab(real_direct, stack, "real", args.rounds, measure_real)
-            results["real_model"] = {"concurrency": 4, **real}
-            print(f"real: {json.dumps(results['real_model']['ratios'])}", flush=True)
+            real_stack = Load(stack.urls, "real", 64)
+            results["real_model"] = {"concurrency": 4,
+                                     **ab(real, real_stack, args.rounds, measure_real)}  # fmt: skip
+            print(f"real: {_brief(results['real_model'])}", flush=True)
     finally:
+        gen.close()
         localstack.stop_head(head)
-    out = ROOT / "bench" / "results" / "stack_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def _brief(row: dict[str, Any]) -> str:
+    d, s, v = row["direct"], row["stack"], row["vs_direct"]
+    return (f"TTFT p50 {d['ttft_p50_ms']:.1f}/{s['ttft_p50_ms']:.1f} ms, "
+            f"p99 {d['ttft_p99_ms']:.1f}/{s['ttft_p99_ms']:.1f}, "
+            f"ITL p99 {d['itl_p99_ms']:.1f}/{s['itl_p99_ms']:.1f}, "
+            f"tok/s {d['tokens_per_s']:.0f}/{s['tokens_per_s']:.0f}, "
+            f"goodput {d['goodput_per_s']:.1f}/{s['goodput_per_s']:.1f}, "
+            f"errors {d['errors']:.0f}/{s['errors']:.0f} | "
+            + json.dumps({k: round(x, 3) for k, x in v.items()}))  # fmt: skip
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=ROOT, check=False).stdout.strip()  # fmt: skip
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

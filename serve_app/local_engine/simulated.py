@@ -5,6 +5,11 @@ admission, queueing, batch slots and TGI's metrics behave as with a model), and 
 timetable: the first token after `--sim-ttft-ms`, then one every `--sim-itl-ms`, up to
 `--sim-output-tokens` (then end-of-sequence) or `max_new_tokens`. For benchmarks and autoscaling
 experiments only; functional tests use the real model.
+
+One process streams tens of thousands of tokens/s (bench/sim_engine.py; README "Performance"):
+the tokens are made once, not per stream and step. Each stream keeps its own timer: one timer
+per decode step for all streams (as a real engine's batch) was measured and made the streams
+emit in bursts, which cost more at the client than the timers saved.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class SimulatedBackend:
         self._timetable = timetable
         self.slots = slots
         self._prefill = prefill  # prompt-length-dependent prefill, with a prefix cache
+        tokens = [Token(id=1000 + i % 100, text=f" w{i}", logprob=-0.5) for i in range(
+            timetable.output_tokens)]  # fmt: skip
+        self._plain = tuple(GeneratedToken(t, ()) for t in tokens)
+        self._with_top = tuple(GeneratedToken(t, (t,)) for t in tokens)
 
     async def tokenize(self, text: str) -> list[tuple[int, str]]:
         """Whitespace-separated words; ids are stable hashes, as a vocabulary would give."""
@@ -52,6 +61,7 @@ class SimulatedBackend:
     ) -> AsyncIterator[GeneratedToken | Finished]:
         table = self._timetable
         count = min(table.output_tokens, sampling.max_new_tokens)
+        tokens = self._with_top if sampling.top_n_tokens else self._plain
         prefill_s = 0.0
         if self._prefill is not None:
             prefill_s = self._prefill.seconds([i for i, _ in await self.tokenize(prompt)])
@@ -59,8 +69,7 @@ class SimulatedBackend:
         for i in range(count):
             if i:
                 await asyncio.sleep(table.itl_s)
-            token = Token(id=1000 + i % 100, text=f" w{i}", logprob=-0.5)
-            yield GeneratedToken(token, (token,) if sampling.top_n_tokens else ())
+            yield tokens[i]
         reason = "length" if count == sampling.max_new_tokens else "eos_token"
         yield Finished(reason, count, 0)
 

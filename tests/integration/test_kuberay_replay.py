@@ -93,6 +93,7 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replayed]:
     env = manifest_ray_env(head_container, token_file)
     gcs, dashboard, http = free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env.update(localstack.ingress_env(temp_dir))  # HAProxy's ports and files, this cluster's own
     sessions = [
         local_ray.ray_start(
             [

@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -260,3 +261,50 @@ def test_answers_have_openais_shape(stack: Stack, kind: str) -> None:
         assert chunk["id"] == chunks[0]["id"]
         assert chunk["object"] == ("chat.completion.chunk" if kind == "chat" else "text_completion")
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_haproxy_is_the_ingress(stack: Stack) -> None:
+    """The stack's port is HAProxy's, forwarding to the router replicas' own HTTP servers."""
+    configs = list(Path(stack.head.temp_dir, "haproxy").rglob("haproxy.cfg"))
+    assert configs, "no HAProxy config under the head's temp dir"
+    text = configs[0].read_text()
+    assert re.search(rf"bind \S+:{stack.http_port}\b", text), text
+    assert re.search(r"server SERVE_REPLICA_llm-router\S* [\d.]+:\d+", text), text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_ids_are_echoed_or_assigned(stack: Stack, stream: bool) -> None:
+    body = {"model": "small", "messages": QUESTION, "max_tokens": 2, "stream": stream}
+    mine = chat(stack, body, **{"x-request-id": "my-trace-42"})
+    assert mine.status_code == 200 and mine.headers["x-request-id"] == "my-trace-42"
+    ids = {chat(stack, body).headers.get("x-request-id") for _ in range(2)}
+    assert None not in ids and len(ids) == 2, ids
+    refused = chat(stack, {**body, "model": "nope"}, **{"x-request-id": "bad-one"})
+    assert refused.status_code == 404 and refused.headers["x-request-id"] == "bad-one"
+
+
+def test_a_stream_cut_by_the_client_leaves_the_next_ones_whole(stack: Stack) -> None:
+    """Ten streams cut after their first token, then ten read to the end: every one of those
+    ends in [DONE] and the engine's batch is empty again."""
+    body = {"model": "large", "messages": LONG_STORY, "max_tokens": 200, "stream": True}
+
+    async def scenario() -> list[str]:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+
+            async def cut() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+                    async for line in reply.aiter_lines():
+                        if line.startswith("data:"):
+                            return
+
+            async def whole() -> str:
+                short = {**body, "max_tokens": 4}
+                async with client.stream("POST", "/v1/chat/completions", json=short) as reply:
+                    return [line async for line in reply.aiter_lines() if line][-1]
+
+            await asyncio.gather(*(cut() for _ in range(10)))
+            return list(await asyncio.gather(*(whole() for _ in range(10))))
+
+    assert asyncio.run(scenario()) == ["data: [DONE]"] * 10
+    wait_for(lambda: engine_metric(stack, "2", "tgi_batch_current_size") == 0, 15,
+             "the cut streams' slots to be freed")  # fmt: skip

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import httpx
 import pytest
+import yaml
 from openai import NotFoundError
 
 from serve_app import localstack
@@ -110,6 +112,19 @@ def test_router_metrics_carry_the_tier(stack: Stack) -> None:
         )
 
     wait_for(exported, 60, "tier-labelled application metrics on Ray's metrics port")
+
+
+def test_serve_status_shows_every_deployment_healthy(stack: Stack) -> None:
+    """`serve status`, as users run it, with HAProxy as the ingress."""
+    out = subprocess.run(
+        [str(localstack.BIN / "serve"), "status", "-a", stack.head.dashboard],
+        env=stack.env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    apps = yaml.safe_load(out)["applications"]
+    assert apps["llm"]["status"] == "RUNNING", out
+    deployments = apps["llm"]["deployments"]
+    assert set(deployments) == {"router", "tier-small", "tier-large"}, out
+    assert {d["status"] for d in deployments.values()} == {"HEALTHY"}, out
 
 
 def test_killed_engine_is_replaced_and_the_tier_answers_again(stack: Stack) -> None:

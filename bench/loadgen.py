@@ -1,0 +1,184 @@
+"""A streaming load generator spread over processes, so that the client is never the ceiling.
+
+Each worker process runs its own event loop and aiohttp session and sends streaming chat
+requests round-robin over a list of URLs (one URL: the stack's ingress; N URLs: N engines
+reached directly). Closed loop: a fixed number of streams, each sending its next request when the
+last one ends. Open loop: Poisson arrivals at a fixed rate, whatever the answers do. Workers start
+together at one wall-clock instant; their samples are merged in the parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from itertools import pairwise
+
+import aiohttp
+
+MESSAGES = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
+CONTENT = b'"content"'
+
+
+@dataclass(frozen=True)
+class Sample:
+    ttft_s: float
+    itl_s: tuple[float, ...]
+    e2e_s: float
+    tokens: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Load:
+    """What one measurement sends: where, as which model, how many tokens per answer."""
+
+    urls: tuple[str, ...]
+    model: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Result:
+    samples: list[Sample]
+    elapsed_s: float
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, load: Load) -> Sample:
+    body = {"model": load.model, "messages": MESSAGES, "max_tokens": load.tokens, "stream": True}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    ok = False
+    try:
+        async with session.post(url, json=body) as reply:
+            ok = reply.status == 200
+            buffer = b""
+            async for data in reply.content.iter_any():
+                now = time.perf_counter()
+                buffer += data
+                *events, buffer = buffer.split(b"\n\n")
+                stamps.extend(now for event in events if CONTENT in event)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        ok = False
+    end = time.perf_counter()
+    ttft = stamps[0] - start if stamps else end - start
+    return Sample(ttft, tuple(b - a for a, b in pairwise(stamps)), end - start, len(stamps), ok)
+
+
+def _session(connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=600)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+
+async def _closed(load: Load, streams: int, requests: int, offset: int,
+                  start_at: float) -> Result:  # fmt: skip
+    samples: list[Sample] = []
+    remaining = iter(range(requests))
+    async with _session(streams * 2) as session:
+
+        async def worker(k: int) -> None:
+            for i in remaining:
+                url = load.urls[(offset + k + i) % len(load.urls)]
+                samples.append(await one_request(session, url, load))
+
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        began = time.time()
+        await asyncio.gather(*(worker(k) for k in range(streams)))
+        return Result(samples, time.time() - began)
+
+
+async def _open(load: Load, rate: float, duration_s: float, seed: int,
+                start_at: float) -> Result:  # fmt: skip
+    rng = random.Random(seed)
+    async with _session(8192) as session:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        began, tasks, i = time.time(), [], seed
+        while time.time() - began < duration_s:
+            url = load.urls[i % len(load.urls)]
+            tasks.append(asyncio.create_task(one_request(session, url, load)))
+            i += 1
+            await asyncio.sleep(rng.expovariate(rate))
+        samples = list(await asyncio.gather(*tasks))
+        return Result(samples, time.time() - began)
+
+
+def _closed_worker(args: tuple[Load, int, int, int, float]) -> Result:
+    return _run(_closed(*args))
+
+
+def _open_worker(args: tuple[Load, float, float, int, float]) -> Result:
+    return _run(_open(*args))
+
+
+def _run(coro) -> Result:  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+class LoadGenerator:
+    """A pool of worker processes, kept for a whole benchmark run."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool = multiprocessing.get_context("spawn").Pool(processes)
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+    def closed_loop(self, load: Load, streams: int, requests_per_stream: int) -> Result:
+        start_at = time.time() + 0.3
+        parts = [n for n in _split(streams, self.processes) if n]
+        jobs = [(load, n, n * requests_per_stream, i * 7919, start_at) for i, n in enumerate(parts)]
+        return _merge(self._pool.map(_closed_worker, jobs))
+
+    def open_loop(self, load: Load, rate: float, duration_s: float, seed: int) -> Result:
+        start_at = time.time() + 0.3
+        per = rate / self.processes
+        jobs = [(load, per, duration_s, seed * 1000 + i, start_at) for i in range(self.processes)]
+        return _merge(self._pool.map(_open_worker, jobs))
+
+
+def _merge(results: list[Result]) -> Result:
+    return Result([s for r in results for s in r.samples], max(r.elapsed_s for r in results))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(result: Result, slo_ttft_s: float) -> dict[str, float]:
+    good = [s for s in result.samples if s.ok]
+    ttft = [s.ttft_s for s in good]
+    itl = [x for s in good for x in s.itl_s]
+    tokens = sum(s.tokens for s in good)
+    elapsed = result.elapsed_s
+    return {
+        "requests": len(result.samples),
+        "errors": len(result.samples) - len(good),
+        "ttft_p50_ms": pct(ttft, 0.5) * 1000,
+        "ttft_p90_ms": pct(ttft, 0.9) * 1000,
+        "ttft_p99_ms": pct(ttft, 0.99) * 1000,
+        "itl_mean_ms": statistics.fmean(itl) * 1000 if itl else float("nan"),
+        "itl_p50_ms": pct(itl, 0.5) * 1000,
+        "itl_p99_ms": pct(itl, 0.99) * 1000,
+        "e2e_p50_ms": pct([s.e2e_s for s in good], 0.5) * 1000,
+        "requests_per_s": len(good) / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "goodput_per_s": sum(1 for s in good if s.ttft_s <= slo_ttft_s) / elapsed,
+    }
