@@ -168,6 +168,22 @@ class RequestTrace:
         self._span = span
         self._start = time.perf_counter()
         self._baggage: dict[str, str] = {}
+        self._held = False  # a request scope still has to report (usage), see `hold`
+        self._answered = False
+
+    def hold(self) -> None:
+        """Keep the span open past the response until `release`: a request scope settles (and
+        reports its usage) after a streamed body is sent."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        if self._answered:
+            self._end()
+
+    def _end(self) -> None:
+        if self._span is not None and self._span.is_recording():
+            self._span.end()
 
     def set(self, attributes: Mapping[str, Any]) -> None:
         if self._span is not None:
@@ -215,10 +231,11 @@ class RequestTrace:
 
             self._span.set_status(Status(StatusCode.ERROR))
             self.set({"error.type": str(response.status_code)})
+        self._answered = True
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._streamed(response.body_iterator)
-        else:
-            self._span.end()
+        elif not self._held:
+            self._end()
         return response
 
     async def _streamed(self, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -233,7 +250,8 @@ class RequestTrace:
                 yield chunk
         finally:
             self.set({"serve_app.stream_chunks": chunks})
-            self._span.end()
+            if not self._held:
+                self._end()
 
 
 OFF = RequestTrace()

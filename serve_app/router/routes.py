@@ -211,7 +211,9 @@ class Router:
             )
             request.state.admitted.leave(usage.total)  # the queue's turn, if the tier queues
             self._guard.settle(tenant, choice.tier, reservation, usage)
+            trace.release()
 
+        trace.hold()  # the span ends once the scope below has settled
         scope = RequestScope(
             choice.tier, self._in_flight, self._recorder, call.prompt_chars, settle, tgi
         )
