@@ -67,13 +67,32 @@ class EngineMetrics:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """When an admitted request entered the queue, got a batch slot and finished (seconds on
+    `time.perf_counter()`'s clock), for TGI's timing headers."""
+
+    queued: float
+    started: float
+    done: float
+
+
+@dataclass(frozen=True)
 class StreamItem:
-    """One generated token; the last one carries how generation ended."""
+    """One generated token; the last one carries how generation ended, and when."""
 
     index: int
     token: Token
     top_tokens: tuple[Token, ...]
     finished: Finished | None = None
+    timing: Timing | None = None
+
+
+STOP_WINDOW = 300  # characters of recent output a stop sequence is matched against, as in TGI
+
+
+def stop_matched(recent: str, stop: tuple[str, ...]) -> bool:
+    """TGI's stop criterion: the text generated so far ends with a stop sequence."""
+    return any(recent.endswith(s) for s in stop if s)
 
 
 class Scheduler:
@@ -117,6 +136,9 @@ class Scheduler:
                 count = 0
                 async for item in self._items(prompt, sampling):
                     count = item.index
+                    if item.finished is not None:
+                        done = time.perf_counter()
+                        item = replace(item, timing=Timing(arrived, started, done))
                     yield item
             except EngineError as exc:
                 m.request_failure.labels(err=exc.kind).inc()
@@ -124,7 +146,6 @@ class Scheduler:
             finally:
                 self._running -= 1
                 self._update_gauges()
-        done = time.perf_counter()
         m.request_success.inc()
         m.request_duration.observe(done - arrived)
         m.queue_duration.observe(started - arrived)
@@ -135,15 +156,12 @@ class Scheduler:
             m.time_per_token.observe((done - started) / count)
 
     async def _items(self, prompt: str, sampling: Sampling) -> AsyncIterator[StreamItem]:
-        """Attach the finish to the last token, as TGI's stream does.
-
-        The end is known without waiting for the next token when generation runs out of length
-        (the count says so) or ends on the end-of-sequence token (which llama.cpp does not
-        stream, so it is sent here, as TGI sends it). Only with stop sequences is one token held
-        back, since any token may complete one.
-        """
-        held: StreamItem | None = None
+        """Attach the finish to the last token, as TGI's stream does, checking after each
+        token, in TGI's order: the length, then the stop sequences (the matched text stays in
+        the answer). The end-of-sequence token is not streamed by llama.cpp; it is sent here,
+        as TGI sends it. Returning early closes the generation, which frees its slot."""
         index = 0
+        recent = ""
         generation = self._backend.generate(prompt, sampling)
         try:
             async for event in generation:
@@ -151,25 +169,18 @@ class Scheduler:
                     index += 1
                     item = StreamItem(index, event.token, event.top_tokens)
                     if index == sampling.max_new_tokens:
-                        if held is not None:
-                            yield held
                         yield replace(item, finished=Finished("length", index, 0))
                         return
                     if sampling.stop:
-                        if held is not None:
-                            yield held
-                        held = item
-                    else:
-                        yield item
+                        recent = (recent + event.token.text)[-STOP_WINDOW:]
+                        if stop_matched(recent, sampling.stop):
+                            yield replace(item, finished=Finished("stop_sequence", index, 0))
+                            return
+                    yield item
                     continue
                 if event.reason == "eos_token":
-                    if held is not None:
-                        yield held
                     fin = replace(event, generated_tokens=index + 1)
                     yield StreamItem(index + 1, self._eos, (), fin)
-                    return
-                if held is not None:
-                    yield replace(held, finished=replace(event, generated_tokens=index))
                     return
                 # No token to carry the end: llama.cpp streams no text for tokens that stop
                 # inside an incomplete UTF-8 sequence. An empty special token carries it.
