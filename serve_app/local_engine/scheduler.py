@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
 
 from .backend import Backend, Finished, GeneratedToken, Token
 from .validation import EngineError, Sampling, overloaded
@@ -23,9 +25,11 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class EngineMetrics:
-    """TGI's metric names, in a registry of the engine's own."""
+    """TGI's metric names and types, in a registry of the engine's own (`exposition()` writes
+    them as TGI does). TGI's batch internals (`tgi_batch_forward_duration` and the like) have
+    no counterpart in llama.cpp and are left out."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_batch_total_tokens: int = 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
@@ -40,6 +44,19 @@ class EngineMetrics:
         self.request_duration = Histogram(
             "tgi_request_duration", "End-to-end seconds", buckets=DURATION_BUCKETS, registry=r
         )
+        self.validation_duration = Histogram(
+            "tgi_request_validation_duration",
+            "Seconds from arrival to the queue",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.max_new_tokens = Histogram(
+            "tgi_request_max_new_tokens", "Tokens asked for", buckets=LENGTH_BUCKETS, registry=r
+        )
+        self.batch_max_total_tokens = Gauge(
+            "tgi_batch_max_total_tokens", "Tokens all batch slots can hold", registry=r
+        )
+        self.batch_max_total_tokens.set(max_batch_total_tokens)
         self.queue_duration = Histogram(
             "tgi_request_queue_duration",
             "Seconds waiting for a slot",
@@ -64,6 +81,43 @@ class EngineMetrics:
         self.generated_tokens = Histogram(
             "tgi_request_generated_tokens", "Generated tokens", buckets=LENGTH_BUCKETS, registry=r
         )
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text, as TGI writes it: counters under their own names
+    (prometheus-client would add `_total`) and no `_created` samples."""
+    families = [f for f in registry.collect()]
+    counters = [f for f in families if f.type == "counter"]
+    others = _Families([f for f in families if f.type != "counter"])
+    lines = []
+    for family in counters:
+        lines += [f"# HELP {family.name} {family.documentation}", f"# TYPE {family.name} counter"]
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
+            lines.append(f"{family.name}{{{labels}}} {sample.value}" if labels
+                         else f"{family.name} {sample.value}")  # fmt: skip
+    text = generate_latest(others).decode()  # type: ignore[arg-type]
+    kept = [line for line in text.splitlines() if not _is_created(line)]
+    return ("\n".join(lines + kept) + "\n").encode()
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def _is_created(line: str) -> bool:
+    name = line.split("{")[0].split(" ")[0] if not line.startswith("#") else line.split(" ")[2]
+    return name.endswith("_created")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 @dataclass(frozen=True)
@@ -96,14 +150,21 @@ def stop_matched(recent: str, stop: tuple[str, ...]) -> bool:
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, *, max_concurrent_requests: int, eos: Token) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_concurrent_requests: int,
+        eos: Token,
+        max_batch_total_tokens: int = 0,
+    ) -> None:
         self._backend = backend
         self._max_concurrent = max_concurrent_requests
         self._slots = asyncio.Semaphore(backend.slots)
         self._eos = eos
         self._in_flight = 0
         self._running = 0
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(max_batch_total_tokens=max_batch_total_tokens)
 
     def admit(self) -> None:
         """Count a request in, or refuse it at once as TGI does past its concurrency limit."""
@@ -123,11 +184,15 @@ class Scheduler:
         self.metrics.queue_size.set(self._in_flight - self._running)
 
     async def stream(
-        self, prompt: str, sampling: Sampling, input_length: int
+        self, prompt: str, sampling: Sampling, input_length: int, received: float | None = None
     ) -> AsyncIterator[StreamItem]:
-        """Generate for an admitted request; the caller releases it afterwards."""
+        """Generate for an admitted request (which arrived at `received`, on
+        `time.perf_counter()`'s clock); the caller releases it afterwards."""
         m = self.metrics
         arrived = time.perf_counter()
+        if received is not None:
+            m.validation_duration.observe(arrived - received)
+        m.max_new_tokens.observe(sampling.max_new_tokens)
         async with self._slots:
             started = time.perf_counter()
             self._running += 1

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from .backend import Backend, Finished, Token
 from .cli import EngineArgs
 from .headers import answer_headers, stream_headers
-from .scheduler import Scheduler, StreamItem, Timing
+from .scheduler import Scheduler, StreamItem, Timing, exposition
 from .tools import NO_TOOL, ToolRequest, ToolStream, next_call_id, parse_call, tool_request
 from .validation import (
     EngineError,
@@ -60,8 +60,10 @@ class Engine:
             prompt = "".join(piece for _, piece in tokens)
         return sampling, tokens, prompt
 
-    def run(self, prompt: str, sampling: Sampling, input_length: int) -> AsyncIterator[StreamItem]:
-        return self.scheduler.stream(prompt, sampling, input_length)
+    def run(
+        self, request: Request, prompt: str, sampling: Sampling, input_length: int
+    ) -> AsyncIterator[StreamItem]:
+        return self.scheduler.stream(prompt, sampling, input_length, _received(request))
 
 
 class ReleasingResponse(Response):
@@ -218,7 +220,7 @@ async def _generate(
     request: Request, data: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, str]]:
     inputs, prompt, params, sampling, prompt_tokens = await _generation(request, data, False)
-    run = engine(request).run(prompt, sampling, len(prompt_tokens))
+    run = engine(request).run(request, prompt, sampling, len(prompt_tokens))
     items, fin = await until_disconnected(request, _collect(run))
     headers = _answer_headers(request, len(inputs), items[-1].timing, len(prompt_tokens), fin)
     text = "".join(i.token.text for i in items if not i.token.special)
@@ -250,7 +252,7 @@ async def _generate_stream(request: Request, data: dict[str, Any]) -> Response:
 
     async def events() -> AsyncIterator[bytes]:
         text: list[str] = []
-        async for item in engine(request).run(prompt, sampling, len(prompt_tokens)):
+        async for item in engine(request).run(request, prompt, sampling, len(prompt_tokens)):
             if not item.token.special:
                 text.append(item.token.text)
             event: dict[str, Any] = {
@@ -480,7 +482,7 @@ async def _start_chat(
 ) -> ChatRun:
     prompt = await _chat_prompt(request, messages, tools)
     sampling, tokens, prompt = await engine(request).prepare(prompt, sampling)
-    items = engine(request).run(prompt, sampling, len(tokens))
+    items = engine(request).run(request, prompt, sampling, len(tokens))
     return ChatRun(prompt, sampling, len(tokens), items)
 
 
@@ -605,7 +607,7 @@ async def _completions(request: Request, data: dict[str, Any]) -> Response:
     characters = len(prompt)
     sampling, prompt_tokens, prompt = await engine(request).prepare(prompt, sampling)
     header = _openai_header(request)
-    items = engine(request).run(prompt, sampling, len(prompt_tokens))
+    items = engine(request).run(request, prompt, sampling, len(prompt_tokens))
     compute_type = engine(request).args.compute_type
     if not stream:
         collected, fin = await until_disconnected(request, _collect(items))
@@ -705,7 +707,7 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     registry = engine(request).scheduler.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 OPEN_ROUTES = frozenset({"/health", "/metrics", "/info"})

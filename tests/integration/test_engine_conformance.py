@@ -207,7 +207,7 @@ def test_overload_refuses_past_max_concurrent_at_once_and_queues_the_rest(
 
 
 def test_client_disconnect_frees_the_slot(engine: RunningEngine) -> None:
-    before = metric(engine.url, "tgi_request_success_total")
+    before = metric(engine.url, "tgi_request_success")
     body = {"inputs": "1, 2, 3, 4,", "parameters": {"max_new_tokens": 1000}}
     with httpx.stream("POST", f"{engine.url}/generate_stream", json=body, timeout=60) as reply:
         lines = reply.iter_lines()
@@ -218,7 +218,7 @@ def test_client_disconnect_frees_the_slot(engine: RunningEngine) -> None:
         deadline_checks -= 1
         asyncio.run(asyncio.sleep(0.1))
     assert metric(engine.url, "tgi_batch_current_size") == 0
-    assert metric(engine.url, "tgi_request_success_total") == before  # cancelled, not finished
+    assert metric(engine.url, "tgi_request_success") == before  # cancelled, not finished
 
 
 def test_sigterm_lets_the_stream_in_flight_finish(tmp_path: Any) -> None:
@@ -299,7 +299,7 @@ def test_truncate_keeps_the_last_tokens(engine: RunningEngine) -> None:
 
 
 def test_abandoned_non_streaming_request_stops_generating(engine: RunningEngine) -> None:
-    before = metric(engine.url, "tgi_request_success_total")
+    before = metric(engine.url, "tgi_request_success")
     body = {"inputs": "1, 2, 3, 4,", "parameters": {"max_new_tokens": 900}}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{engine.url}/generate", json=body, timeout=1.5)
@@ -308,4 +308,4 @@ def test_abandoned_non_streaming_request_stops_generating(engine: RunningEngine)
         checks -= 1
         asyncio.run(asyncio.sleep(0.1))
     assert metric(engine.url, "tgi_batch_current_size") == 0
-    assert metric(engine.url, "tgi_request_success_total") == before  # cancelled, not finished
+    assert metric(engine.url, "tgi_request_success") == before  # cancelled, not finished
