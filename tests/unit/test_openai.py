@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
+from openai import OpenAI
 
 from serve_app.config import TierConfig
 from serve_app.errors import InvalidRequest
-from serve_app.router.openai import Normaliser, parse_request
+from serve_app.router.openai import SSE_DONE, Normaliser, parse_request
 
 TIER = TierConfig(name="small", default_max_tokens=64, max_tokens_limit=256)
 
@@ -204,3 +206,26 @@ def test_a_whole_tool_call_answer_takes_openais_shape() -> None:
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["content"] is None
     assert choice["message"]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+def test_the_openai_sdk_joins_the_normalised_tool_stream() -> None:
+    """The SDK's own stream accumulator over the router's events for TGI's fragments."""
+    norm = Normaliser(parse_request("chat", chat(stream=True), "small", TIER))
+    pieces = [("{", "get_weather"), (' "city": "Paris"', None), ("}", None)]
+    tgi = [tgi_tool_chunk(args, name=name) for args, name in pieces]
+    tgi[-1]["choices"][0]["finish_reason"] = "stop"
+    tgi[-1]["usage"] = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    body = b"".join(e for c in tgi for e in norm.chunk(c)) + SSE_DONE
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    client = OpenAI(base_url="http://router/v1", api_key="unused",
+                    http_client=httpx.Client(transport=httpx.MockTransport(reply)))  # fmt: skip
+    with client.chat.completions.stream(model="small", messages=[]) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.role == "assistant"
+    (call,) = choice.message.tool_calls
+    assert (call.id, call.type, call.function.name) == ("0", "function", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
