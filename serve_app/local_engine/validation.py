@@ -93,7 +93,7 @@ def _number(params: dict[str, Any], name: str, kind: type = float) -> Any:
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
-        ok = ok and float(value).is_integer()
+        ok = ok and (isinstance(value, int) or value.is_integer())
     if not ok:
         raise invalid(f"`{name}` must be {'an integer' if kind is int else 'a number'}")
     return kind(value)

@@ -65,7 +65,8 @@ class Bound:
 
     def check(self, value: Any) -> None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (self.integer and not float(value).is_integer()):
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if not number or (self.integer and not whole):
             kind = "an integer" if self.integer else "a number"
             raise InvalidRequest(f"`{self.name}` must be {kind}", param=self.name)
         if not (self.low < value if self.low_open else self.low <= value) or value > self.high:

@@ -99,6 +99,8 @@ BOUND_CASES: list[tuple[dict[str, object], str | None]] = [
     ({"seed": 0}, None),
     ({"seed": -1}, "seed"),
     ({"seed": 2**64}, "seed"),
+    ({"seed": 10**400}, "seed"),  # past any float: still a 400
+    ({"seed": 7.0}, None),
     ({"stop": "\n"}, None),
     ({"stop": ["a", "b", "c", "d"]}, None),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
