@@ -164,6 +164,9 @@ print(reply.choices[0].message.content)'
 Ray head (this checkout's own): dashboard {dashboard}, metrics http://127.0.0.1:{metrics}/metrics,
 GCS 127.0.0.1:{gcs}, logs in {temp_dir}.
 Status: {bin}/serve status -a {dashboard}    Stop: {python} -m serve_app.localstack down
+Autoscaling (the small tier, 1 -> 2 replicas under a burst of requests): watch the replica count
+with the status command above, and the decisions with
+  grep -h 'autoscaling tier-' {temp_dir}/session_latest/logs/serve/controller_*.log
 """
 
 

@@ -94,6 +94,7 @@ async def serve(args: EngineArgs) -> None:
             backend,
             max_concurrent_requests=args.max_concurrent_requests,
             eos=await backend.eos_token(),
+            max_batch_total_tokens=args.max_batch_size * args.max_total_tokens,
         )
         app = create_app(Engine(args=args, scheduler=scheduler, backend=backend))
         config = uvicorn.Config(

@@ -134,7 +134,6 @@ class LlamaBackend:
                 loop.call_soon_threadsafe(chunks.put_nowait, None)
 
         self._executor.submit(run)
-        last: dict[str, Any] | None = None
         try:
             while (chunk := await chunks.get()) is not None:
                 if isinstance(chunk, BaseException):
@@ -143,12 +142,11 @@ class LlamaBackend:
                     raise EngineError(424, "generation", chunk["error"].get("message", "failed"))
                 choice = chunk["choices"][0]
                 for entry in (choice.get("logprobs") or {}).get("content") or ():
-                    last = entry
                     yield GeneratedToken(_token(entry), tuple(map(_token, entry["top_logprobs"])))
                 if choice.get("finish_reason"):
                     usage = chunk.get("usage") or {}
                     yield Finished(
-                        reason=_finish_reason(choice["finish_reason"], last, sampling),
+                        reason=_finish_reason(choice["finish_reason"]),
                         generated_tokens=int(usage.get("completion_tokens", 0)),
                         input_length=int(usage.get("prompt_tokens", 0)),
                     )
@@ -165,18 +163,10 @@ def _token(entry: dict[str, Any]) -> Token:
     return Token(id=int(entry["id"]), text=entry["token"], logprob=entry.get("logprob"))
 
 
-def _finish_reason(
-    llama_reason: str, last: dict[str, Any] | None, sampling: Sampling
-) -> FinishReason:
-    if llama_reason == "length":
-        return "length"
-    # llama.cpp says "stop" for both an end-of-sequence token and a stop sequence. A stop
-    # sequence is cut out of the last token's text, which an end-of-sequence never is.
-    if sampling.stop and last is not None:
-        sampled = next((t for t in last["top_logprobs"] if t["id"] == last["id"]), None)
-        if sampled is not None and sampled["token"] != last["token"]:
-            return "stop_sequence"
-    return "eos_token"
+def _finish_reason(llama_reason: str) -> FinishReason:
+    # llama.cpp is given no stop strings (the scheduler matches them), so its "stop" is always
+    # the end-of-sequence token.
+    return "length" if llama_reason == "length" else "eos_token"
 
 
 def _llama_error_message(reply: httpx.Response) -> str:

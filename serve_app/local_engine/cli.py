@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 
 log = logging.getLogger("local_engine")
@@ -57,6 +58,7 @@ class EngineArgs:
     sim_output_tokens: int
     sim_prefill_us_per_token: float
     sim_prefix_cache_tokens: int
+    compute_type: str  # TGI's `x-compute-type` header, from the COMPUTE_TYPE variable as in TGI
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
 
@@ -113,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, list[str]]:
         if getattr(ns, flag[2:].replace("-", "_")) not in (None, False)
     ]
     args = EngineArgs(
-        **{name: getattr(ns, name) for name in EngineArgs.__dataclass_fields__},
+        **{name: getattr(ns, name) for name in EngineArgs.__dataclass_fields__ if name in ns},
+        compute_type=os.environ.get("COMPUTE_TYPE", "cpu+llama.cpp"),
     )
     return args, ignored

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
 
 from .backend import Backend, Finished, GeneratedToken, Token
 from .validation import EngineError, Sampling, overloaded
@@ -23,9 +25,11 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class EngineMetrics:
-    """TGI's metric names, in a registry of the engine's own."""
+    """TGI's metric names and types, in a registry of the engine's own (`exposition()` writes
+    them as TGI does). TGI's batch internals (`tgi_batch_forward_duration` and the like) have
+    no counterpart in llama.cpp and are left out."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_batch_total_tokens: int = 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
@@ -40,6 +44,19 @@ class EngineMetrics:
         self.request_duration = Histogram(
             "tgi_request_duration", "End-to-end seconds", buckets=DURATION_BUCKETS, registry=r
         )
+        self.validation_duration = Histogram(
+            "tgi_request_validation_duration",
+            "Seconds from arrival to the queue",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.max_new_tokens = Histogram(
+            "tgi_request_max_new_tokens", "Tokens asked for", buckets=LENGTH_BUCKETS, registry=r
+        )
+        self.batch_max_total_tokens = Gauge(
+            "tgi_batch_max_total_tokens", "Tokens all batch slots can hold", registry=r
+        )
+        self.batch_max_total_tokens.set(max_batch_total_tokens)
         self.queue_duration = Histogram(
             "tgi_request_queue_duration",
             "Seconds waiting for a slot",
@@ -66,25 +83,88 @@ class EngineMetrics:
         )
 
 
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text, as TGI writes it: counters under their own names
+    (prometheus-client would add `_total`) and no `_created` samples."""
+    families = [f for f in registry.collect()]
+    counters = [f for f in families if f.type == "counter"]
+    others = _Families([f for f in families if f.type != "counter"])
+    lines = []
+    for family in counters:
+        lines += [f"# HELP {family.name} {family.documentation}", f"# TYPE {family.name} counter"]
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
+            lines.append(f"{family.name}{{{labels}}} {sample.value}" if labels
+                         else f"{family.name} {sample.value}")  # fmt: skip
+    text = generate_latest(others).decode()  # type: ignore[arg-type]
+    kept = [line for line in text.splitlines() if not _is_created(line)]
+    return ("\n".join(lines + kept) + "\n").encode()
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def _is_created(line: str) -> bool:
+    name = line.split("{")[0].split(" ")[0] if not line.startswith("#") else line.split(" ")[2]
+    return name.endswith("_created")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When an admitted request entered the queue, got a batch slot and finished (seconds on
+    `time.perf_counter()`'s clock), for TGI's timing headers."""
+
+    queued: float
+    started: float
+    done: float
+
+
 @dataclass(frozen=True)
 class StreamItem:
-    """One generated token; the last one carries how generation ended."""
+    """One generated token; the last one carries how generation ended, and when."""
 
     index: int
     token: Token
     top_tokens: tuple[Token, ...]
     finished: Finished | None = None
+    timing: Timing | None = None
+
+
+STOP_WINDOW = 300  # characters of recent output a stop sequence is matched against, as in TGI
+
+
+def stop_matched(recent: str, stop: tuple[str, ...]) -> bool:
+    """TGI's stop criterion: the text generated so far ends with a stop sequence."""
+    return any(recent.endswith(s) for s in stop if s)
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, *, max_concurrent_requests: int, eos: Token) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_concurrent_requests: int,
+        eos: Token,
+        max_batch_total_tokens: int = 0,
+    ) -> None:
         self._backend = backend
         self._max_concurrent = max_concurrent_requests
         self._slots = asyncio.Semaphore(backend.slots)
         self._eos = eos
         self._in_flight = 0
         self._running = 0
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(max_batch_total_tokens=max_batch_total_tokens)
 
     def admit(self) -> None:
         """Count a request in, or refuse it at once as TGI does past its concurrency limit."""
@@ -104,11 +184,15 @@ class Scheduler:
         self.metrics.queue_size.set(self._in_flight - self._running)
 
     async def stream(
-        self, prompt: str, sampling: Sampling, input_length: int
+        self, prompt: str, sampling: Sampling, input_length: int, received: float | None = None
     ) -> AsyncIterator[StreamItem]:
-        """Generate for an admitted request; the caller releases it afterwards."""
+        """Generate for an admitted request (which arrived at `received`, on
+        `time.perf_counter()`'s clock); the caller releases it afterwards."""
         m = self.metrics
         arrived = time.perf_counter()
+        if received is not None:
+            m.validation_duration.observe(arrived - received)
+        m.max_new_tokens.observe(sampling.max_new_tokens)
         async with self._slots:
             started = time.perf_counter()
             self._running += 1
@@ -117,6 +201,9 @@ class Scheduler:
                 count = 0
                 async for item in self._items(prompt, sampling):
                     count = item.index
+                    if item.finished is not None:
+                        done = time.perf_counter()
+                        item = replace(item, timing=Timing(arrived, started, done))
                     yield item
             except EngineError as exc:
                 m.request_failure.labels(err=exc.kind).inc()
@@ -124,7 +211,6 @@ class Scheduler:
             finally:
                 self._running -= 1
                 self._update_gauges()
-        done = time.perf_counter()
         m.request_success.inc()
         m.request_duration.observe(done - arrived)
         m.queue_duration.observe(started - arrived)
@@ -135,15 +221,12 @@ class Scheduler:
             m.time_per_token.observe((done - started) / count)
 
     async def _items(self, prompt: str, sampling: Sampling) -> AsyncIterator[StreamItem]:
-        """Attach the finish to the last token, as TGI's stream does.
-
-        The end is known without waiting for the next token when generation runs out of length
-        (the count says so) or ends on the end-of-sequence token (which llama.cpp does not
-        stream, so it is sent here, as TGI sends it). Only with stop sequences is one token held
-        back, since any token may complete one.
-        """
-        held: StreamItem | None = None
+        """Attach the finish to the last token, as TGI's stream does, checking after each
+        token, in TGI's order: the length, then the stop sequences (the matched text stays in
+        the answer). The end-of-sequence token is not streamed by llama.cpp; it is sent here,
+        as TGI sends it. Returning early closes the generation, which frees its slot."""
         index = 0
+        recent = ""
         generation = self._backend.generate(prompt, sampling)
         try:
             async for event in generation:
@@ -151,25 +234,18 @@ class Scheduler:
                     index += 1
                     item = StreamItem(index, event.token, event.top_tokens)
                     if index == sampling.max_new_tokens:
-                        if held is not None:
-                            yield held
                         yield replace(item, finished=Finished("length", index, 0))
                         return
                     if sampling.stop:
-                        if held is not None:
-                            yield held
-                        held = item
-                    else:
-                        yield item
+                        recent = (recent + event.token.text)[-STOP_WINDOW:]
+                        if stop_matched(recent, sampling.stop):
+                            yield replace(item, finished=Finished("stop_sequence", index, 0))
+                            return
+                    yield item
                     continue
                 if event.reason == "eos_token":
-                    if held is not None:
-                        yield held
                     fin = replace(event, generated_tokens=index + 1)
                     yield StreamItem(index + 1, self._eos, (), fin)
-                    return
-                if held is not None:
-                    yield replace(held, finished=replace(event, generated_tokens=index))
                     return
                 # No token to carry the end: llama.cpp streams no text for tokens that stop
                 # inside an incomplete UTF-8 sequence. An empty special token carries it.

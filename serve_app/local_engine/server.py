@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -19,7 +20,9 @@ from starlette.types import Receive, Scope, Send
 from . import tracing
 from .backend import Backend, Finished, Token
 from .cli import EngineArgs
-from .scheduler import Scheduler, StreamItem
+from .headers import answer_headers, stream_headers
+from .scheduler import Scheduler, StreamItem, Timing, exposition
+from .tools import NO_TOOL, ToolRequest, ToolStream, next_call_id, parse_call, tool_request
 from .validation import (
     EngineError,
     Sampling,
@@ -31,6 +34,7 @@ from .validation import (
 )
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 TGI_VERSION = "3.3.7"
 FINGERPRINT = f"{TGI_VERSION}-native"
 CHAT_FINISH = {"eos_token": "stop", "length": "length", "stop_sequence": "stop_sequence"}
@@ -46,14 +50,21 @@ class Engine:
 
     async def prepare(
         self, prompt: str, sampling: Sampling
-    ) -> tuple[Sampling, list[tuple[int, str]]]:
+    ) -> tuple[Sampling, list[tuple[int, str]], str]:
+        """Tokenize and check the token budget; `truncate` keeps the prompt's last tokens."""
         if not prompt:
             raise invalid("`inputs` cannot be empty")
         tokens = await self.backend.tokenize(prompt)
-        return check_lengths(sampling, len(tokens), self.args), tokens
+        sampling = check_lengths(sampling, len(tokens), self.args)
+        if sampling.truncate is not None and len(tokens) > sampling.truncate:
+            tokens = tokens[-sampling.truncate :]
+            prompt = "".join(piece for _, piece in tokens)
+        return sampling, tokens, prompt
 
-    def run(self, prompt: str, sampling: Sampling, input_length: int) -> AsyncIterator[StreamItem]:
-        return self.scheduler.stream(prompt, sampling, input_length)
+    def run(
+        self, request: Request, prompt: str, sampling: Sampling, input_length: int
+    ) -> AsyncIterator[StreamItem]:
+        return self.scheduler.stream(prompt, sampling, input_length, _received(request))
 
 
 class ReleasingResponse(Response):
@@ -78,6 +89,31 @@ def error_response(exc: EngineError) -> Response:
     if exc.plain:
         return PlainTextResponse(exc.message, status_code=exc.status)
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` (after the body has been read) unless the client leaves first: then it is
+    cancelled, which closes its generation and frees its batch slot at once, as TGI does."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
 def sse(payload: Any) -> bytes:
@@ -130,7 +166,7 @@ def required(data: dict[str, Any], name: str, kind: type) -> Any:
 
 
 async def stream_events(
-    events: AsyncIterator[bytes], *, done: bytes | None = None
+    events: AsyncIterator[bytes], *, done: bytes | None = None, headers: dict[str, str]
 ) -> StreamingResponse:
     """Start an SSE response. Errors before the first event keep their HTTP status; later
     errors become an error event on the open stream, as TGI sends them."""
@@ -147,7 +183,7 @@ async def stream_events(
         if done is not None:
             yield done
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 # -- TGI native ---------------------------------------------------------------------------------
@@ -157,18 +193,37 @@ async def _generation(request: Request, data: dict[str, Any], stream: bool):
     inputs = required(data, "inputs", str)
     params = field(data, "parameters", dict, {})
     sampling = check_sampling(params, engine(request).args, stream=stream)
-    sampling, prompt_tokens = await engine(request).prepare(inputs, sampling)
-    return inputs, params, sampling, prompt_tokens
+    sampling, prompt_tokens, prompt = await engine(request).prepare(inputs, sampling)
+    return inputs, prompt, params, sampling, prompt_tokens
+
+
+def _received(request: Request) -> float:
+    return request.state.received  # type: ignore[no-any-return]
+
+
+def _answer_headers(
+    request: Request, characters: int, timing: Timing | None, prompt: int, fin: Finished
+) -> dict[str, str]:
+    assert timing is not None, "the last item carries the timing"
+    args = engine(request).args
+    return answer_headers(
+        args.compute_type, characters, _received(request), timing, prompt, fin.generated_tokens
+    )
 
 
 async def generate(request: Request) -> Response:
     data = await read_json(request)
-    return JSONResponse(await _generate(request, data))
+    answer, headers = await _generate(request, data)
+    return JSONResponse(answer, headers=headers)
 
 
-async def _generate(request: Request, data: dict[str, Any]) -> dict[str, Any]:
-    inputs, params, sampling, prompt_tokens = await _generation(request, data, stream=False)
-    items, fin = await _collect(engine(request).run(inputs, sampling, len(prompt_tokens)))
+async def _generate(
+    request: Request, data: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    inputs, prompt, params, sampling, prompt_tokens = await _generation(request, data, False)
+    run = engine(request).run(request, prompt, sampling, len(prompt_tokens))
+    items, fin = await until_disconnected(request, _collect(run))
+    headers = _answer_headers(request, len(inputs), items[-1].timing, len(prompt_tokens), fin)
     text = "".join(i.token.text for i in items if not i.token.special)
     if params.get("return_full_text"):
         text = inputs + text
@@ -186,7 +241,7 @@ async def _generate(request: Request, data: dict[str, Any]) -> dict[str, Any]:
         if sampling.top_n_tokens:
             details["top_tokens"] = [[token_json(t) for t in i.top_tokens] for i in items]
         answer["details"] = details
-    return answer
+    return answer, headers
 
 
 async def generate_stream(request: Request) -> Response:
@@ -194,11 +249,11 @@ async def generate_stream(request: Request) -> Response:
 
 
 async def _generate_stream(request: Request, data: dict[str, Any]) -> Response:
-    inputs, params, sampling, prompt_tokens = await _generation(request, data, stream=True)
+    inputs, prompt, params, sampling, prompt_tokens = await _generation(request, data, True)
 
     async def events() -> AsyncIterator[bytes]:
         text: list[str] = []
-        async for item in engine(request).run(inputs, sampling, len(prompt_tokens)):
+        async for item in engine(request).run(request, prompt, sampling, len(prompt_tokens)):
             if not item.token.special:
                 text.append(item.token.text)
             event: dict[str, Any] = {
@@ -220,7 +275,8 @@ async def _generate_stream(request: Request, data: dict[str, Any]) -> Response:
                 }
             yield sse(event)
 
-    return await stream_events(events())
+    headers = stream_headers(engine(request).args.compute_type, len(inputs))
+    return await stream_events(events(), headers=headers)
 
 
 async def compat_generate(request: Request) -> Response:
@@ -231,7 +287,8 @@ async def compat_generate(request: Request) -> Response:
 async def _compat_generate(request: Request, data: dict[str, Any]) -> Response:
     if field(data, "stream", bool, False):
         return await _generate_stream(request, data)
-    return JSONResponse([await _generate(request, data)])
+    answer, headers = await _generate(request, data)
+    return JSONResponse([answer], headers=headers)
 
 
 def _simple_tokens(text: str, tokens: list[tuple[int, str]]) -> list[dict[str, Any]]:
@@ -257,7 +314,7 @@ async def tokenize(request: Request) -> Response:
 async def chat_tokenize(request: Request) -> Response:
     data = await read_json(request)
     messages = _messages(data)
-    text = await engine(request).backend.apply_chat_template(messages)
+    text = await _chat_prompt(request, messages, tool_request(data))
     tokens = await engine(request).backend.tokenize(text)
     return JSONResponse({"tokenize_response": _simple_tokens(text, tokens), "templated_text": text})
 
@@ -272,21 +329,80 @@ def _messages(data: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _openai_sampling(request: Request, data: dict[str, Any], stream: bool) -> Sampling:
+def _text_content(message: dict[str, Any], i: int) -> str:
+    """A message as TGI's chat template sees it: text parts joined, images as Markdown, and an
+    assistant's tool calls as their JSON."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, dict) and isinstance(part.get("image_url"), dict):
+                parts.append(f"![]({part['image_url'].get('url', '')})")
+            else:
+                raise wrong_shape(f"messages[{i}].content: expected text or image_url parts")
+        return "".join(parts)
+    calls = message.get("tool_calls")
+    if content is None and isinstance(calls, list):
+        return json.dumps([_wire_call(c, i) for c in calls], separators=(",", ":"))
+    raise wrong_shape(f"messages[{i}]: expected `content` or `tool_calls`")
+
+
+def _wire_call(call: Any, i: int) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or "name" not in fn:
+        raise wrong_shape(f"messages[{i}].tool_calls: expected calls with a `function`")
+    arguments = fn.get("arguments", fn.get("parameters"))
+    return {
+        "id": call.get("id"),
+        "type": call.get("type"),
+        "function": {
+            "description": fn.get("description"),
+            "name": fn["name"],
+            "arguments": json.dumps(arguments, separators=(",", ":")),
+        },
+    }
+
+
+async def _chat_prompt(
+    request: Request, messages: list[dict[str, Any]], tools: ToolRequest | None
+) -> str:
+    """The chat template applied; with tools, TGI's tool text goes at the end of the last
+    message (the built-in model's template has no `tools` variable of its own)."""
+    texts = [{"role": m["role"], "content": _text_content(m, i)} for i, m in enumerate(messages)]
+    last = messages[-1]
+    if tools is not None and not (last.get("content") is None and last.get("tool_calls")):
+        texts[-1]["content"] += tools.prompt_suffix()
+    return await engine(request).backend.apply_chat_template(texts)
+
+
+def _openai_sampling(
+    request: Request, data: dict[str, Any], stream: bool, tools: ToolRequest | None
+) -> Sampling:
+    """TGI's mapping of chat fields onto generation parameters: `presence_penalty` becomes
+    `repetition_penalty` (plus 2), `top_logprobs` becomes `top_n_tokens`."""
+    presence = data.get("presence_penalty")
     params = {
         "temperature": data.get("temperature"),
         "top_p": data.get("top_p"),
         "frequency_penalty": data.get("frequency_penalty"),
+        "repetition_penalty": presence + 2.0
+        if isinstance(presence, (int, float)) and not isinstance(presence, bool)
+        else presence,
         "seed": data.get("seed"),
         "stop": data.get("stop"),
         "max_new_tokens": data.get("max_completion_tokens", data.get("max_tokens")),
-        "top_n_tokens": data.get("top_logprobs") if data.get("logprobs") else None,
+        "top_n_tokens": data.get("top_logprobs"),
     }
     sampling = check_sampling(params, engine(request).args, stream=stream, chat=True)
+    if tools is not None:
+        return replace(sampling, json_schema=tools.schema())
     fmt = data.get("response_format")
     if fmt is not None:
-        schema = _json_schema(fmt)
-        sampling = Sampling(**{**sampling.__dict__, "json_schema": schema})
+        return replace(sampling, json_schema=_json_schema(fmt))
     return sampling
 
 
@@ -341,68 +457,140 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
+def _text(items: list[StreamItem]) -> str:
+    return "".join(i.token.text for i in items if not i.token.special)
+
+
+@dataclass
+class ChatRun:
+    """One generation for a chat request: its prompt, budget and tokens."""
+
+    prompt: str
+    sampling: Sampling
+    prompt_tokens: int
+    items: AsyncIterator[StreamItem]
+
+
 async def chat_completions(request: Request) -> Response:
     return await _chat_completions(request, await read_json(request))
+
+
+async def _start_chat(
+    request: Request,
+    messages: list[dict[str, Any]],
+    sampling: Sampling,
+    tools: ToolRequest | None,
+) -> ChatRun:
+    prompt = await _chat_prompt(request, messages, tools)
+    sampling, tokens, prompt = await engine(request).prepare(prompt, sampling)
+    items = engine(request).run(request, prompt, sampling, len(tokens))
+    return ChatRun(prompt, sampling, len(tokens), items)
 
 
 async def _chat_completions(request: Request, data: dict[str, Any]) -> Response:
     messages = _messages(data)
     stream = bool(field(data, "stream", bool, False))
-    sampling = _openai_sampling(request, data, stream)
-    prompt = await engine(request).backend.apply_chat_template(messages)
-    sampling, prompt_tokens = await engine(request).prepare(prompt, sampling)
+    tools = tool_request(data)
+    sampling = _openai_sampling(request, data, stream, tools)
+    run = await _start_chat(request, messages, sampling, tools)
+    # When the model picks `no_tool`, TGI answers by generating again without tools.
+    plain = replace(sampling, json_schema=None)
     want_logprobs = bool(data.get("logprobs"))
     header = _openai_header(request)
-    items = engine(request).run(prompt, sampling, len(prompt_tokens))
     if not stream:
-        collected, fin = await _collect(items)
-        return JSONResponse(
+        collected, fin = await until_disconnected(request, _collect(run.items))
+        message: dict[str, Any] = {"role": "assistant", "content": _text(collected)}
+        if tools is not None:
+            call = parse_call(message["content"])
+            if call is None:
+                run = await _start_chat(request, messages, plain, None)
+                collected, fin = await until_disconnected(request, _collect(run.items))
+                message = {"role": "assistant", "content": _text(collected)}
+            else:
+                message = {"role": "assistant", "tool_calls": [call.message("0")]}
+        headers = _answer_headers(
+            request, len(run.prompt), collected[-1].timing, run.prompt_tokens, fin
+        )
+        answer = {
+            **header,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": _logprobs(collected) if want_logprobs else None,
+                    "finish_reason": CHAT_FINISH[fin.reason],
+                }
+            ],
+            "usage": _usage(run.prompt_tokens, fin.generated_tokens),
+        }
+        return JSONResponse(answer, headers=headers)
+    include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+    call_id = next_call_id(messages)
+
+    def chunk(item: StreamItem, delta: dict[str, Any], prompt_tokens: int) -> bytes:
+        fin = item.finished
+        return sse(
             {
                 **header,
-                "object": "chat.completion",
+                "object": "chat.completion.chunk",
                 "choices": [
                     {
                         "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": "".join(
-                                i.token.text for i in collected if not i.token.special
-                            ),
-                        },
-                        "logprobs": _logprobs(collected) if want_logprobs else None,
-                        "finish_reason": CHAT_FINISH[fin.reason],
+                        "delta": delta,
+                        "logprobs": _logprobs([item]) if want_logprobs else None,
+                        "finish_reason": CHAT_FINISH[fin.reason] if fin else None,
                     }
                 ],
-                "usage": _usage(len(prompt_tokens), fin.generated_tokens),
+                "usage": _usage(prompt_tokens, fin.generated_tokens)
+                if fin and include_usage
+                else None,
             }
         )
-    include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+
+    def content(item: StreamItem) -> dict[str, Any]:
+        return {"role": "assistant", "content": "" if item.token.special else item.token.text}
 
     async def events() -> AsyncIterator[bytes]:
-        async for item in items:
-            fin = item.finished
-            yield sse(
-                {
-                    **header,
-                    "object": "chat.completion.chunk",
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {
-                                "role": "assistant",
-                                "content": "" if item.token.special else item.token.text,
-                            },
-                            "logprobs": _logprobs([item]) if want_logprobs else None,
-                            "finish_reason": CHAT_FINISH[fin.reason] if fin else None,
-                        }
-                    ],
-                    "usage": _usage(len(prompt_tokens), fin.generated_tokens)
-                    if fin and include_usage
-                    else None,
-                }
-            )
+        nonlocal run
+        if tools is None:
+            async for item in run.items:
+                yield chunk(item, content(item), run.prompt_tokens)
+            return
+        calls = ToolStream()
+        async for item in run.items:
+            arguments = calls.push("" if item.token.special else item.token.text)
+            if calls.name == NO_TOOL:
+                await run.items.aclose()  # frees the slot before the second generation
+                run = await _start_chat(request, messages, plain, None)
+                async for plain_item in run.items:
+                    yield chunk(plain_item, content(plain_item), run.prompt_tokens)
+                return
+            if item.finished is not None:
+                arguments = (arguments or "") + calls.finish()
+            if calls.name is None and item.finished is None:
+                continue  # the name is not known yet: nothing to send, as in TGI
+            if calls.name is None:
+                yield chunk(item, {"role": "assistant", "content": ""}, run.prompt_tokens)
+                continue
+            delta = {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {
+                            "name": calls.name_once(),
+                            "arguments": arguments or "",
+                        },
+                    }
+                ],
+            }
+            yield chunk(item, delta, run.prompt_tokens)
 
-    return await stream_events(events(), done=b"data: [DONE]\n\n")
+    headers = stream_headers(engine(request).args.compute_type, len(run.prompt))
+    return await stream_events(events(), done=b"data: [DONE]\n\n", headers=headers)
 
 
 async def completions(request: Request) -> Response:
@@ -416,13 +604,20 @@ async def _completions(request: Request, data: dict[str, Any]) -> Response:
     if not isinstance(prompt, str):
         raise invalid("`prompt` must be a string (or a list holding one string)")
     stream = bool(field(data, "stream", bool, False))
-    sampling = _openai_sampling(request, data, stream)
-    sampling, prompt_tokens = await engine(request).prepare(prompt, sampling)
+    sampling = _openai_sampling(request, data, stream, None)
+    characters = len(prompt)
+    sampling, prompt_tokens, prompt = await engine(request).prepare(prompt, sampling)
     header = _openai_header(request)
-    items = engine(request).run(prompt, sampling, len(prompt_tokens))
+    items = engine(request).run(request, prompt, sampling, len(prompt_tokens))
+    compute_type = engine(request).args.compute_type
     if not stream:
-        collected, fin = await _collect(items)
-        text = "".join(i.token.text for i in collected if not i.token.special)
+        collected, fin = await until_disconnected(request, _collect(items))
+        timing = collected[-1].timing
+        assert timing is not None, "the last item carries the timing"
+        headers = answer_headers(
+            compute_type, characters, _received(request), timing, len(prompt_tokens),
+            fin.generated_tokens, compute_time=False,
+        )  # fmt: skip
         return JSONResponse(
             {
                 **header,
@@ -430,13 +625,14 @@ async def _completions(request: Request, data: dict[str, Any]) -> Response:
                 "choices": [
                     {
                         "index": 0,
-                        "text": text,
+                        "text": _text(collected),
                         "logprobs": None,
                         "finish_reason": CHAT_FINISH[fin.reason],
                     }
                 ],
                 "usage": _usage(len(prompt_tokens), fin.generated_tokens),
-            }
+            },
+            headers=headers,
         )
 
     async def events() -> AsyncIterator[bytes]:
@@ -458,7 +654,8 @@ async def _completions(request: Request, data: dict[str, Any]) -> Response:
                 }
             )
 
-    return await stream_events(events(), done=b"data: [DONE]\n\n")
+    headers = stream_headers(compute_type, characters)
+    return await stream_events(events(), done=b"data: [DONE]\n\n", headers=headers)
 
 
 # -- service routes -----------------------------------------------------------------------------
@@ -501,7 +698,8 @@ async def invocations(request: Request) -> Response:
         return await _completions(request, data)
     if field(data, "stream", bool, False):
         return await _generate_stream(request, data)
-    return JSONResponse(await _generate(request, data))
+    answer, headers = await _generate(request, data)
+    return JSONResponse(answer, headers=headers)
 
 
 async def health(request: Request) -> Response:
@@ -510,7 +708,7 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     registry = engine(request).scheduler.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 OPEN_ROUTES = frozenset({"/health", "/metrics", "/info"})
@@ -534,6 +732,7 @@ def _handled(path: str, endpoint: Handler) -> Handler:
     counted = path in GENERATION_ROUTES
 
     async def route(request: Request) -> Response:
+        request.state.received = time.perf_counter()
         state = engine(request)
         api_key = state.args.api_key
         if api_key and not public:
@@ -550,6 +749,8 @@ def _handled(path: str, endpoint: Handler) -> Handler:
             response = await endpoint(request)
         except EngineError as exc:
             response = error_response(exc)
+        except ClientGone:
+            response = Response(status_code=499)  # nobody reads it: the client has left
         except BaseException:
             state.scheduler.release()
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from huggingface_hub import InferenceClient
@@ -83,3 +85,81 @@ def test_validation_errors_are_tgis(
 def test_metrics_expose_the_queue(engine: RunningEngine) -> None:
     text = httpx.get(f"{engine.url}/metrics").text
     assert "tgi_queue_size" in text and "tgi_batch_current_size" in text
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_openai_sdk_tool_flow_on_the_engine(engine: RunningEngine) -> None:
+    client = OpenAI(base_url=f"{engine.url}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="tgi", messages=ASK_WEATHER, tools=[WEATHER_TOOL], tool_choice="required",
+        max_tokens=60, temperature=0,
+    )  # fmt: skip
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+    follow_up = [
+        *ASK_WEATHER,
+        reply.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "22 degrees and sunny"},
+    ]
+    final = client.chat.completions.create(
+        model="tgi", messages=follow_up, tools=[WEATHER_TOOL], tool_choice="none",
+        max_tokens=20, temperature=0,
+    )  # fmt: skip
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+
+
+def test_a_chosen_no_tool_answers_in_text(engine: RunningEngine) -> None:
+    """TGI's fallback: when the model picks `no_tool`, it generates again without tools. A
+    tool named `no_tool` that must be called makes the model's pick certain."""
+    no_tool = {"type": "function", "function": {"name": "no_tool", "parameters": {}}}
+    body = {"model": "tgi", "messages": ASK_WEATHER, "tools": [no_tool],
+            "tool_choice": "required", "max_tokens": 24, "temperature": 0}  # fmt: skip
+    reply = httpx.post(f"{engine.url}/v1/chat/completions", json=body, timeout=60).json()
+    message = reply["choices"][0]["message"]
+    assert "tool_calls" not in message and message["content"]
+    stream = httpx.post(f"{engine.url}/v1/chat/completions", json={**body, "stream": True},
+                        timeout=60)  # fmt: skip
+    chunks = [json.loads(line[5:]) for line in stream.text.splitlines()
+              if line.startswith("data:") and "[DONE]" not in line]  # fmt: skip
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert all("tool_calls" not in c["choices"][0]["delta"] for c in chunks)
+    assert text[:20] == message["content"][:20]  # greedy: the same answer, streamed as text
+
+
+def test_inference_client_tools(engine: RunningEngine) -> None:
+    client = InferenceClient(base_url=engine.url)
+    reply = client.chat_completion(
+        messages=ASK_WEATHER, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60,
+        temperature=0,
+    )  # fmt: skip
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert reply.choices[0].finish_reason == "stop"  # TGI's own word; OpenAI's is "tool_calls"
+    chunks = list(
+        client.chat_completion(
+            messages=ASK_WEATHER, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60,
+            temperature=0, stream=True,
+        )
+    )  # fmt: skip
+    calls = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices[0].delta.tool_calls]
+    assert calls[0].function.name == "get_weather"
+    arguments = "".join(c.function.arguments for c in calls)
+    assert json.loads(arguments) == json.loads(call.function.arguments)

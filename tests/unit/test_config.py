@@ -49,7 +49,7 @@ INVALID = [
     ("tiers.0.engine.dtype", "float8", "tiers.0.engine.dtype"),
     ("tiers.0.max_tokens_limit", 100_000, "max_tokens_limit (100000) must be below"),
     ("tiers.0.default_max_tokens", 600, "default_max_tokens (600) exceeds"),
-    ("tiers.0.replicas.min", 3, "min (3) must not exceed max (1)"),
+    ("tiers.1.replicas.min", 3, "min (3) must not exceed max (1)"),
     ("tiers.0.replicas.max", 0, "tiers.0.replicas.max"),
     ("tiers.0.engine.startup_timeout_s", -5, "tiers.0.engine.startup_timeout_s"),
     ("tiers.0.request_timeout_s", "soon", "tiers.0.request_timeout_s"),
