@@ -10,6 +10,8 @@ from huggingface_hub import InferenceClient
 from openai import OpenAI
 from text_generation import Client
 
+from tests.tools import ASK_WEATHER, WEATHER_TOOL
+
 from .conftest import RunningEngine
 
 QUESTION = "What is the capital of France? Answer in one word."
@@ -85,24 +87,6 @@ def test_validation_errors_are_tgis(
 def test_metrics_expose_the_queue(engine: RunningEngine) -> None:
     text = httpx.get(f"{engine.url}/metrics").text
     assert "tgi_queue_size" in text and "tgi_batch_current_size" in text
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-        },
-    },
-}
-ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def test_openai_sdk_tool_flow_on_the_engine(engine: RunningEngine) -> None:

@@ -12,25 +12,11 @@ import pytest
 from huggingface_hub import InferenceClient
 
 from tests.openapi import response_validator
+from tests.tools import ASK_WEATHER, WEATHER_TOOL
 
 from .conftest import Stack, local_config
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-        },
-    },
-}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER, ASK = WEATHER_TOOL, ASK_WEATHER
 TIERS = ["small", "large"]
 
 
