@@ -181,6 +181,15 @@ class RequestTrace:
         if self._answered:
             self._end()
 
+    def abandon(self) -> None:
+        """The request was cancelled (the client went away) before it had an answer."""
+        if self._span is None:
+            return
+        self.set({"http.response.status_code": 499})
+        self._answered = True
+        if not self._held:
+            self._end()
+
     def _end(self) -> None:
         if self._span is not None and self._span.is_recording():
             self._span.end()

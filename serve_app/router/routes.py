@@ -195,7 +195,7 @@ class Router:
         reservation = await self._guard.admit(tenant, choice.tier, call)
         if choice.tier in self._admissions:
             try:
-                cost = call.max_tokens or self._config.tier(choice.tier).default_max_tokens
+                cost = call.token_estimate
                 await request.state.admitted.enter(self._admissions[choice.tier], request, cost)
             except BaseException:
                 self._guard.settle(tenant, choice.tier, reservation, Usage(0, 0))
@@ -206,17 +206,22 @@ class Router:
             headers.update(rate_limit_headers(reservation.limits))
 
         def settle(usage: Usage) -> None:
-            trace.usage(
-                {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
-            )
-            request.state.admitted.leave(usage.total)  # the queue's turn, if the tier queues
-            self._guard.settle(tenant, choice.tier, reservation, usage)
-            trace.release()
+            try:
+                trace.usage(
+                    {
+                        "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens,
+                    }
+                )
+                request.state.admitted.leave(usage.total)  # the queue's turn, if the tier queues
+            finally:
+                self._guard.settle(tenant, choice.tier, reservation, usage)
+                trace.release()
 
-        trace.hold()  # the span ends once the scope below has settled
         scope = RequestScope(
             choice.tier, self._in_flight, self._recorder, call.prompt_chars, settle, tgi
         )
+        trace.hold()  # the span ends once the scope has settled
         return scope, headers
 
     async def _start(
@@ -247,6 +252,9 @@ class Router:
                 if tenant is not None and error.status in (403, 429):
                     self._recorder.tenant_rejection(tenant.name, error.code or "")
                 return trace.finish(error.response(tgi=tgi))
+            except BaseException:  # cancelled: the client went away
+                trace.abandon()
+                raise
 
         # A tier's admission turn is left on every exit, answered or not.
         return leaving(route)

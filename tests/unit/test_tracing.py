@@ -163,3 +163,44 @@ def test_a_failed_replica_call_marks_its_span(
         raise ConnectionError("engine gone")
     (span,) = exporter.get_finished_spans()
     assert not span.status.is_ok and span.events[0].name == "exception"
+
+
+def test_a_held_span_ends_once_its_scope_settles_after_the_stream(
+    spans: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    traced, exporter = spans
+    trace = traced.start(request({}))
+    trace.hold()  # a request scope is open
+
+    async def body():  # type: ignore[no-untyped-def]
+        yield b"data: 1\n\n"
+
+    streamed = trace.finish(StreamingResponse(body()))
+
+    async def sent() -> list[bytes]:
+        return [c async for c in streamed.body_iterator]
+
+    asyncio.run(sent())
+    assert exporter.get_finished_spans() == ()  # the scope has not settled yet
+    trace.usage({"prompt_tokens": 3, "completion_tokens": 1})
+    trace.release()
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["gen_ai.usage.input_tokens"] == 3
+    trace.release()  # a second settle ends nothing more
+    assert len(exporter.get_finished_spans()) == 1
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_cancelled_request_ends_its_span_as_499(
+    spans: tuple[Tracing, InMemorySpanExporter], held: bool
+) -> None:
+    traced, exporter = spans
+    trace = traced.start(request({}))
+    if held:
+        trace.hold()
+    trace.abandon()
+    if held:
+        assert exporter.get_finished_spans() == ()
+        trace.release()  # the scope settles as the cancellation unwinds
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["http.response.status_code"] == 499
