@@ -24,6 +24,8 @@ import httpx
 
 from .validation import EngineError, Sampling
 
+CONTROL_TIMEOUT_S = 60.0  # tokenising, chat templates: see LlamaBackend.__init__
+
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
@@ -82,32 +84,45 @@ class LlamaBackend:
         params.hostnames = [socket_path]
         params.warmup = True
         self._server = xllamacpp.Server(params)
+        # Tokenising and chat templates are quick, but llama.cpp answers them on the threads
+        # that also decode: a busy engine on few cores can take seconds.
         self._control = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=socket_path), base_url="http://llama"
+            transport=httpx.AsyncHTTPTransport(uds=socket_path),
+            base_url="http://llama",
+            timeout=CONTROL_TIMEOUT_S,
         )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llama")
         self.slots = slots
 
+    async def _call(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        """One control call to llama.cpp; one that does not answer is the engine's 503."""
+        try:
+            return await self._control.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise EngineError(
+                503, "unhealthy", f"the model server did not answer {path}: {exc!r}"
+            ) from exc
+
     async def tokenize(self, text: str) -> list[tuple[int, str]]:
         """Token ids and pieces, with the model's special prefix tokens as generation sees them."""
-        reply = await self._control.post(
-            "/tokenize", json={"content": text, "add_special": True, "with_pieces": True}
+        reply = await self._call(
+            "POST", "/tokenize", {"content": text, "add_special": True, "with_pieces": True}
         )
         reply.raise_for_status()
         return [(t["id"], t["piece"]) for t in reply.json()["tokens"]]
 
     async def eos_token(self) -> Token:
         """The end-of-sequence token, which TGI streams last (`special: true`)."""
-        props = await self._control.get("/props")
+        props = await self._call("GET", "/props")
         props.raise_for_status()
         text = str(props.json().get("eos_token") or "")
-        reply = await self._control.post("/tokenize", json={"content": text, "add_special": False})
+        reply = await self._call("POST", "/tokenize", {"content": text, "add_special": False})
         reply.raise_for_status()
         ids = reply.json()["tokens"]
         return Token(id=int(ids[0]) if len(ids) == 1 else 0, text=text, logprob=None, special=True)
 
     async def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        reply = await self._control.post("/apply-template", json={"messages": messages})
+        reply = await self._call("POST", "/apply-template", {"messages": messages})
         if reply.status_code != 200:
             raise EngineError(422, "template_error", _llama_error_message(reply))
         return str(reply.json()["prompt"])

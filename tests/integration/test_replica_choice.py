@@ -46,7 +46,7 @@ def engine_counts(stack: Stack) -> dict[int, float]:
     for argv in stack.engines().values():
         port = int(argv[argv.index("--port") + 1])
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        line = next(x for x in text.splitlines() if x.startswith("tgi_request_count_total"))
+        line = next(x for x in text.splitlines() if x.startswith("tgi_request_count "))
         counts[port] = float(line.split()[-1])
     return counts
 

@@ -54,7 +54,7 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     args = config["applications"][0]["args"]
     args["router"].update(
         {"replicas": 2, "api_keys": {"file": str(path)}, "max_messages": 100, "body_timeout_s": 3,
-         "fallback_tier": "small"}
+         "fallback_tier": "small", "max_header_bytes": 8192}
     )  # fmt: skip
     for tier in args["tiers"]:
         tier["default_max_tokens"] = 4
@@ -259,7 +259,8 @@ MALFORMED = [
     ("/v1/chat/completions", json.dumps({"model": "small", "messages": [{"role": "user", "content": "x"}] * 20_000}).encode(), {}, 400),
     ("/v1/chat/completions", b"\xff\xfe{}", {}, 400),
     ("/v1/chat/completions", b'{"model": "small", "messages": [], "x": NaN}', {}, 400),
-    ("/v1/chat/completions", json.dumps({"model": "small", "messages": QUESTION}).encode(), {"x-big": "a" * 40_000}, 431),
+    # over the router's max_header_bytes (8 KiB here), within the ingress's 16 KiB buffer
+    ("/v1/chat/completions", json.dumps({"model": "small", "messages": QUESTION}).encode(), {"x-big": "a" * 12_000}, 431),
 ]  # fmt: skip
 
 
@@ -274,6 +275,16 @@ def test_malformed_input_is_a_4xx(
         assert reply.json()["error"]["message"]
     else:
         assert reply.json()["error_type"] == "validation"
+
+
+def test_headers_past_the_ingress_buffer_are_refused_there(stack: Stack) -> None:
+    """HAProxy, in front of the router, refuses a request whose headers outgrow its 16 KiB
+    buffer with its own 400 page, before the router sees it."""
+    reply = httpx.post(f"{stack.url}/v1/chat/completions", timeout=60,
+                       json={"model": "small", "messages": QUESTION},
+                       headers={**auth(), "x-big": "a" * 40_000})  # fmt: skip
+    assert reply.status_code == 400
+    assert httpx.get(f"{stack.url}/health", timeout=10).status_code == 200
 
 
 def test_chunked_body_over_the_limit_is_refused_unread(stack: Stack) -> None:
