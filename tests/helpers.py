@@ -14,19 +14,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def engine_processes() -> dict[int, list[str]]:
-    """Every running local engine on this machine: pid -> argv."""
+def command_lines() -> dict[int, bytes]:
+    """Every live process on this machine: pid -> its raw, NUL-separated command line."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        args = [a.decode(errors="replace") for a in argv if a]
-        if "serve_app.local_engine" in args and _alive(entry):
-            found[int(entry.name)] = args
+        if _alive(entry):
+            found[int(entry.name)] = argv
+    return found
+
+
+def engine_processes() -> dict[int, list[str]]:
+    """Every running local engine on this machine: pid -> argv."""
+    found = {}
+    for pid, raw in command_lines().items():
+        args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        if "serve_app.local_engine" in args:
+            found[pid] = args
     return found
 
 

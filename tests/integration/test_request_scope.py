@@ -12,7 +12,6 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +22,7 @@ from huggingface_hub import InferenceClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import wait_for
+from tests.helpers import command_lines, wait_for
 
 from .conftest import Stack, local_config
 
@@ -208,16 +207,11 @@ def test_typed_quota_429_with_rate_limit_headers(stack: Stack) -> None:
 
 
 def ledger_replicas() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if argv.startswith(b"ray::ServeReplica:llm:quota-ledger"):
-                found.append(int(entry.name))
-    return found
+    return [
+        pid
+        for pid, argv in command_lines().items()
+        if argv.startswith(b"ray::ServeReplica:llm:quota-ledger")
+    ]
 
 
 def test_killed_ledger_denies_metered_keys_then_comes_back(stack: Stack) -> None:
