@@ -171,7 +171,17 @@ class TierConfig(_Strict):
     max_tokens_limit: PositiveInt = Field(
         1024, description="Largest max_tokens a client may ask for; larger asks are a 400."
     )
-    request_timeout_s: PositiveFloat = 300.0
+    request_timeout_s: PositiveFloat = Field(
+        300.0,
+        description="The longest one request may take once a replica has taken it, to its last "
+        "token; a stream still running then ends with an error event.",
+    )
+    data_path: Literal["direct", "relay"] = Field(
+        "direct",
+        description="How answers reach the router: `direct` streams them from the engine the "
+        "chosen replica leases (HTTP, the engine's own API key); `relay` passes every chunk "
+        "through the replica (Ray's streaming calls), for engines the router cannot reach.",
+    )
     replica_wait_timeout_s: PositiveFloat = Field(
         600.0,
         description="How long a request may wait for a replica of the tier to take it (the tier "

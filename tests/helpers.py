@@ -39,6 +39,20 @@ def engine_processes() -> dict[int, list[str]]:
     return found
 
 
+def engine_url(argv: list[str]) -> str:
+    """Where an engine started by a tier replica listens (`--hostname`, `--port`)."""
+    host = argv[argv.index("--hostname") + 1]
+    return f"http://{host}:{argv[argv.index('--port') + 1]}"
+
+
+def engine_key(pid: int) -> str:
+    """The engine's own API key, from its environment (`API_KEY`, as TGI's launcher reads it)."""
+    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if item.startswith(b"API_KEY="):
+            return item.split(b"=", 1)[1].decode()
+    raise AssertionError(f"engine {pid} has no API_KEY")
+
+
 def engines_under(tmpdir: str) -> dict[int, list[str]]:
     """Engines whose replica ran with TMPDIR=`tmpdir`: their private directory is in argv.
 

@@ -18,7 +18,7 @@ from ..errors import EngineReplyError, EngineUnavailable
 from .sse import sse_data
 
 # Headers the engine sends that belong to the connection or to the router, not to the answer.
-_NOT_PASSED = frozenset({"x-request-id"})
+NOT_PASSED = frozenset({"x-request-id"})
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class EngineReply:
         return next((v for k, v in self.headers if k == name), None)
 
 
-def passed_headers(headers: httpx.Headers) -> tuple[tuple[str, str], ...]:
-    return tuple((k, v) for k, v in headers.items() if k.startswith("x-") and k not in _NOT_PASSED)
+def passed_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    lowered = ((k.lower(), v) for k, v in headers.items())
+    return tuple((k, v) for k, v in lowered if k.startswith("x-") and k not in NOT_PASSED)
 
 
 def reply_error(status: int, body: bytes) -> EngineReplyError:
@@ -65,10 +66,13 @@ class EngineClient:
         base_url: str,
         request_timeout_s: float,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
-        """`transport` is httpx's own seam: tests hand in `httpx.MockTransport`."""
+        """`transport` is httpx's own seam: tests hand in `httpx.MockTransport`. `api_key`
+        is the engine's own (TGI's `--api-key`), sent with every call."""
         self._http = httpx.AsyncClient(
             base_url=base_url,
+            headers={"authorization": f"Bearer {api_key}"} if api_key else None,
             timeout=httpx.Timeout(request_timeout_s, connect=5.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
             transport=transport,

@@ -18,6 +18,9 @@ from ..tracing import engine_flags
 
 # Passed through from the replica's environment when set; never logged.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# The engine's own API key (TGI's `--api-key`, read from this variable by the launcher): kept out of
+# the command line, where every process on the host could read it.
+API_KEY_ENV = "API_KEY"
 # A file holding the Hugging Face token (a mounted Secret): the pod's environment holds its path,
 # only the engine's own environment holds the token.
 HF_TOKEN_PATH_ENV = "HF_TOKEN_PATH"
@@ -31,12 +34,13 @@ PASSTHROUGH_ENV = (
 
 @dataclass(frozen=True)
 class Ports:
-    """Everything that must differ between engines on one host."""
+    """Everything that must differ between engines on one host, and where the engine listens."""
 
     http: int
     prometheus: int
     master: int
     shard_uds_path: str
+    host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -65,17 +69,20 @@ def build_launch(
     gpu_ids: Sequence[str],
     environ: Mapping[str, str],
     tracing: TracingConfig | None = None,
+    api_key: str | None = None,
 ) -> LaunchSpec:
     """The argv and environment of one tier replica's engine.
 
-    `--hostname` is always loopback: TGI falls back to `$HOSTNAME`, which Kubernetes sets to the
-    pod name. `--num-shard` is the number of GPUs Ray assigned, never TGI's "all visible GPUs".
+    `--hostname` is always given (loopback, or the node's address when routers stream from the
+    engine): TGI falls back to `$HOSTNAME`, which Kubernetes sets to the pod name. `api_key`
+    guards every generating route of the engine. `--num-shard` is the number of GPUs Ray
+    assigned, never TGI's "all visible GPUs".
     """
     engine = tier.engine
     argv: list[str] = [
         *launcher_program(tier),
         "--model-id", engine.model_id,
-        "--hostname", "127.0.0.1",
+        "--hostname", ports.host,
         "--port", str(ports.http),
         "--prometheus-port", str(ports.prometheus),
         "--shard-uds-path", ports.shard_uds_path,
@@ -107,6 +114,8 @@ def build_launch(
     # Only the GPUs Ray assigned are visible; an empty value hides every GPU from a CPU tier.
     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
     env["PYTHONUNBUFFERED"] = "1"
+    if api_key:
+        env[API_KEY_ENV] = api_key
     return LaunchSpec(argv=tuple(argv), env=env)
 
 

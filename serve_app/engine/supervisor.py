@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import secrets
 import shutil
 import socket
 import tempfile
@@ -28,12 +29,12 @@ class EngineState(enum.Enum):
     STOPPED = "stopped"
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel just handed out on loopback, held together so that they differ."""
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel just handed out on `host`, held together so that they differ."""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for s in sockets:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
@@ -48,15 +49,22 @@ class EngineSupervisor:
         environ: Mapping[str, str],
         logger: logging.LoggerAdapter,
         tracing: TracingConfig | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
+        """`host` is where the engine listens: loopback, or the node's address when routers
+        stream from the engine themselves. Either way the engine's generating routes take
+        only this supervisor's own key (`api_key`), made afresh for every engine."""
         self._tier = tier
         self._log = logger
         self._workdir = Path(tempfile.mkdtemp(prefix=f"engine-{tier.name}-"))
-        http, prometheus, master = free_ports(3)
-        ports = Ports(http, prometheus, master, shard_uds_path(self._workdir))
-        self.spec = build_launch(tier, ports, gpu_ids, with_hf_token(environ), tracing)
+        http, prometheus, master = free_ports(3, host)
+        ports = Ports(http, prometheus, master, shard_uds_path(self._workdir), host)
+        self.api_key = secrets.token_urlsafe(32)
+        self.url = f"http://{_url_host(host)}:{http}"
+        environ = with_hf_token(environ)
+        self.spec = build_launch(tier, ports, gpu_ids, environ, tracing, self.api_key)
         self.process = EngineProcess(self.spec, logger)
-        self.client = EngineClient(f"http://127.0.0.1:{http}", tier.request_timeout_s)
+        self.client = EngineClient(self.url, tier.request_timeout_s, api_key=self.api_key)
         self.state = EngineState.STARTING
 
     async def start(self) -> None:
@@ -115,3 +123,7 @@ class EngineSupervisor:
 
     def _tail(self) -> str:
         return "\n".join(self.process.tail) or "(no output)"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

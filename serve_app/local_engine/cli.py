@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-top-n-tokens", type=int, default=5)
     p.add_argument("--max-client-batch-size", type=int, default=4)
     p.add_argument("--payload-limit", type=int, default=2_000_000)
-    p.add_argument("--api-key", default=None)
+    # As TGI's launcher: the flag, else the `API_KEY` variable.
+    p.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
     p.add_argument("--json-output", action="store_true")
     p.add_argument("--graceful-termination-timeout", type=int, default=90)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")

@@ -14,11 +14,13 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import TierConfig
 from ..engine.client import EngineClient, EngineReply
+from ..engine.pool import EnginePool
 from ..errors import EngineReplyError, TierUnavailable
 from ..tier.call import TierCall
 from ..tier.replica_choice import route_hint
 from ..tier.request_router import session_header
 from ..tracing import current
+from .direct import EngineCalls, LeasedCalls
 
 ENGINE_BUSY_ATTEMPTS = 2  # a 429 from an engine, before any token, is tried once more
 T = TypeVar("T", covariant=True)
@@ -39,7 +41,9 @@ class TierTransport(Protocol):
 
 
 class ServeTransport:
-    """Tier deployments through their Serve handles."""
+    """Tier deployments through their Serve handles. A tier's `data_path` says how answers
+    come back: `direct` from the engine a replica leases (`serve_app.router.direct`), `relay`
+    through the replica."""
 
     def __init__(
         self, handles: Mapping[str, DeploymentHandle], tiers: Mapping[str, TierConfig]
@@ -47,13 +51,21 @@ class ServeTransport:
         self._handles = dict(handles)
         self._tiers = dict(tiers)
         self._streams = {name: h.options(stream=True) for name, h in handles.items()}
+        pool = EnginePool()
+        self._engines = {name: EngineCalls(pool, t.request_timeout_s) for name, t in tiers.items()}
 
     def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
-        calls: Calls[EngineReply | None] = self._routed(tier, call).request.remote(call)
+        handle = self._routed(tier, call)
+        if self._tiers[tier].data_path == "direct":
+            return LeasedCalls(handle.lease.remote(call), self._engines[tier].request(call), tier)
+        calls: Calls[EngineReply | None] = handle.request.remote(call)
         return calls
 
     def stream(self, tier: str, call: TierCall) -> Calls[str | None]:
-        calls: Calls[str | None] = self._routed(tier, call).stream.remote(call)
+        handle = self._routed(tier, call)
+        if self._tiers[tier].data_path == "direct":
+            return LeasedCalls(handle.lease.remote(call), self._engines[tier].stream(call), tier)
+        calls: Calls[str | None] = handle.stream.remote(call)
         return calls
 
     def _routed(self, tier: str, call: TierCall) -> DeploymentHandle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..metrics import app_metrics
 from ..tracing import Tracing
-from .call import TierCall
+from .call import EngineLease, TierCall
 from .replica_choice import EngineState
 
 logger = logging.getLogger("ray.serve")
@@ -38,7 +39,10 @@ class TierDeployment:
         replica = serve.get_replica_context().replica_id.unique_id
         log = ReplicaLog(logger, {"tier": tier.name, "replica": replica})
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-        self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log, tracing)
+        # With the direct data path, routers on any node stream from the engine: it listens on
+        # the node's address (its key keeps everyone else out); otherwise on loopback only.
+        host = ray.util.get_node_ip_address() if tier.data_path == "direct" else "127.0.0.1"
+        self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log, tracing, host)
         self._tier = tier
         self._tracing = Tracing.configure(tracing, f"tier-{tier.name}")
         self._tags = {"tier": tier.name}
@@ -46,8 +50,20 @@ class TierDeployment:
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
 
-    # Both calls first yield `None`: the router then knows a replica has taken the request, which
-    # bounds the wait for one (a tier starting from zero) apart from the generation itself.
+    async def lease(self, call: TierCall) -> AsyncIterator[EngineLease]:
+        """The direct data path (`serve_app.router.direct`): the engine's address and key, then
+        nothing until the router cancels the call once its request has ended, however it
+        ended. Meanwhile Serve counts the request on this replica (`max_ongoing_requests`,
+        replica choice, draining before the engine stops). A router that never cancels (it
+        died) loses the lease after `request_timeout_s`, the longest a request may take."""
+        with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
+            supervisor = self._supervisor
+            yield EngineLease(supervisor.url, supervisor.api_key, span.headers())
+            await asyncio.sleep(self._tier.request_timeout_s)
+
+    # The relay data path. Both calls first yield `None`: the router then knows a replica has
+    # taken the request, which bounds the wait for one (a tier starting from zero) apart from
+    # the generation itself.
     # `trace` is the router's W3C context (see `serve_app.tracing`), empty when tracing is off.
 
     # The router cancels a call whose client went away: the engine request is closed with it.

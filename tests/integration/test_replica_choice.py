@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from serve_app.engine.stats import parse_load
-from tests.helpers import wait_for
+from tests.helpers import engine_url, wait_for
 
 from .conftest import Stack
 
@@ -45,7 +45,7 @@ def engine_counts(stack: Stack) -> dict[int, float]:
     counts = {}
     for argv in stack.engines().values():
         port = int(argv[argv.index("--port") + 1])
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        text = httpx.get(f"{engine_url(argv)}/metrics", timeout=5).text
         line = next(x for x in text.splitlines() if x.startswith("tgi_request_count "))
         counts[port] = float(line.split()[-1])
     return counts

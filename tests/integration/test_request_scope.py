@@ -22,7 +22,7 @@ from huggingface_hub import InferenceClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import command_lines, wait_for
+from tests.helpers import command_lines, engine_key, engine_url, wait_for
 
 from .conftest import Stack, local_config
 
@@ -321,9 +321,13 @@ def test_tgis_own_clients_with_no_model_and_a_validation_error(stack: Stack) -> 
         tgi.generate("Hi", max_new_tokens=100_000)
     body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
     reply = httpx.post(f"{stack.url}/generate", headers=auth(), timeout=60, json=body)
-    argv = next(iter(stack.engines().values()))
-    port = argv[argv.index("--port") + 1]
-    direct = httpx.post(f"http://127.0.0.1:{port}/generate", timeout=60, json=body)
+    pid, argv = next(iter(stack.engines().items()))
+    url = f"{engine_url(argv)}/generate"
+    # The engine takes only its replica's own key: the router's, nobody else's.
+    assert httpx.post(url, timeout=60, json=body, headers=auth()).status_code == 401
+    assert httpx.post(url, timeout=60, json=body).status_code == 401
+    engine_auth = {"authorization": f"Bearer {engine_key(pid)}"}
+    direct = httpx.post(url, timeout=60, json=body, headers=engine_auth)
     sent = {k for k in direct.headers if k.startswith("x-") and k != "x-request-id"}
     print(json.dumps({"engine_headers": sorted(sent)}))
     assert sent <= set(reply.headers)  # whatever the engine sends comes through

@@ -15,7 +15,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from openai import AsyncOpenAI
 
-from tests.helpers import wait_for
+from tests.helpers import engine_url, wait_for
 
 from .conftest import Stack, local_config
 
@@ -103,8 +103,7 @@ def test_limits_are_enforced_with_clear_messages(stack: Stack) -> None:
 def engine_metric(stack: Stack, batch: str, name: str) -> float:
     for argv in stack.engines().values():
         if argv[argv.index("--max-batch-size") + 1] == batch:
-            port = argv[argv.index("--port") + 1]
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            text = httpx.get(f"{engine_url(argv)}/metrics", timeout=5).text
             return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
     raise AssertionError(f"no engine with --max-batch-size {batch}")
 

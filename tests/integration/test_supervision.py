@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from serve_app import localstack
-from tests.helpers import wait_for
+from tests.helpers import engine_url, wait_for
 
 from .conftest import Stack, local_config
 
@@ -76,9 +76,8 @@ def test_engine_killed_during_start_up_is_retried(ray_head: Stack) -> None:
     def kill_a_starting_engine() -> bool:
         for pid, argv in ray_head.engines().items():
             if argv[argv.index("--max-batch-size") + 1] == "3":
-                port = argv[argv.index("--port") + 1]
                 try:
-                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.2)
+                    httpx.get(f"{engine_url(argv)}/health", timeout=0.2)
                     return False  # already serving: too late to count as start-up
                 except httpx.HTTPError:
                     os.kill(pid, signal.SIGKILL)

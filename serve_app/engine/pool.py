@@ -1,0 +1,112 @@
+"""The router's own HTTP connections to engines: one pooled session per process, calls to any
+engine by URL and key, for the direct data path (`serve_app.router.direct`).
+
+aiohttp rather than the supervisor's httpx client: on this path every streamed chunk of every
+request crosses it, and aiohttp reads and splits lines at a fraction of httpx's cost per chunk.
+Transport failures become `EngineUnavailable`, error statuses `EngineReplyError`: the only place
+where aiohttp exceptions are translated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from ..errors import EngineUnavailable
+from .client import EngineReply, passed_headers, reply_error
+from .sse import sse_data
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class EnginePool:
+    """Every call names its engine (`url`, `api_key`) and its bound (`timeout_s`, start to last
+    byte); `headers` (a W3C `traceparent`) go with it."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Made on first use, inside the event loop that serves requests.
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._session
+
+    @asynccontextmanager
+    async def _translated(self, url: str, path: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except asyncio.TimeoutError as exc:
+            raise EngineUnavailable(f"engine {url} did not answer {path} in time") from exc
+        except aiohttp.ClientError as exc:
+            raise EngineUnavailable(f"engine {url} unreachable for {path}: {exc!r}") from exc
+
+    async def post(
+        self,
+        url: str,
+        api_key: str,
+        path: str,
+        payload: Mapping[str, Any],
+        headers: Mapping[str, str],
+        timeout_s: float,
+    ) -> EngineReply:
+        """The engine's whole answer. Cancelling the caller closes the connection, and the
+        engine drops the request."""
+        async with (
+            self._translated(url, path),
+            self._http().post(
+                url + path,
+                json=payload,
+                headers={**headers, "authorization": f"Bearer {api_key}"},
+                timeout=_timeout(timeout_s),
+            ) as reply,
+        ):
+            body = await reply.read()
+            return EngineReply(reply.status, body, passed_headers(reply.headers))
+
+    async def stream(
+        self,
+        url: str,
+        api_key: str,
+        path: str,
+        payload: Mapping[str, Any],
+        headers: Mapping[str, str],
+        timeout_s: float,
+    ) -> AsyncIterator[str]:
+        """SSE data payloads. A non-200 answer raises before anything is yielded; closing the
+        iterator closes the connection, which is how the engine learns to stop generating."""
+        async with (
+            self._translated(url, path),
+            self._http().post(
+                url + path,
+                json=payload,
+                headers={**headers, "authorization": f"Bearer {api_key}"},
+                timeout=_timeout(timeout_s),
+            ) as reply,
+        ):
+            if reply.status != 200:
+                raise reply_error(reply.status, await reply.read())
+            try:
+                async for data in sse_data(_lines(reply.content)):
+                    yield data
+            except BaseException:
+                reply.close()  # unfinished: drop the connection, never reuse it
+                raise
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _timeout(total_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total_s, sock_connect=CONNECT_TIMEOUT_S)
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    async for line in content:
+        yield line.decode().rstrip("\r\n")
