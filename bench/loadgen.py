@@ -39,6 +39,12 @@ class Load:
     urls: tuple[str, ...]
     model: str
     tokens: int
+    keys: tuple[str, ...] = ()  # a bearer key per URL (an engine's own), or none
+
+    def target(self, i: int) -> tuple[str, dict[str, str]]:
+        """The `i`-th request's URL (round-robin) and headers."""
+        k = i % len(self.urls)
+        return self.urls[k], {"authorization": f"Bearer {self.keys[k]}"} if self.keys else {}
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,14 @@ class Result:
     elapsed_s: float
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, load: Load) -> Sample:
+async def one_request(session: aiohttp.ClientSession, i: int, load: Load) -> Sample:
     body = {"model": load.model, "messages": MESSAGES, "max_tokens": load.tokens, "stream": True}
+    url, headers = load.target(i)
     start = time.perf_counter()
     stamps: list[float] = []
     ok = False
     try:
-        async with session.post(url, json=body) as reply:
+        async with session.post(url, json=body, headers=headers) as reply:
             ok = reply.status == 200
             buffer = b""
             async for data in reply.content.iter_any():
@@ -82,8 +89,7 @@ async def _closed(load: Load, streams: int, requests: int, offset: int,
 
         async def worker(k: int) -> None:
             for i in remaining:
-                url = load.urls[(offset + k + i) % len(load.urls)]
-                samples.append(await one_request(session, url, load))
+                samples.append(await one_request(session, offset + k + i, load))
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
         began = time.time()
@@ -98,8 +104,7 @@ async def _open(load: Load, rate: float, duration_s: float, seed: int,
         await asyncio.sleep(max(0.0, start_at - time.time()))
         began, tasks, i = time.time(), [], seed
         while time.time() - began < duration_s:
-            url = load.urls[i % len(load.urls)]
-            tasks.append(asyncio.create_task(one_request(session, url, load)))
+            tasks.append(asyncio.create_task(one_request(session, i, load)))
             i += 1
             await asyncio.sleep(rng.expovariate(rate))
         samples = list(await asyncio.gather(*tasks))

@@ -36,7 +36,7 @@ from typing import Any
 from bench.loadgen import Load, LoadGenerator, summary
 from serve_app import localstack
 from serve_app.localstack import Head
-from tests.helpers import engines_under, free_port
+from tests.helpers import engine_key, engine_url, engines_under, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = {  # process role -> how its command line reads
@@ -48,8 +48,8 @@ ROLES = {  # process role -> how its command line reads
 }
 
 
-def tier(name: str, engine: dict[str, Any], replicas: int) -> dict[str, Any]:
-    return {"name": name, "engine": engine, "max_ongoing_requests": 4096,
+def tier(name: str, engine: dict[str, Any], replicas: int, data_path: str) -> dict[str, Any]:
+    return {"name": name, "engine": engine, "max_ongoing_requests": 4096, "data_path": data_path,
             "max_queued_requests": -1, "default_max_tokens": 64, "max_tokens_limit": 512,
             "replicas": {"min": replicas, "max": replicas}}  # fmt: skip
 
@@ -59,9 +59,10 @@ def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
            "max_concurrent_requests": 8192,
            "extra_args": ["--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
                           "--sim-output-tokens", str(args.tokens)]}  # fmt: skip
-    tiers = [tier("sim", sim, args.replicas)]
+    tiers = [tier("sim", sim, args.replicas, args.data_path)]
     if args.real:
-        tiers.append(tier("real", {"launcher": "local", "threads": 1, "max_batch_size": 4}, 1))
+        real = {"launcher": "local", "threads": 1, "max_batch_size": 4}
+        tiers.append(tier("real", real, 1, args.data_path))
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
@@ -71,15 +72,17 @@ def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def engine_urls(tmpdir: str, model_id: str) -> tuple[str, ...]:
-    urls = tuple(
-        f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/v1/chat/completions"
-        for argv in engines_under(tmpdir).values()
+def engines(tmpdir: str, model_id: str, tokens: int) -> Load:
+    """The tier's engines reached directly (round-robin), each with its own key."""
+    found = {
+        pid: argv
+        for pid, argv in engines_under(tmpdir).items()
         if argv[argv.index("--model-id") + 1] == model_id
-    )
-    if not urls:
+    }
+    if not found:
         raise RuntimeError(f"no engine for {model_id}")
-    return urls
+    urls = tuple(f"{engine_url(argv)}/v1/chat/completions" for argv in found.values())
+    return Load(urls, "tgi", tokens, tuple(engine_key(pid) for pid in found))
 
 
 def router_urls(head: Head) -> tuple[str, ...]:
@@ -242,6 +245,9 @@ def main() -> int:
         action="store_true",
         help="without HAProxy and throughput-optimised Serve, for comparison",
     )
+    parser.add_argument(
+        "--data-path", choices=("direct", "relay"), default="direct", help="the tiers' data_path"
+    )
     parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
     parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
     args = parser.parse_args()
@@ -265,7 +271,7 @@ def main() -> int:
                     "python": platform.python_version()},
         "commit": args.commit or _commit(),
         "ingress": {k: v for k, v in env.items() if k in localstack.SERVE_TUNING},
-        "replicas": args.replicas, "routers": args.routers,
+        "replicas": args.replicas, "routers": args.routers, "data_path": args.data_path,
         "load_processes": args.processes,
         "simulated_engine": {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
                              "tokens": args.tokens},
@@ -276,7 +282,7 @@ def main() -> int:
         localstack.deploy(config_path, head, env)
         localstack.wait_running(head, timeout_s=300)
         stack = Load((f"http://127.0.0.1:{http_port}/v1/chat/completions",), "sim", args.tokens)
-        direct = Load(engine_urls(tmpdir, "simulated"), "tgi", args.tokens)
+        direct = engines(tmpdir, "simulated", args.tokens)
         routers = Load(router_urls(head) or stack.urls, "sim", args.tokens)
         results["engines"] = len(direct.urls)
         gen.closed_loop(stack, 16, 2)  # warm both paths up
@@ -312,7 +318,7 @@ def main() -> int:
                 {p: {k: round(v, 1) for k, v in row[p]["cpu_us_per_chunk"].items()}
                  for p in loads}), flush=True)  # fmt: skip
         if args.real:
-            real = Load(engine_urls(tmpdir, "smollm2-135m-instruct"), "tgi", 64)
+            real = engines(tmpdir, "smollm2-135m-instruct", 64)
 
             def measure_real(load: Load) -> dict[str, float]:
                 return summary(gen.closed_loop(load, 4, 2), slo)

@@ -76,6 +76,7 @@ def tier_attributes(tier: TierConfig) -> dict[str, str]:
         "model_id": tier.engine.model_id,
         "inference.backend": backend(tier),
         "gen_ai.response.model": tier.engine.model_id,
+        "serve_app.data_path": tier.data_path,
     }
 
 

@@ -56,6 +56,15 @@ def test_hostname_is_loopback_whatever_the_pod_is_called() -> None:
     assert "HOSTNAME" not in spec.env
 
 
+def test_an_engine_for_direct_streaming_listens_on_the_node_with_its_own_key() -> None:
+    direct = Ports(8000, 9000, 29500, "/tmp/r/tgi-shard", host="10.0.3.7")
+    spec = build_launch(tgi_tier(1), direct, ["0"], {}, api_key="k-123")
+    assert flag(spec.argv, "--hostname") == "10.0.3.7"
+    # TGI's launcher reads `API_KEY`: the key stays out of the command line ps shows.
+    assert spec.env["API_KEY"] == "k-123" and "k-123" not in spec.argv
+    assert "API_KEY" not in build_launch(tgi_tier(1), direct, ["0"], {}).env
+
+
 def test_secrets_pass_through_but_are_never_shown() -> None:
     tier = TierConfig(
         name="small",

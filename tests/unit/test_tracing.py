@@ -91,7 +91,10 @@ def test_usage_and_tier_attributes() -> None:
         "model_id": "smollm2-135m-instruct",
         "inference.backend": "local",
         "gen_ai.response.model": "smollm2-135m-instruct",
+        "serve_app.data_path": "direct",
     }
+    relay = TierConfig(name="small", data_path="relay")
+    assert tracing.tier_attributes(relay)["serve_app.data_path"] == "relay"
 
 
 def request(headers: dict[str, str], path: str = "/v1/chat/completions") -> Request:

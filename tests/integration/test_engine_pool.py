@@ -1,0 +1,130 @@
+"""The router's engine pool (`serve_app.engine.pool`) against a real simulated engine that takes
+only its own API key, as a tier replica starts it for the direct data path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from serve_app.engine.pool import EnginePool
+from serve_app.errors import EngineReplyError, EngineUnavailable
+from tests.helpers import free_port, wait_for
+
+from .conftest import RunningEngine, start_engine
+
+KEY = "engine-only-key"
+CHAT = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+GENERATE = {"inputs": "Hi", "parameters": {"max_new_tokens": 4}}
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEngine]:
+    log = tmp_path_factory.mktemp("keyed-engine") / "engine.log"
+    running = start_engine(
+        log,
+        "--model-id", "simulated", "--api-key", KEY, "--max-batch-size", "4",
+        "--sim-ttft-ms", "5", "--sim-itl-ms", "40", "--sim-output-tokens", "50",
+    )  # fmt: skip
+    yield running
+    running.process.terminate()
+
+
+def running_requests(engine: RunningEngine) -> float:
+    text = httpx.get(f"{engine.url}/metrics", timeout=5).text
+    match = re.search(r"^tgi_batch_current_size (\S+)$", text, re.MULTILINE)
+    assert match is not None
+    return float(match.group(1))
+
+
+def test_streams_and_posts_with_the_engines_key(keyed: RunningEngine) -> None:
+    async def run() -> tuple[list[str], int, bytes, dict[str, str]]:
+        pool = EnginePool()
+        try:
+            stream = pool.stream(keyed.url, KEY, "/v1/chat/completions",
+                                 {**CHAT, "stream": True}, {}, 30)  # fmt: skip
+            chunks = [data async for data in stream]
+            reply = await pool.post(keyed.url, KEY, "/generate", GENERATE, {}, 30)
+            return chunks, reply.status, reply.body, dict(reply.headers)
+        finally:
+            await pool.aclose()
+
+    chunks, status, body, headers = asyncio.run(run())
+    assert chunks[-1] == "[DONE]"
+    assert len(chunks) == 6 + 1  # six tokens, then [DONE]
+    assert all(json.loads(c)["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    assert status == 200 and json.loads(body)["generated_text"]
+    assert "x-request-id" not in headers
+
+
+def test_a_wrong_key_is_the_engines_401_before_any_chunk(keyed: RunningEngine) -> None:
+    async def run() -> EngineReplyError:
+        pool = EnginePool()
+        try:
+            with pytest.raises(EngineReplyError) as caught:
+                async for _ in pool.stream(keyed.url, "wrong", "/generate_stream",
+                                           GENERATE, {}, 30):  # fmt: skip
+                    raise AssertionError("no chunk may arrive")
+            return caught.value
+        finally:
+            await pool.aclose()
+
+    assert asyncio.run(run()).status == 401
+
+
+def test_an_engine_error_keeps_the_engines_status(keyed: RunningEngine) -> None:
+    async def run() -> EngineReplyError:
+        pool = EnginePool()
+        try:
+            with pytest.raises(EngineReplyError) as caught:
+                bad = {"inputs": "Hi", "parameters": {"max_new_tokens": 0}}
+                async for _ in pool.stream(keyed.url, KEY, "/generate_stream", bad, {}, 30):
+                    raise AssertionError("no chunk may arrive")
+            return caught.value
+        finally:
+            await pool.aclose()
+
+    error = asyncio.run(run())
+    assert error.status == 422 and error.error_type == "validation"
+
+
+def test_closing_a_stream_frees_the_engine_slot(keyed: RunningEngine) -> None:
+    async def run() -> float:
+        pool = EnginePool()
+        try:
+            stream = pool.stream(keyed.url, KEY, "/generate_stream", GENERATE | {
+                "parameters": {"max_new_tokens": 50}}, {}, 30)  # fmt: skip
+            await anext(stream)
+            busy = running_requests(keyed)
+            await stream.aclose()  # type: ignore[attr-defined]
+            return busy
+        finally:
+            await pool.aclose()
+
+    assert asyncio.run(run()) == 1
+    wait_for(lambda: running_requests(keyed) == 0, 5, "the engine to drop the closed stream")
+
+
+def test_a_call_past_its_bound_or_to_no_engine_is_unavailable(keyed: RunningEngine) -> None:
+    async def run() -> tuple[str, str]:
+        pool = EnginePool()
+        try:
+            with pytest.raises(EngineUnavailable) as slow:
+                async for _ in pool.stream(keyed.url, KEY, "/generate_stream", GENERATE | {
+                        "parameters": {"max_new_tokens": 50}}, {}, 0.3):  # fmt: skip
+                    pass
+            nowhere = f"http://127.0.0.1:{free_port()}"
+            with pytest.raises(EngineUnavailable) as gone:
+                await pool.post(nowhere, KEY, "/generate", GENERATE, {}, 5)
+            return str(slow.value), str(gone.value)
+        finally:
+            await pool.aclose()
+
+    slow, gone = asyncio.run(run())
+    assert "did not answer /generate_stream in time" in slow
+    assert "unreachable for /generate" in gone
+    wait_for(lambda: running_requests(keyed) == 0, 5, "the engine to drop the cut stream")
