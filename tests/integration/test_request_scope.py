@@ -123,7 +123,14 @@ def test_disconnect_storm_leaves_nothing_in_flight_and_no_spill_over(stack: Stac
         counts = tier_in_flight(stack)
         return bool(counts) and all(v == 0 for v in counts.values())
 
+    def leases_returned() -> bool:
+        """Serve's own count on the tier replicas: every engine lease was given back."""
+        held = metric(stack, "ray_serve_replica_processing_queries")
+        tiers = [v for labels, v in held.items() if 'deployment="tier-' in labels]
+        return bool(tiers) and all(v == 0 for v in tiers)
+
     wait_for(settled, 90, "every in-flight gauge back at 0")
+    wait_for(leases_returned, 60, "every tier replica's ongoing requests back at 0")
     after = httpx.post(f"{stack.url}/v1/chat/completions", headers=auth(), timeout=120,
                        json={"model": "small", "messages": QUESTION, "max_tokens": 4})  # fmt: skip
     assert after.status_code == 200, after.text
