@@ -40,18 +40,17 @@ def routed_tier(**routing: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def engine_counts(stack: Stack) -> dict[int, float]:
-    """Requests each engine has received so far (`tgi_request_count`), by engine port."""
+def engine_counts(stack: Stack) -> dict[str, float]:
+    """Requests each engine has received so far (`tgi_request_count`), by engine URL."""
     counts = {}
     for argv in stack.engines().values():
-        port = int(argv[argv.index("--port") + 1])
-        text = httpx.get(f"{engine_url(argv)}/metrics", timeout=5).text
-        line = next(x for x in text.splitlines() if x.startswith("tgi_request_count "))
-        counts[port] = float(line.split()[-1])
+        url = engine_url(argv)
+        line = next(x for x in _metrics(url).splitlines() if x.startswith("tgi_request_count "))
+        counts[url] = float(line.split()[-1])
     return counts
 
 
-def delta(before: dict[int, float], after: dict[int, float]) -> list[float]:
+def delta(before: dict[str, float], after: dict[str, float]) -> list[float]:
     return sorted(after[p] - before[p] for p in after)
 
 
@@ -105,10 +104,10 @@ def test_requests_avoid_a_replica_busy_with_a_long_generation(stack: Stack) -> N
     worker.start()
 
     def busy() -> bool:
-        return any(parse_load(_metrics(stack, port)).running for port in before)
+        return any(parse_load(_metrics(url)).running for url in before)
 
     wait_for(busy, 10, "the long generation to start")
-    busy_port = next(p for p in before if parse_load(_metrics(stack, p)).running)
+    hot = next(url for url in before if parse_load(_metrics(url)).running)
     # Same prefix (its home may be the busy replica) and fresh prompts: all go elsewhere,
     # since the busy replica's expected wait is seconds, past the affinity margin.
     mid = engine_counts(stack)
@@ -117,10 +116,10 @@ def test_requests_avoid_a_replica_busy_with_a_long_generation(stack: Stack) -> N
         complete(stack, f"a prompt of its own {user}")
     after = engine_counts(stack)
     assert not long_done.is_set(), "the long generation ended before the check"
-    assert after[busy_port] - mid[busy_port] == 0
+    assert after[hot] - mid[hot] == 0
     assert sum(after.values()) - sum(mid.values()) == 12
     worker.join(timeout=30)
 
 
-def _metrics(stack: Stack, port: int) -> str:
-    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+def _metrics(engine: str) -> str:
+    return httpx.get(f"{engine}/metrics", timeout=5).text
