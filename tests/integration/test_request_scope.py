@@ -410,6 +410,9 @@ HEADERS = st.fixed_dictionaries({}, optional={
     "x-tier": st.sampled_from(["small", "large", "nope", ""]),
     "authorization": st.sampled_from([f"Bearer {KEYS['team-a']}", f"Bearer {KEYS['small-only']}",
                                       "Bearer nope", "Basic x"]),
+    # headers Serve's ingress reads: UTF-8 or not
+    "x-request-id": st.sampled_from([b"trace-1", "\u00e9t\u00e9".encode(), b"\xff\xfe", b"\xc3"]),
+    "x-session-id": st.sampled_from([b"conversation-1", b"\xff"]),
 })  # fmt: skip
 FUZZ_EXAMPLES = 5000
 
@@ -421,7 +424,7 @@ def test_fuzzed_requests_never_get_a_5xx(stack: Stack) -> None:
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(route=ROUTES, body=BODIES, raw=st.booleans(), headers=HEADERS)
-    def one(route: tuple[str, str], body: Any, raw: bool, headers: dict[str, str]) -> None:
+    def one(route: tuple[str, str], body: Any, raw: bool, headers: dict[str, str | bytes]) -> None:
         content = json.dumps(body).encode()
         content = content[:-1] if raw else content
         headers = {"authorization": f"Bearer {KEYS['team-a']}", **headers}
