@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from .config import AppConfig, TierConfig
-from .localstack import SERVE_TUNING
+from .localstack import INGRESS_GUARDS, SERVE_TUNING
 
 RAY_VERSION = "2.60.0"
 DEFAULT_IMAGE = "registry.example.com/serve-app:0.1.0"
@@ -99,6 +99,8 @@ RAY_ENV = [
     {"name": "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "value": "true"},
     {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
     *({"name": k, "value": v} for k, v in SERVE_TUNING.items()),
+    # Serve's ingress: unfinished requests cut off, headers Serve reads made safe.
+    *({"name": k, "value": v} for k, v in INGRESS_GUARDS.items()),
 ]
 # Token auth with the token read from a file. KubeRay would otherwise add `RAY_AUTH_TOKEN` from
 # the Secret as an environment variable, which every Ray worker process (and `ray job submit --

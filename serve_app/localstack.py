@@ -42,6 +42,26 @@ SERVE_TUNING = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
+# What Serve's ingress does with a request before the router sees it (README "What Ray Serve
+# 2.60's ingress does before the router"):
+# - HAProxy waits at most this long for a client that is expected to send (its `timeout client`:
+#   unfinished request headers, a paused body) and then closes the connection (408 while headers
+#   are unfinished). It does not apply while an answer is awaited or streamed. Ray's default is
+#   an hour; an environment that already names it keeps its own value.
+# - Serve's HTTP servers run `serve_app.router.ingress` first: headers Serve itself decodes as
+#   UTF-8 are made safe before it does (a bad `x-request-id` is replaced, others are a 4xx).
+CLIENT_TIMEOUT = "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"
+INGRESS_GUARDS = {
+    CLIENT_TIMEOUT: "30",
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve_app.router.ingress:middlewares",
+}
+
+
+def ingress_guards(env: Mapping[str, str]) -> dict[str, str]:
+    """`INGRESS_GUARDS`, with the client timeout `env` already sets, if any."""
+    return {**INGRESS_GUARDS, **{k: env[k] for k in (CLIENT_TIMEOUT,) if env.get(k)}}
+
+
 # HAProxy's own listeners (Prometheus exporter, stats page) and Serve's fallback proxy (which
 # answers while no router replica is up) default to fixed ports, and HAProxy's files to
 # /tmp/haproxy-serve: a head of this checkout's own gets free ports and keeps the files in its
@@ -90,6 +110,7 @@ def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env["RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"] = "true"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.update(SERVE_TUNING)
+    env.update(ingress_guards(env))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 

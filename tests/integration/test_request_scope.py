@@ -11,7 +11,9 @@ import re
 import signal
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +24,7 @@ from huggingface_hub import InferenceClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from serve_app import localstack
 from tests.helpers import command_lines, engine_key, engine_url, wait_for
 
 from .conftest import Stack, local_config
@@ -262,12 +265,15 @@ MALFORMED = [
     ("/v1/chat/completions", b'{"model": "small", "messages": [], "x": NaN}', {}, 400),
     # over the router's max_header_bytes (8 KiB here), within the ingress's 16 KiB buffer
     ("/v1/chat/completions", json.dumps({"model": "small", "messages": QUESTION}).encode(), {"x-big": "a" * 12_000}, 431),
+    # headers Serve's ingress reads as UTF-8 (serve_app/router/ingress.py)
+    ("/v1/chat/completions", json.dumps({"model": "small", "messages": QUESTION}).encode(), {"x-session-id": b"\xff\xfe"}, 400),
+    ("/generate", b'{"inputs": "hi"}', {"traceparent": b"\xc3"}, 422),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("route", "raw", "headers", "status"), MALFORMED)
 def test_malformed_input_is_a_4xx(
-    stack: Stack, route: str, raw: bytes, headers: dict[str, str], status: int
+    stack: Stack, route: str, raw: bytes, headers: dict[str, str | bytes], status: int
 ) -> None:
     reply = httpx.post(f"{stack.url}{route}", content=raw, timeout=60,
                        headers={**auth(), "content-type": "application/json", **headers})  # fmt: skip
@@ -286,6 +292,33 @@ def test_headers_past_the_ingress_buffer_are_refused_there(stack: Stack) -> None
                        headers={**auth(), "x-big": "a" * 40_000})  # fmt: skip
     assert reply.status_code == 400
     assert httpx.get(f"{stack.url}/health", timeout=10).status_code == 200
+
+
+def test_a_request_id_that_is_not_utf8_is_replaced_with_a_fresh_one(stack: Stack) -> None:
+    body = {"model": "small", "messages": QUESTION}
+    for route, sent in [("/v1/chat/completions", body), ("/generate", {"inputs": "Hi"})]:
+        reply = httpx.post(f"{stack.url}{route}", json=sent, timeout=60,
+                           headers={**auth(), "x-request-id": b"\xff\xfe"})  # fmt: skip
+        assert reply.status_code == 200, reply.text[:300]
+        fresh = reply.headers["x-request-id"]
+        assert fresh != "\xff\xfe" and str(uuid.UUID(fresh)) == fresh
+
+
+def test_unfinished_headers_are_cut_by_the_ingress(stack: Stack) -> None:
+    """HAProxy closes a connection whose request headers stop coming after its client timeout
+    (`RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S`, 30 s here instead of Ray's hour)."""
+    timeout_s = int(localstack.INGRESS_GUARDS[localstack.CLIENT_TIMEOUT])
+    configs = list(Path(stack.head.temp_dir, "haproxy").rglob("haproxy.cfg"))
+    assert configs and all(f"timeout client {timeout_s}s" in c.read_text() for c in configs)
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=timeout_s + 15) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+                     f"{KEYS['team-a']}\r\n".encode())  # fmt: skip
+        start = time.monotonic()
+        answer = sock.recv(65536)
+        took = time.monotonic() - start
+    print(json.dumps({"unfinished_headers_cut_after_s": round(took, 1)}))
+    assert answer.split(b" ", 2)[1] == b"408", answer[:200]
+    assert timeout_s - 1 < took < timeout_s + 5
 
 
 def test_chunked_body_over_the_limit_is_refused_unread(stack: Stack) -> None:
@@ -315,6 +348,17 @@ def test_only_health_answers_without_a_key(stack: Stack) -> None:
     for method, path in [("GET", "/v1/models"), ("GET", "/info"), ("POST", "/generate"),
                          ("POST", "/"), ("POST", "/v1/completions")]:  # fmt: skip
         assert httpx.request(method, f"{stack.url}{path}", timeout=10).status_code == 401
+
+
+def test_the_ingress_answers_its_own_paths_without_a_key(stack: Stack) -> None:
+    """HAProxy answers `/-/healthz` and `/-/routes` itself, before any application code. The
+    health check is what KubeRay's readiness probe and operator call (with no key); the route
+    table holds each application's route prefix and name, nothing about tiers or keys."""
+    health = httpx.get(f"{stack.url}/-/healthz", timeout=10)
+    assert health.status_code == 200 and health.text == "success"
+    routes = httpx.get(f"{stack.url}/-/routes", timeout=10)
+    apps = local_config()["applications"]
+    assert routes.json() == {app["route_prefix"]: app["name"] for app in apps}
 
 
 def test_tgis_own_clients_with_no_model_and_a_validation_error(stack: Stack) -> None:
@@ -377,6 +421,9 @@ HEADERS = st.fixed_dictionaries({}, optional={
     "x-tier": st.sampled_from(["small", "large", "nope", ""]),
     "authorization": st.sampled_from([f"Bearer {KEYS['team-a']}", f"Bearer {KEYS['small-only']}",
                                       "Bearer nope", "Basic x"]),
+    # headers Serve's ingress reads: UTF-8 or not
+    "x-request-id": st.sampled_from([b"trace-1", "\u00e9t\u00e9".encode(), b"\xff\xfe", b"\xc3"]),
+    "x-session-id": st.sampled_from([b"conversation-1", b"\xff"]),
 })  # fmt: skip
 FUZZ_EXAMPLES = 5000
 
@@ -388,7 +435,7 @@ def test_fuzzed_requests_never_get_a_5xx(stack: Stack) -> None:
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(route=ROUTES, body=BODIES, raw=st.booleans(), headers=HEADERS)
-    def one(route: tuple[str, str], body: Any, raw: bool, headers: dict[str, str]) -> None:
+    def one(route: tuple[str, str], body: Any, raw: bool, headers: dict[str, str | bytes]) -> None:
         content = json.dumps(body).encode()
         content = content[:-1] if raw else content
         headers = {"authorization": f"Bearer {KEYS['team-a']}", **headers}
