@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -23,10 +24,20 @@ from .sse import sse_data
 CONNECT_TIMEOUT_S = 5.0
 
 
-class EnginePool:
-    """Every call names its engine (`url`, `api_key`) and its bound (`timeout_s`, start to last
-    byte); `headers` (a W3C `traceparent`) go with it."""
+@dataclass(frozen=True)
+class EngineRequest:
+    """One call to one engine: where (`url`, the engine's own `api_key`), what (`path`,
+    `payload`, `headers` such as a W3C `traceparent`), and its bound, start to last byte."""
 
+    url: str
+    api_key: str = field(repr=False)
+    path: str = "/"
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 300.0
+
+
+class EnginePool:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
@@ -46,49 +57,32 @@ class EnginePool:
         except aiohttp.ClientError as exc:
             raise EngineUnavailable(f"engine {url} unreachable for {path}: {exc!r}") from exc
 
-    async def post(
-        self,
-        url: str,
-        api_key: str,
-        path: str,
-        payload: Mapping[str, Any],
-        headers: Mapping[str, str],
-        timeout_s: float,
-    ) -> EngineReply:
-        """The engine's whole answer. Cancelling the caller closes the connection, and the
-        engine drops the request."""
+    @asynccontextmanager
+    async def _sent(self, request: EngineRequest) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The engine's answer to `request`, its failures translated while it is read."""
+        headers = {**request.headers, "authorization": f"Bearer {request.api_key}"}
         async with (
-            self._translated(url, path),
+            self._translated(request.url, request.path),
             self._http().post(
-                url + path,
-                json=payload,
-                headers={**headers, "authorization": f"Bearer {api_key}"},
-                timeout=_timeout(timeout_s),
+                request.url + request.path,
+                json=request.payload,
+                headers=headers,
+                timeout=_timeout(request.timeout_s),
             ) as reply,
         ):
+            yield reply
+
+    async def post(self, request: EngineRequest) -> EngineReply:
+        """The engine's whole answer. Cancelling the caller closes the connection, and the
+        engine drops the request."""
+        async with self._sent(request) as reply:
             body = await reply.read()
             return EngineReply(reply.status, body, passed_headers(reply.headers))
 
-    async def stream(
-        self,
-        url: str,
-        api_key: str,
-        path: str,
-        payload: Mapping[str, Any],
-        headers: Mapping[str, str],
-        timeout_s: float,
-    ) -> AsyncIterator[str]:
+    async def stream(self, request: EngineRequest) -> AsyncIterator[str]:
         """SSE data payloads. A non-200 answer raises before anything is yielded; closing the
         iterator closes the connection, which is how the engine learns to stop generating."""
-        async with (
-            self._translated(url, path),
-            self._http().post(
-                url + path,
-                json=payload,
-                headers={**headers, "authorization": f"Bearer {api_key}"},
-                timeout=_timeout(timeout_s),
-            ) as reply,
-        ):
+        async with self._sent(request) as reply:
             if reply.status != 200:
                 raise reply_error(reply.status, await reply.read())
             try:

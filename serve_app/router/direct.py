@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from ..engine.client import EngineReply
-from ..engine.pool import EnginePool
+from ..engine.pool import EnginePool, EngineRequest
 from ..errors import TierUnavailable
 from ..tier.call import EngineLease, TierCall
 
@@ -69,16 +69,17 @@ class EngineCalls:
 
     def request(self, call: TierCall) -> Callable[[EngineLease], AsyncIterator[EngineReply]]:
         async def start(lease: EngineLease) -> AsyncIterator[EngineReply]:
-            yield await self._pool.post(
-                lease.url, lease.api_key, call.route, call.payload, lease.trace, self._timeout_s
-            )
+            yield await self._pool.post(self._to(lease, call))
 
         return start
 
     def stream(self, call: TierCall) -> Callable[[EngineLease], AsyncIterator[str]]:
         def start(lease: EngineLease) -> AsyncIterator[str]:
-            return self._pool.stream(
-                lease.url, lease.api_key, call.route, call.payload, lease.trace, self._timeout_s
-            )
+            return self._pool.stream(self._to(lease, call))
 
         return start
+
+    def _to(self, lease: EngineLease, call: TierCall) -> EngineRequest:
+        return EngineRequest(
+            lease.url, lease.api_key, call.route, call.payload, lease.trace, self._timeout_s
+        )

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from serve_app.engine.pool import EnginePool
+from serve_app.engine.pool import EnginePool, EngineRequest
 from serve_app.errors import EngineReplyError, EngineUnavailable
 from tests.helpers import free_port, wait_for
 
@@ -20,6 +20,7 @@ from .conftest import RunningEngine, start_engine
 KEY = "engine-only-key"
 CHAT = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
 GENERATE = {"inputs": "Hi", "parameters": {"max_new_tokens": 4}}
+LONG = {"inputs": "Hi", "parameters": {"max_new_tokens": 50}}
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,9 @@ def test_streams_and_posts_with_the_engines_key(keyed: RunningEngine) -> None:
     async def run() -> tuple[list[str], int, bytes, dict[str, str]]:
         pool = EnginePool()
         try:
-            stream = pool.stream(keyed.url, KEY, "/v1/chat/completions",
-                                 {**CHAT, "stream": True}, {}, 30)  # fmt: skip
-            chunks = [data async for data in stream]
-            reply = await pool.post(keyed.url, KEY, "/generate", GENERATE, {}, 30)
+            chat = EngineRequest(keyed.url, KEY, "/v1/chat/completions", {**CHAT, "stream": True})
+            chunks = [data async for data in pool.stream(chat)]
+            reply = await pool.post(EngineRequest(keyed.url, KEY, "/generate", GENERATE))
             return chunks, reply.status, reply.body, dict(reply.headers)
         finally:
             await pool.aclose()
@@ -66,8 +66,8 @@ def test_a_wrong_key_is_the_engines_401_before_any_chunk(keyed: RunningEngine) -
         pool = EnginePool()
         try:
             with pytest.raises(EngineReplyError) as caught:
-                async for _ in pool.stream(keyed.url, "wrong", "/generate_stream",
-                                           GENERATE, {}, 30):  # fmt: skip
+                wrong = EngineRequest(keyed.url, "wrong", "/generate_stream", GENERATE)
+                async for _ in pool.stream(wrong):
                     raise AssertionError("no chunk may arrive")
             return caught.value
         finally:
@@ -82,7 +82,7 @@ def test_an_engine_error_keeps_the_engines_status(keyed: RunningEngine) -> None:
         try:
             with pytest.raises(EngineReplyError) as caught:
                 bad = {"inputs": "Hi", "parameters": {"max_new_tokens": 0}}
-                async for _ in pool.stream(keyed.url, KEY, "/generate_stream", bad, {}, 30):
+                async for _ in pool.stream(EngineRequest(keyed.url, KEY, "/generate_stream", bad)):
                     raise AssertionError("no chunk may arrive")
             return caught.value
         finally:
@@ -96,8 +96,7 @@ def test_closing_a_stream_frees_the_engine_slot(keyed: RunningEngine) -> None:
     async def run() -> float:
         pool = EnginePool()
         try:
-            stream = pool.stream(keyed.url, KEY, "/generate_stream", GENERATE | {
-                "parameters": {"max_new_tokens": 50}}, {}, 30)  # fmt: skip
+            stream = pool.stream(EngineRequest(keyed.url, KEY, "/generate_stream", LONG))
             await anext(stream)
             busy = running_requests(keyed)
             await stream.aclose()  # type: ignore[attr-defined]
@@ -113,13 +112,13 @@ def test_a_call_past_its_bound_or_to_no_engine_is_unavailable(keyed: RunningEngi
     async def run() -> tuple[str, str]:
         pool = EnginePool()
         try:
+            bounded = EngineRequest(keyed.url, KEY, "/generate_stream", LONG, timeout_s=0.3)
             with pytest.raises(EngineUnavailable) as slow:
-                async for _ in pool.stream(keyed.url, KEY, "/generate_stream", GENERATE | {
-                        "parameters": {"max_new_tokens": 50}}, {}, 0.3):  # fmt: skip
+                async for _ in pool.stream(bounded):
                     pass
             nowhere = f"http://127.0.0.1:{free_port()}"
             with pytest.raises(EngineUnavailable) as gone:
-                await pool.post(nowhere, KEY, "/generate", GENERATE, {}, 5)
+                await pool.post(EngineRequest(nowhere, KEY, "/generate", GENERATE, timeout_s=5))
             return str(slow.value), str(gone.value)
         finally:
             await pool.aclose()
