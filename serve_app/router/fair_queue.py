@@ -108,7 +108,7 @@ class FairScheduler:
         """Where a tenant joining an empty queue starts: not below anyone still counted."""
         return min(self.counters.values()) if self.counters else 0.0
 
-    def pop(self, now: float = 0.0) -> Entry | None:
+    def pop(self, now: float) -> Entry | None:
         """The next request to run, if a turn is free for it; it then holds that turn."""
         held = self.held
         if held >= self.turns.max_in_flight:

@@ -34,7 +34,7 @@ def ordering(**kw: dict[str, float]) -> FairScheduler:
 
 def drain(s: FairScheduler) -> list[str]:
     order = []
-    while (e := s.pop()) is not None:
+    while (e := s.pop(0.0)) is not None:
         order.append(e.tenant)
     return order
 
@@ -51,10 +51,10 @@ def test_a_light_tenant_does_not_wait_behind_a_heavy_tenants_backlog() -> None:
     s = ordering()
     for _ in range(20):
         s.push(entry("heavy"))
-    assert [s.pop().tenant for _ in range(3)] == ["heavy"] * 3  # type: ignore[union-attr]
+    assert [s.pop(0.0).tenant for _ in range(3)] == ["heavy"] * 3  # type: ignore[union-attr]
     s.push(entry("light"))
     # lifted to the heavy tenant's counter, the light tenant is next or next but one
-    assert "light" in [s.pop().tenant for _ in range(2)]  # type: ignore[union-attr]
+    assert "light" in [s.pop(0.0).tenant for _ in range(2)]  # type: ignore[union-attr]
 
 
 def test_backlogged_tenants_share_tokens_equally_and_by_weight() -> None:
@@ -65,7 +65,7 @@ def test_backlogged_tenants_share_tokens_equally_and_by_weight() -> None:
         s.push(entry("gold", cost=10))
     served: Counter[str] = Counter()
     for _ in range(40):
-        e = s.pop()
+        e = s.pop(0.0)
         assert e is not None
         served[e.tenant] += int(e.cost)
     # tokens: a and b about equal; gold about twice either
@@ -77,7 +77,7 @@ def test_idle_time_is_not_saved_up_as_credit() -> None:
     s = ordering()
     for _ in range(10):
         s.push(entry("busy"))
-        s.pop()
+        s.pop(0.0)
     s.push(entry("busy"))  # busy keeps going
     for _ in range(5):
         s.push(entry("returning"))  # was idle all along: counter 0 ...
