@@ -19,8 +19,11 @@ the client. Scenarios:
     prefix    `--prefixes` long system prompts shared by many users: load vs prefix
     unshared  long prompts, none shared: load vs prefix (affinity must cost nothing)
     fairness  a fourth tier, `fair`, with an admission queue and two API keys: a light
-              tenant's streamed requests alone, then while a heavy tenant sends ten times as
-              many (non-streamed, longer) requests, more than the tier can serve
+              tenant's streamed requests alone, then while a heavy tenant sends
+              `--heavy-factor` (10) times as many (non-streamed, longer) requests, more than
+              the tier can serve; each request's wait for a turn (`x-admission-wait-ms`) splits
+              its TTFT, and the machine's CPU use is recorded per run (`--fair-reserved 0`:
+              without turns kept for tenants below their share)
 
 Writes bench/results/routing.json.
 """
@@ -64,6 +67,7 @@ class Sample:
     ask: Ask
     ttft_s: float
     ok: bool
+    wait_s: float | None = None  # the router's admission wait (`x-admission-wait-ms`), if any
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -104,22 +108,28 @@ async def one(client: httpx.AsyncClient, url: str, model: str, ask: Ask,
             "stream": ask.stream}  # fmt: skip
     start = time.perf_counter()
     first: float | None = None
-    ok = False
+    ok, wait = False, None
     if not ask.stream:
         try:
             reply = await client.post(url, json=body, headers=headers)
-            return Sample(ask, time.perf_counter() - start, reply.status_code == 200)
+            ok, wait = reply.status_code == 200, admission_wait(reply)
+            return Sample(ask, time.perf_counter() - start, ok, wait)
         except httpx.HTTPError:
             return Sample(ask, time.perf_counter() - start, False)
     try:
         async with client.stream("POST", url, json=body, headers=headers) as reply:
-            ok = reply.status_code == 200
+            ok, wait = reply.status_code == 200, admission_wait(reply)
             async for line in reply.aiter_lines():
                 if first is None and line.startswith("data:") and "[DONE]" not in line:
                     first = time.perf_counter()
     except httpx.HTTPError:
         ok = False
-    return Sample(ask, (first or time.perf_counter()) - start, ok and first is not None)
+    return Sample(ask, (first or time.perf_counter()) - start, ok and first is not None, wait)
+
+
+def admission_wait(reply: httpx.Response) -> float | None:
+    waited = reply.headers.get("x-admission-wait-ms")
+    return None if waited is None else int(waited) / 1000
 
 
 Headers = dict[str, dict[str, str]]  # tenant -> its request headers
@@ -147,10 +157,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summary(samples: list[Sample], elapsed: float, skip_s: float = 0.0) -> dict[str, float]:
-    """TTFT percentiles over requests sent after `skip_s` (warm-up), throughput over all."""
+    """TTFT percentiles over requests sent after `skip_s` (warm-up), throughput over all; with
+    an admission queue, TTFT split into the wait for a turn and the rest."""
     kept = [s for s in samples if s.ask.at_s >= skip_s]
     ttft = [s.ttft_s for s in kept if s.ok]
-    return {
+    row = {
         "requests": len(kept),
         "errors": sum(1 for s in kept if not s.ok),
         "ttft_p50_ms": round(pct(ttft, 0.5) * 1000, 1),
@@ -158,6 +169,17 @@ def summary(samples: list[Sample], elapsed: float, skip_s: float = 0.0) -> dict[
         "ttft_p99_ms": round(pct(ttft, 0.99) * 1000, 1),
         "requests_per_s": round(sum(1 for s in samples if s.ok) / elapsed, 3),
     }
+    waited = [s for s in kept if s.ok and s.wait_s is not None]
+    if waited:
+        for q in (50, 99):
+            row[f"admission_wait_p{q}_ms"] = round(
+                pct([s.wait_s or 0 for s in waited], q / 100) * 1000, 1
+            )
+            row[f"ttft_less_wait_p{q}_ms"] = round(
+                pct([s.ttft_s - (s.wait_s or 0) for s in waited], q / 100) * 1000, 1
+            )
+        row["waited_at_all"] = sum(1 for s in waited if (s.wait_s or 0) > 0)
+    return row
 
 
 def tier(name: str, args: argparse.Namespace, routing: dict[str, Any] | None) -> dict[str, Any]:
@@ -184,10 +206,19 @@ def tier(name: str, args: argparse.Namespace, routing: dict[str, Any] | None) ->
 def fair_tier(args: argparse.Namespace) -> dict[str, Any]:
     spec = tier("fair", args, {})
     spec["engine"]["max_batch_size"] = args.fair_slots
-    spec["replicas"] = {"min": 2, "max": 2}
+    spec["replicas"] = {"min": args.fair_replicas, "max": args.fair_replicas}
     spec["admission"] = {"max_in_flight": args.fair_in_flight, "max_queued": 1024,
                          "max_wait_s": 10}  # fmt: skip
+    if args.fair_reserved is not None:
+        spec["admission"]["reserved_turns"] = args.fair_reserved
     return spec
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's (busy, all) CPU ticks so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 NEEDS = {"skew": ("default", "load"), "prefix": ("load", "prefix"),
@@ -224,14 +255,18 @@ def fairness(url: str, args: argparse.Namespace, rng: random.Random) -> dict[str
     while (t := t + rng.expovariate(args.light_rate)) < args.duration:
         light.append(Ask(t, f"light {len(light)}: {words(rng, 8)}", args.short_tokens, "light"))
     heavy, t = [], 0.0
-    while (t := t + rng.expovariate(args.light_rate * 10)) < args.duration:
+    while (t := t + rng.expovariate(args.light_rate * args.heavy_factor)) < args.duration:
         heavy.append(Ask(t, f"heavy {len(heavy)}: {words(rng, 8)}", args.heavy_tokens, "heavy",
                          stream=False))  # fmt: skip
     headers = {name: {"authorization": f"Bearer {key}"} for name, key in KEYS.items()}
     rows: dict[str, Any] = {}
     for label, asks in (("light_alone", light), ("light_with_heavy", sorted(
             light + heavy, key=lambda a: a.at_s))):  # fmt: skip
+        busy, ticks = cpu_ticks()
         samples, took = asyncio.run(replay(url, "fair", asks, headers))
+        busy_after, ticks_after = cpu_ticks()
+        rows[f"{label}/cpu_busy"] = round((busy_after - busy) / (ticks_after - ticks), 3)
+        print(f"  {label}/cpu_busy: {rows[f'{label}/cpu_busy']}", flush=True)
         for who in ("light", "heavy"):
             mine = [s for s in samples if s.ask.tenant == who]
             if mine:
@@ -273,8 +308,12 @@ def main() -> int:
     p.add_argument("--prefix-words", type=int, default=1000)
     p.add_argument("--light-rate", type=float, default=2.0)
     p.add_argument("--heavy-tokens", type=int, default=64)
+    p.add_argument("--heavy-factor", type=float, default=10.0, help="heavy rate / light rate")
+    p.add_argument("--fair-replicas", type=int, default=2)
     p.add_argument("--fair-slots", type=int, default=24)
     p.add_argument("--fair-in-flight", type=int, default=48)
+    p.add_argument("--fair-reserved", type=int, default=None,
+                   help="the fair tier's reserved_turns (default: the config's)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "routing.json"))
     args = p.parse_args()

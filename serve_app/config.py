@@ -155,6 +155,33 @@ class TierAdmission(_Strict):
     max_wait_s: PositiveFloat = Field(
         30.0, description="Longest wait for a turn before a 429 with Retry-After."
     )
+    reserved_turns: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="Of the max_in_flight turns, how many are kept for tenants below their fair "
+        "share, so their requests run at once instead of waiting for a turn to free "
+        "(default: max_in_flight // 8, at least 1; 0: none).",
+    )
+    idle_after_s: PositiveFloat = Field(
+        10.0,
+        description="How long a tenant counts towards the fair shares after its last request "
+        "ended.",
+    )
+
+    @property
+    def reserve(self) -> int:
+        """The turns kept for tenants below their share."""
+        if self.reserved_turns is not None:
+            return self.reserved_turns
+        return max(1, self.max_in_flight // 8)
+
+    @model_validator(mode="after")
+    def _reserve_fits(self) -> TierAdmission:
+        if self.reserve > self.max_in_flight:
+            raise ValueError(
+                f"reserved_turns ({self.reserve}) must not exceed max_in_flight "
+                f"({self.max_in_flight})"
+            )
+        return self
 
 
 class TierConfig(_Strict):

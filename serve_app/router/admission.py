@@ -17,6 +17,7 @@ from .auth import Tenant
 from .fair_queue import PRIORITIES, Admission, Priority, Ticket
 
 ANONYMOUS = "anonymous"  # the one tenant when API keys are off
+WAIT_HEADER = b"x-admission-wait-ms"  # how long the request waited for its turn
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -27,6 +28,8 @@ def admissions(config: AppConfig) -> dict[str, Admission]:
             max_in_flight=tier.admission.max_in_flight,
             max_queued=tier.admission.max_queued,
             max_wait_s=tier.admission.max_wait_s,
+            reserved_turns=tier.admission.reserve,
+            idle_after_s=tier.admission.idle_after_s,
             on_change=_export,
         )
         for tier in config.tiers
@@ -71,7 +74,12 @@ class Admitted:
             admission.leave(ticket, tokens)
 
     def wrap(self, response: Response) -> Response:
-        return response if self._held is None else LeavingResponse(response, self)
+        """The answer, holding the turn until sent; it tells how long the request waited."""
+        if self._held is None:
+            return response
+        waited_ms = round(self._held[1].waited_s * 1000)
+        response.raw_headers.append((WAIT_HEADER, str(waited_ms).encode()))
+        return LeavingResponse(response, self)
 
 
 class LeavingResponse(Response):

@@ -1,5 +1,6 @@
-"""Admission with real Ray Serve: a tier that lets one request run at a time (simulated engine),
-two API keys, one interactive and one batch."""
+"""Admission with real Ray Serve (simulated engines): a tier that lets one request run at a time,
+and one of three turns with one kept for tenants below their fair share; three API keys, two
+interactive and one batch."""
 
 from __future__ import annotations
 
@@ -13,16 +14,23 @@ import pytest
 
 from .conftest import Stack
 
-KEYS = {"inter": "sk-interactive-key-00001", "batch": "sk-batch-key-000000000002"}
+KEYS = {
+    "inter": "sk-interactive-key-00001",
+    "batch": "sk-batch-key-000000000002",
+    "light": "sk-light-interactive-0003",
+}
+
+
+def engine(slots: int) -> dict[str, Any]:
+    return {
+        "launcher": "local",
+        "model_id": "simulated",
+        "max_batch_size": slots,
+        "extra_args": ["--sim-ttft-ms", "5", "--sim-itl-ms", "20", "--sim-output-tokens", "1000"],
+    }
 
 
 def config(keys_file: str) -> dict[str, Any]:
-    engine = {
-        "launcher": "local",
-        "model_id": "simulated",
-        "max_batch_size": 1,
-        "extra_args": ["--sim-ttft-ms", "5", "--sim-itl-ms", "20", "--sim-output-tokens", "1000"],
-    }
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1"},
@@ -31,9 +39,13 @@ def config(keys_file: str) -> dict[str, Any]:
             "args": {
                 "router": {"api_keys": {"file": keys_file}},
                 "tiers": [{
-                    "name": "sim", "engine": engine, "default_max_tokens": 4,
+                    "name": "sim", "engine": engine(1), "default_max_tokens": 4,
                     "max_tokens_limit": 500,
                     "admission": {"max_in_flight": 1, "max_queued": 2, "max_wait_s": 8},
+                }, {
+                    "name": "shared", "engine": engine(3), "default_max_tokens": 4,
+                    "max_tokens_limit": 500,
+                    "admission": {"max_in_flight": 3, "reserved_turns": 1, "max_wait_s": 20},
                 }],
             },
         }],
@@ -46,15 +58,16 @@ def stack(ray_head: Stack) -> Stack:
     keys.write_text(json.dumps([
         {"name": "inter", "key": KEYS["inter"]},
         {"name": "batch", "key": KEYS["batch"], "priority": "batch"},
+        {"name": "light", "key": KEYS["light"]},
     ]))  # fmt: skip
     ray_head.deploy(config(str(keys)))
     return ray_head
 
 
-def post(stack: Stack, who: str, tokens: int, **headers: str) -> httpx.Response:
+def post(stack: Stack, who: str, tokens: int, model: str = "sim", **headers: str) -> httpx.Response:
     return httpx.post(
         f"{stack.url}/v1/completions",
-        json={"model": "sim", "prompt": f"{who} asks", "max_tokens": tokens, "stream": False},
+        json={"model": model, "prompt": f"{who} asks", "max_tokens": tokens, "stream": False},
         headers={"authorization": f"Bearer {KEYS[who]}", **headers},
         timeout=60,
     )
@@ -110,3 +123,26 @@ def test_an_unknown_priority_header_is_a_400_naming_it(stack: Stack) -> None:
     bad = post(stack, "inter", 2, **{"x-priority": "urgent"})
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "x-priority"
+
+
+def test_a_light_tenant_runs_at_once_on_the_turn_a_flooding_tenant_may_not_take(
+    stack: Stack,
+) -> None:
+    """`shared` lets 3 requests run, one turn kept for tenants below their share: once the light
+    tenant is active, the heavy one runs two at a time and the third turn waits for the light
+    tenant, whose request then runs at once (no admission wait) instead of after a heavy one."""
+    first = post(stack, "light", 2, model="shared")  # the light tenant is active from now
+    assert first.status_code == 200
+    heavy = [in_background(lambda: post(stack, "inter", 100, model="shared")) for _ in range(4)]
+    time.sleep(0.8)  # two heavy requests run (2 s each), two wait
+    start = time.monotonic()
+    light = post(stack, "light", 2, model="shared")
+    took = time.monotonic() - start
+    assert light.status_code == 200
+    assert light.headers["x-admission-wait-ms"] == "0"
+    assert took < 1.0  # not behind a heavy request's 2 s
+    for t in heavy:
+        t.join(timeout=30)
+    # every turn came back: the heavy tenant alone again runs at once
+    again = post(stack, "inter", 2, model="shared")
+    assert again.status_code == 200 and again.headers["x-admission-wait-ms"] == "0"

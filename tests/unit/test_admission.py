@@ -63,6 +63,30 @@ def test_only_tiers_with_admission_get_a_queue() -> None:
         AppConfig.model_validate({"tiers": [{"name": "a", "admission": {"max_in_flight": 0}}]})
 
 
+@pytest.mark.parametrize(
+    ("given", "reserve"),
+    [
+        ({"max_in_flight": 64}, 8),
+        ({"max_in_flight": 4}, 1),
+        ({"max_in_flight": 8, "reserved_turns": 0}, 0),
+    ],
+)
+def test_the_reserve_defaults_to_an_eighth_of_the_turns(
+    given: dict[str, int], reserve: int
+) -> None:
+    config = AppConfig.model_validate({"tiers": [{"name": "a", "admission": given}]})
+    assert admissions(config)["a"].scheduler.turns.reserved == reserve
+
+
+def test_a_reserve_larger_than_the_turns_is_refused_naming_both() -> None:
+    with pytest.raises(
+        ValueError, match=r"reserved_turns \(5\) must not exceed max_in_flight \(4\)"
+    ):
+        AppConfig.model_validate(
+            {"tiers": [{"name": "a", "admission": {"max_in_flight": 4, "reserved_turns": 5}}]}
+        )
+
+
 def test_every_exit_gives_the_turn_back() -> None:
     """Answered, streamed to the end, failed after admission: in flight returns to zero."""
     queue = admissions(
@@ -90,6 +114,7 @@ def test_every_exit_gives_the_turn_back() -> None:
     app = Starlette(routes=[Route("/{kind}", leaving(handler))])
     with TestClient(app) as client:
         for kind in ("plain", "stream", "fail", "plain"):
-            client.get(f"/{kind}")
+            answer = client.get(f"/{kind}")
             assert queue.in_flight == 0, kind
+            assert answer.headers["x-admission-wait-ms"] == "0", kind  # a turn was free
     assert during and all(n == 1 for n in during)  # the turn is held until the answer is sent
