@@ -2,8 +2,11 @@
 
 Every tier replica reports its engine's waiting queue and running batch (`tgi_queue_size`,
 `tgi_batch_current_size`, scraped from the engine's `/metrics`). The policy adds the requests that
-wait in Serve for a replica, and sizes the tier so that each replica carries about
-`target_per_replica` of that demand:
+wait in Serve for a replica and those that wait in the routers' admission queues (tiers with
+`admission`: each router replica reports its queue's length to one replica of the tier every
+second, which passes it on under the name `admission_queue:<router>` while it is fresh; the
+largest recent value per router counts, so a report seen by two replicas counts once), and
+sizes the tier so that each replica carries about `target_per_replica` of that demand:
 
     desired = ceil(demand / target_per_replica), within [min_replicas, max_replicas]
 
@@ -32,6 +35,21 @@ logger = logging.getLogger("ray.serve")
 # Names under which tier replicas report their load (`TierDeployment.record_autoscaling_stats`).
 ENGINE_QUEUE = "engine_queue"
 ENGINE_RUNNING = "engine_running"
+ADMISSION_QUEUE = "admission_queue"  # + ":<router replica id>"
+ADMISSION_REPORT_TTL_S = 3.0  # a router's report counts this long after it arrived
+
+
+def fresh_reports(
+    reports: dict[str, tuple[float, float]], now: float
+) -> dict[str, tuple[float, float]]:
+    """A tier replica's reports from routers, router -> (queued, when reported), without the
+    stale ones (a router that stopped reporting, or now reports to another replica)."""
+    return {r: report for r, report in reports.items() if now - report[1] <= ADMISSION_REPORT_TTL_S}
+
+
+def admission_stats(reports: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The reports as the custom metrics a tier replica records."""
+    return {f"{ADMISSION_QUEUE}:{router}": queued for router, (queued, _) in reports.items()}
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,16 @@ def _latest(series: Any) -> float:
     return float(series[-1].value) if series else 0.0
 
 
+def queued_in_routers(raw: dict[str, Any]) -> float:
+    """Requests waiting in the routers' admission queues: per router, the largest latest
+    report among the tier's replicas; summed over routers."""
+    return sum(
+        max((_latest(series) for series in by_replica.values()), default=0.0)
+        for name, by_replica in raw.items()
+        if name.startswith(ADMISSION_QUEUE + ":")
+    )
+
+
 class QueueLengthPolicy:
     """Serve's custom autoscaling policy for a tier (`policy_kwargs` are a `QueueScaling`)."""
 
@@ -90,14 +118,15 @@ class QueueLengthPolicy:
         self.rule = QueueScaling(**kwargs)
 
     def demand(self, ctx: AutoscalingContext) -> float:
-        """Requests queued or running in the engines, plus those waiting in Serve."""
+        """Requests queued or running in the engines, plus those waiting in Serve and in the
+        routers' admission queues."""
         raw = ctx.raw_metrics or {}
         engines = sum(
             _latest(series)
             for name in (ENGINE_QUEUE, ENGINE_RUNNING)
             for series in raw.get(name, {}).values()
         )
-        return engines + float(ctx.total_queued_requests or 0)
+        return engines + float(ctx.total_queued_requests or 0) + queued_in_routers(raw)
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         state = dict(ctx.policy_state or {})

@@ -1,9 +1,12 @@
-"""The router's admission queues (one per tier with `admission` set) and how a request's
-priority is read: the key's class, lowered (never raised) by an `x-priority` header."""
+"""The router's admission queues (one per tier with `admission` set), how a request's
+priority is read (the key's class, lowered, never raised, by an `x-priority` header), and the
+queues' lengths reported to their tiers for autoscaling."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
 from typing import get_args
 
 from starlette.requests import Request
@@ -39,6 +42,29 @@ def admissions(config: AppConfig) -> dict[str, Admission]:
 
 def _export(tier: str, priority: Priority, length: int) -> None:
     app_metrics().admission_queue.set(length, {"tier": tier, "priority": priority})
+
+
+REPORT_PERIOD_S = 1.0
+
+
+async def report_queues(
+    admissions: Mapping[str, Admission],
+    send: Callable[[str, int], Awaitable[None]],
+    period_s: float = REPORT_PERIOD_S,
+) -> None:
+    """Forever: every `period_s`, each tier's queue length to `send(tier, queued)` (to the
+    tier, for its autoscaling: `serve_app.autoscaling`), while anyone waits and once more when
+    the queue empties. A report that fails or is not taken within the period is dropped: the
+    next one replaces it."""
+    last = dict.fromkeys(admissions, 0)
+    while True:
+        for tier, admission in admissions.items():
+            queued = admission.queued
+            if queued or last[tier]:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(send(tier, queued), period_s)
+            last[tier] = queued
+        await asyncio.sleep(period_s)
 
 
 def priority(tenant: Tenant | None, header: str | None) -> Priority:

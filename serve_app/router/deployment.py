@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from ray import serve
@@ -18,7 +19,7 @@ from .routes import Router
 @serve.deployment
 @serve.ingress()
 class RouterDeployment:
-    def __init__(
+    async def __init__(
         self,
         config: AppConfig,
         tiers: Mapping[str, DeploymentHandle],
@@ -30,6 +31,8 @@ class RouterDeployment:
             MetricsRecorder(),
             ServeLedger(ledger) if ledger is not None else None,
         )
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._reporting = asyncio.create_task(self._router.report_queues(replica))
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return self._router.asgi_app()

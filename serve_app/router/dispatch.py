@@ -38,6 +38,7 @@ class TierTransport(Protocol):
     def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]: ...
     def stream(self, tier: str, call: TierCall) -> Calls[str | None]: ...
     async def info(self, tier: str) -> dict[str, Any]: ...
+    async def report_queue(self, tier: str, router: str, queued: int) -> None: ...
 
 
 class ServeTransport:
@@ -80,6 +81,10 @@ class ServeTransport:
     async def info(self, tier: str) -> dict[str, Any]:
         info: dict[str, Any] = await self._handles[tier].info.remote()
         return info
+
+    async def report_queue(self, tier: str, router: str, queued: int) -> None:
+        """A router's admission queue length, to one replica of the tier (its autoscaling)."""
+        await self._handles[tier].report_admission.remote(router, queued)
 
 
 class Dispatcher:
@@ -125,6 +130,9 @@ class Dispatcher:
 
     async def info(self, tier: str) -> dict[str, Any]:
         return await self._transport.info(tier)
+
+    async def report_queue(self, tier: str, router: str, queued: int) -> None:
+        await self._transport.report_queue(tier, router, queued)
 
     async def _taken(self, tier: str, calls: Calls[Any]) -> None:
         """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
@@ -182,3 +190,6 @@ class DirectTransport:
 
     async def info(self, tier: str) -> dict[str, Any]:
         return await self._clients[tier].info()
+
+    async def report_queue(self, tier: str, router: str, queued: int) -> None:
+        """Nothing: without Serve there is no autoscaling to tell."""

@@ -215,6 +215,10 @@ class Admission:
     def in_flight(self) -> int:
         return self.scheduler.held
 
+    @property
+    def queued(self) -> int:
+        return len(self.scheduler)
+
     async def enter(
         self, tenant: str, priority: Priority, cost: float, weight: float = 1.0
     ) -> Ticket:

@@ -23,7 +23,7 @@ from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import RequestTraits, TierChoice, TierPolicy
 from ..tracing import Tracing, current
 from .accounting import InFlight, Recorder, RequestScope, Usage, usage_from
-from .admission import admissions, leaving
+from .admission import admissions, leaving, report_queues
 from .auth import Tenant, key_ring
 from .body import BodyLimits, read_json
 from .dispatch import Calls, Dispatcher, TierTransport
@@ -70,6 +70,16 @@ class Router:
     @property
     def in_flight(self) -> dict[str, int]:
         return dict(self._in_flight.by_tier)
+
+    async def report_queues(self, router: str) -> None:
+        """Forever: the admission queues' lengths to their tiers, as router replica `router`
+        (a tier scales on them too: `serve_app.autoscaling`). Returns at once without queues."""
+        if self._admissions:
+
+            async def send(tier: str, queued: int) -> None:
+                await self._dispatch.report_queue(tier, router, queued)
+
+            await report_queues(self._admissions, send)
 
     def asgi_app(self) -> Starlette:
         as_openai, as_tgi = self._openai_errors, self._tgi_errors

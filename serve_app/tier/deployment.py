@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from ray import serve
 
-from ..autoscaling import ENGINE_QUEUE, ENGINE_RUNNING
+from ..autoscaling import ENGINE_QUEUE, ENGINE_RUNNING, admission_stats, fresh_reports
 from ..config import TierConfig, TracingConfig
 from ..engine.client import EngineReply
 from ..engine.stats import parse_load
@@ -47,6 +48,8 @@ class TierDeployment:
         self._tracing = Tracing.configure(tracing, f"tier-{tier.name}")
         self._tags = {"tier": tier.name}
         self._slots = tier.engine.max_batch_size or tier.engine.max_concurrent_requests
+        # router replica -> (its admission queue's length, when it said so)
+        self._admission_reports: dict[str, tuple[float, float]] = {}
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
 
@@ -87,12 +90,19 @@ class TierDeployment:
     async def info(self) -> dict[str, Any]:
         return await self._supervisor.client.info()
 
+    async def report_admission(self, router: str, queued: int) -> None:
+        """A router replica's admission queue length for this tier (`serve_app.autoscaling`)."""
+        self._admission_reports[router] = (float(queued), time.monotonic())
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """The engine's queue and running batch, for `serve_app.autoscaling`."""
+        """The engine's queue and running batch, and the routers' admission queues as they
+        reported them here, for `serve_app.autoscaling`."""
         load = parse_load(await self._supervisor.client.metrics())
         app_metrics().engine_queue.set(load.queued, self._tags)
         app_metrics().engine_running.set(load.running, self._tags)
-        return {ENGINE_QUEUE: load.queued, ENGINE_RUNNING: load.running}
+        self._admission_reports = fresh_reports(self._admission_reports, time.monotonic())
+        queues = admission_stats(self._admission_reports)
+        return {ENGINE_QUEUE: load.queued, ENGINE_RUNNING: load.running, **queues}
 
     async def record_routing_stats(self) -> dict[str, float]:
         """The engine's load, for `serve_app.tier.request_router` (tiers with `routing`)."""

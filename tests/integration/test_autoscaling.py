@@ -102,3 +102,30 @@ def test_a_tier_that_cannot_start_gives_503_not_a_hang(ray_head: Stack) -> None:
     assert reply.headers["retry-after"]
     assert reply.json()["error"]["type"] == "server_error"
     assert time.monotonic() - started < 60
+
+
+def test_requests_waiting_in_the_routers_admission_queue_scale_the_tier(ray_head: Stack) -> None:
+    """One turn per router: the engines never see more than one request, so only the
+    admission queue's length (reported by the router to the tier) can call for a replica."""
+    admission = {"max_in_flight": 1, "max_queued": 64, "max_wait_s": 170, "reserved_turns": 0}
+    scaling = {"target_per_replica": 6, "upscale_delay_s": 1, "downscale_delay_s": 600}
+    ray_head.deploy(one_tier(replicas={"min": 1, "max": 2}, scaling=scaling, admission=admission))
+    assert running_replicas(ray_head) == 1
+    replies: list[int] = []
+
+    def ask() -> None:
+        reply = httpx.post(
+            f"{ray_head.url}/v1/chat/completions",
+            json={"model": "small", "messages": QUESTION, "max_tokens": 24, "temperature": 0.7},
+            timeout=180,
+        )
+        replies.append(reply.status_code)
+
+    waiting = [threading.Thread(target=ask) for _ in range(12)]
+    for t in waiting:
+        t.start()
+    wait_for(lambda: bool(decisions(ray_head)), 20, "a scale-up decision")
+    assert "1 -> 2 replicas" in decisions(ray_head)[0]
+    for t in waiting:
+        t.join(180)
+    assert replies == [200] * 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,8 +14,9 @@ from starlette.testclient import TestClient
 
 from serve_app.config import ApiKeysConfig, AppConfig
 from serve_app.errors import InvalidRequest
-from serve_app.router.admission import admissions, leaving, priority
+from serve_app.router.admission import admissions, leaving, priority, report_queues
 from serve_app.router.auth import Tenant, load_tenants
+from serve_app.router.fair_queue import Admission
 
 
 def tenant(level: str) -> Tenant:
@@ -118,3 +120,42 @@ def test_every_exit_gives_the_turn_back() -> None:
             assert queue.in_flight == 0, kind
             assert answer.headers["x-admission-wait-ms"] == "0", kind  # a turn was free
     assert during and all(n == 1 for n in during)  # the turn is held until the answer is sent
+
+
+def test_queue_lengths_are_reported_while_anyone_waits_and_once_when_empty() -> None:
+    """The real admission queue, one turn: two requests wait behind it, then leave."""
+    sent: list[tuple[str, int]] = []
+
+    async def send(tier: str, queued: int) -> None:
+        if tier == "slow":
+            await asyncio.sleep(10)  # a tier that does not take the report: dropped, not stuck
+        sent.append((tier, queued))
+
+    async def run() -> None:
+        queue = Admission("small", max_in_flight=1, max_queued=8, max_wait_s=30)
+        idle = Admission("large", max_in_flight=1, max_queued=8, max_wait_s=30)
+        stuck = Admission("slow", max_in_flight=1, max_queued=8, max_wait_s=30)
+        first = await queue.enter("a", "interactive", 1)
+        waiting = [asyncio.create_task(queue.enter("b", "interactive", 1)) for _ in range(2)]
+        await asyncio.sleep(0)
+        for_stuck = await stuck.enter("a", "interactive", 1)
+        blocked = asyncio.create_task(stuck.enter("b", "interactive", 1))
+        await asyncio.sleep(0)
+        reporter = asyncio.create_task(
+            report_queues({"small": queue, "large": idle, "slow": stuck}, send, period_s=0.02)
+        )
+        await asyncio.sleep(0.1)
+        assert ("small", 2) in sent
+        queue.leave(first)
+        for task in waiting:
+            queue.leave(await task)
+        stuck.leave(for_stuck)
+        stuck.leave(await blocked)
+        await asyncio.sleep(0.2)
+        reporter.cancel()
+
+    asyncio.run(run())
+    small = [n for tier, n in sent if tier == "small"]
+    assert small[0] == 2 and small[-1] == 0 and small.count(0) == 1
+    assert all(tier != "large" for tier, _ in sent)  # nobody ever waited there
+    assert all(tier != "slow" for tier, _ in sent)

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from serve_app.autoscaling import decide
+from types import SimpleNamespace
+from typing import NamedTuple
+
+from serve_app.autoscaling import (
+    ADMISSION_QUEUE,
+    ADMISSION_REPORT_TTL_S,
+    ENGINE_QUEUE,
+    ENGINE_RUNNING,
+    QueueLengthPolicy,
+    admission_stats,
+    decide,
+    fresh_reports,
+    queued_in_routers,
+)
 from serve_app.config import QueueScaling
 
 RULE = QueueScaling(
@@ -56,3 +69,32 @@ def test_zero_and_max_bounds() -> None:
     assert run([0.0, 0.0, 3.0], start=0, lo=0) == [0, 0, 1]  # cold start at once
     assert run([0.0] * 40, start=1, lo=0)[-1] == 0  # scale to zero after the delay
     assert run([1000.0] * 20, hi=4)[-1] == 4
+
+
+class Sample(NamedTuple):
+    """One point of a Serve time series (`TimeStampedValue`): what the policy reads."""
+
+    timestamp: float
+    value: float
+
+
+def test_the_routers_admission_queues_add_to_demand_once_per_router() -> None:
+    raw = {
+        ENGINE_QUEUE: {"r1": [Sample(0, 2)], "r2": [Sample(0, 1)]},
+        ENGINE_RUNNING: {"r1": [Sample(0, 4)], "r2": [Sample(0, 4)]},
+        # router A's last report reached r1 and an older one r2: it counts once, the latest max
+        f"{ADMISSION_QUEUE}:A": {"r1": [Sample(0, 3), Sample(1, 9)], "r2": [Sample(0, 5)]},
+        f"{ADMISSION_QUEUE}:B": {"r2": [Sample(1, 6)]},
+        f"{ADMISSION_QUEUE}:C": {"r1": []},  # nothing left in the look-back window
+    }
+    assert queued_in_routers(raw) == 9 + 6
+    ctx = SimpleNamespace(raw_metrics=raw, total_queued_requests=2)
+    assert QueueLengthPolicy(**RULE.model_dump()).demand(ctx) == 2 + 1 + 4 + 4 + 15 + 2  # type: ignore[arg-type]
+
+
+def test_a_replica_passes_on_only_fresh_reports() -> None:
+    reports = {"A": (4.0, 100.0), "B": (7.0, 100.0 - ADMISSION_REPORT_TTL_S - 0.1)}
+    fresh = fresh_reports(reports, now=100.5)
+    assert fresh == {"A": (4.0, 100.0)}
+    assert admission_stats(fresh) == {f"{ADMISSION_QUEUE}:A": 4.0}
+    assert fresh_reports(fresh, now=100.0 + ADMISSION_REPORT_TTL_S + 1) == {}
