@@ -15,6 +15,7 @@ from tests.helpers import wait_for
 from .conftest import Stack, local_config
 from .test_supervision import QUESTION, one_tier
 
+STORY = [{"role": "user", "content": "Tell me a long story about a comet."}]
 BURST = 10  # streams: over the small tier's 4 per replica by more than the hysteresis
 
 
@@ -116,16 +117,16 @@ def test_requests_waiting_in_the_routers_admission_queue_scale_the_tier(ray_head
     def ask() -> None:
         reply = httpx.post(
             f"{ray_head.url}/v1/chat/completions",
-            json={"model": "small", "messages": QUESTION, "max_tokens": 24, "temperature": 0.7},
+            json={"model": "small", "messages": STORY, "max_tokens": 64, "temperature": 0.7},
             timeout=180,
         )
         replies.append(reply.status_code)
 
-    waiting = [threading.Thread(target=ask) for _ in range(12)]
+    waiting = [threading.Thread(target=ask) for _ in range(20)]
     for t in waiting:
         t.start()
     wait_for(lambda: bool(decisions(ray_head)), 20, "a scale-up decision")
     assert "1 -> 2 replicas" in decisions(ray_head)[0]
     for t in waiting:
         t.join(180)
-    assert replies == [200] * 12
+    assert replies == [200] * 20
