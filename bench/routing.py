@@ -183,7 +183,7 @@ def summary(samples: list[Sample], elapsed: float, skip_s: float = 0.0) -> dict[
 
 
 def tier(name: str, args: argparse.Namespace, routing: dict[str, Any] | None) -> dict[str, Any]:
-    engine = {
+    engine: dict[str, Any] = {
         "launcher": "local", "model_id": "simulated", "max_batch_size": args.slots,
         "max_concurrent_requests": 1024, "max_input_tokens": 6000, "max_total_tokens": 7000,
         "extra_args": ["--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
@@ -191,6 +191,9 @@ def tier(name: str, args: argparse.Namespace, routing: dict[str, Any] | None) ->
                        "--sim-prefill-us-per-token", str(args.prefill_us_per_token),
                        "--sim-prefix-cache-tokens", str(args.cache_tokens)],
     }  # fmt: skip
+    if args.real:  # the real model: llama.cpp keeps each slot's last prompt (its prefix cache)
+        engine = {"launcher": "local", "max_batch_size": args.slots, "threads": 1,
+                  "max_input_tokens": 1536, "max_total_tokens": 2048}  # fmt: skip
     spec: dict[str, Any] = {
         "name": name, "engine": engine, "replicas": {"min": args.replicas, "max": args.replicas},
         "max_ongoing_requests": 1024, "max_queued_requests": -1,
@@ -314,6 +317,11 @@ def main() -> int:
     p.add_argument("--fair-in-flight", type=int, default=48)
     p.add_argument("--fair-reserved", type=int, default=None,
                    help="the fair tier's reserved_turns (default: the config's)")  # fmt: skip
+    p.add_argument(
+        "--real",
+        action="store_true",
+        help="the real local model (one llama.cpp thread per replica) for every tier",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "routing.json"))
     args = p.parse_args()
