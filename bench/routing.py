@@ -191,14 +191,15 @@ def tier(name: str, args: argparse.Namespace, routing: dict[str, Any] | None) ->
                        "--sim-prefill-us-per-token", str(args.prefill_us_per_token),
                        "--sim-prefix-cache-tokens", str(args.cache_tokens)],
     }  # fmt: skip
-    if args.real:  # the real model: llama.cpp keeps each slot's last prompt (its prefix cache)
-        engine = {"launcher": "local", "max_batch_size": args.slots, "threads": 1,
-                  "max_input_tokens": 1536, "max_total_tokens": 2048}  # fmt: skip
     spec: dict[str, Any] = {
         "name": name, "engine": engine, "replicas": {"min": args.replicas, "max": args.replicas},
         "max_ongoing_requests": 1024, "max_queued_requests": -1,
         "default_max_tokens": 16, "max_tokens_limit": 4096,
     }  # fmt: skip
+    if args.real:  # the real model: llama.cpp keeps each slot's last prompt (its prefix cache)
+        spec["engine"] = {"launcher": "local", "max_batch_size": args.slots, "threads": 1,
+                          "max_input_tokens": 1536, "max_total_tokens": 2048}  # fmt: skip
+        spec["max_tokens_limit"] = 256
     if routing is not None:
         spec["routing"] = {"token_time_s": args.itl_ms / 1000,
                            "prefill_token_fraction": args.prefill_us_per_token / 1000 / args.itl_ms,
