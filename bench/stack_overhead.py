@@ -44,6 +44,8 @@ ROLES = {  # process role -> how its command line reads
     "router": re.compile(rb"ServeReplica:llm:router"),
     "tier": re.compile(rb"ServeReplica:llm:tier-"),
     "engine": re.compile(rb"serve_app\.local_engine"),
+    "proxy": re.compile(rb"ray::ProxyActor"),
+    "controller": re.compile(rb"ray::ServeController"),
     "ray": re.compile(rb"ray::|raylet|gcs_server|dashboard"),
 }
 

@@ -65,6 +65,9 @@ def tier_deployment(tier: TierConfig, routers: int = 1) -> Deployment:
         # Serve lets in-flight requests finish before the replica's engine is stopped.
         graceful_shutdown_timeout_s=tier.engine.graceful_termination_timeout_s + 10,
         max_constructor_retry_count=tier.max_start_attempts,
+        # The router logs every client request; a line per engine lease would only repeat it,
+        # at a cost on every request.
+        logging_config={"enable_access_log": False},
         **scaling,
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from ..errors import EngineReplyError, EngineUnavailable
-from .sse import sse_data
+from .sse import Batch, sse_batches
 
 # Headers the engine sends that belong to the connection or to the router, not to the answer.
 NOT_PASSED = frozenset({"x-request-id"})
@@ -117,16 +117,17 @@ class EngineClient:
 
     async def stream(
         self, path: str, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None
-    ) -> AsyncIterator[str]:
-        """SSE data payloads. A non-200 answer raises before anything is yielded; closing the
-        iterator closes the connection, which is how the engine learns to stop generating.
-        `headers` (a W3C `traceparent`) go with the request."""
+    ) -> AsyncIterator[Batch]:
+        """SSE data payloads, batched as each read completes them (`serve_app.engine.sse`).
+        A non-200 answer raises before anything is yielded; closing the iterator closes the
+        connection, which is how the engine learns to stop generating. `headers` (a W3C
+        `traceparent`) go with the request."""
         request = self._http.stream("POST", path, json=payload, headers=headers)
         async with self._translated(path), request as reply:
             if reply.status_code != 200:
                 raise reply_error(reply.status_code, await reply.aread())
-            async for data in sse_data(reply.aiter_lines()):
-                yield data
+            async for batch in sse_batches(reply.aiter_bytes()):
+                yield batch
 
     async def aclose(self) -> None:
         await self._http.aclose()

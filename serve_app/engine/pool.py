@@ -19,7 +19,7 @@ import aiohttp
 
 from ..errors import EngineUnavailable
 from .client import EngineReply, passed_headers, reply_error
-from .sse import sse_data
+from .sse import Batch, sse_batches
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -79,15 +79,16 @@ class EnginePool:
             body = await reply.read()
             return EngineReply(reply.status, body, passed_headers(reply.headers))
 
-    async def stream(self, request: EngineRequest) -> AsyncIterator[str]:
-        """SSE data payloads. A non-200 answer raises before anything is yielded; closing the
-        iterator closes the connection, which is how the engine learns to stop generating."""
+    async def stream(self, request: EngineRequest) -> AsyncIterator[Batch]:
+        """SSE data payloads, batched as each read of the connection completes them (see
+        `serve_app.engine.sse`). A non-200 answer raises before anything is yielded; closing
+        the iterator closes the connection, which is how the engine learns to stop generating."""
         async with self._sent(request) as reply:
             if reply.status != 200:
                 raise reply_error(reply.status, await reply.read())
             try:
-                async for data in sse_data(_lines(reply.content)):
-                    yield data
+                async for batch in sse_batches(reply.content.iter_any()):
+                    yield batch
             except BaseException:
                 reply.close()  # unfinished: drop the connection, never reuse it
                 raise
@@ -99,8 +100,3 @@ class EnginePool:
 
 def _timeout(total_s: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total_s, sock_connect=CONNECT_TIMEOUT_S)
-
-
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
-    async for line in content:
-        yield line.decode().rstrip("\r\n")

@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from ..engine.client import EngineReply
 from ..engine.pool import EnginePool, EngineRequest
+from ..engine.sse import Batch
 from ..errors import TierUnavailable
 from ..tier.call import EngineLease, TierCall
 
@@ -73,8 +74,8 @@ class EngineCalls:
 
         return start
 
-    def stream(self, call: TierCall) -> Callable[[EngineLease], AsyncIterator[str]]:
-        def start(lease: EngineLease) -> AsyncIterator[str]:
+    def stream(self, call: TierCall) -> Callable[[EngineLease], AsyncIterator[Batch]]:
+        def start(lease: EngineLease) -> AsyncIterator[Batch]:
             return self._pool.stream(self._to(lease, call))
 
         return start

@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from ..config import TierConfig
 from ..engine.client import EngineClient, EngineReply
 from ..engine.pool import EnginePool
+from ..engine.sse import Batch
 from ..errors import EngineReplyError, TierUnavailable
 from ..tier.call import TierCall
 from ..tier.replica_choice import route_hint
@@ -36,7 +37,7 @@ class Calls(Protocol[T]):
 
 class TierTransport(Protocol):
     def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]: ...
-    def stream(self, tier: str, call: TierCall) -> Calls[str | None]: ...
+    def stream(self, tier: str, call: TierCall) -> Calls[Batch | None]: ...
     async def info(self, tier: str) -> dict[str, Any]: ...
     async def report_queue(self, tier: str, router: str, queued: int) -> None: ...
 
@@ -62,11 +63,11 @@ class ServeTransport:
         calls: Calls[EngineReply | None] = handle.request.remote(call)
         return calls
 
-    def stream(self, tier: str, call: TierCall) -> Calls[str | None]:
+    def stream(self, tier: str, call: TierCall) -> Calls[Batch | None]:
         handle = self._routed(tier, call)
         if self._tiers[tier].data_path == "direct":
             return LeasedCalls(handle.lease.remote(call), self._engines[tier].stream(call), tier)
-        calls: Calls[str | None] = handle.stream.remote(call)
+        calls: Calls[Batch | None] = handle.stream.remote(call)
         return calls
 
     def _routed(self, tier: str, call: TierCall) -> DeploymentHandle:
@@ -109,8 +110,8 @@ class Dispatcher:
                 return reply
         raise AssertionError("unreachable")
 
-    async def stream(self, tier: str, call: TierCall) -> tuple[str | None, Calls[str | None]]:
-        """Start a stream and wait for its first chunk, so that an error before any token
+    async def stream(self, tier: str, call: TierCall) -> tuple[Batch | None, Calls[Batch | None]]:
+        """Start a stream and wait for its first batch of chunks, so that an error before any token
         keeps its HTTP status. An engine at capacity (429) is tried once more: nothing has
         been sent yet, and Serve may pick another replica."""
         call = replace(call, trace=current().carrier())
@@ -180,11 +181,11 @@ class DirectTransport:
 
         return _DirectCalls(items())
 
-    def stream(self, tier: str, call: TierCall) -> Calls[str | None]:
-        async def items() -> AsyncIterator[str | None]:
+    def stream(self, tier: str, call: TierCall) -> Calls[Batch | None]:
+        async def items() -> AsyncIterator[Batch | None]:
             yield None
-            async for data in self._clients[tier].stream(call.route, call.payload):
-                yield data
+            async for batch in self._clients[tier].stream(call.route, call.payload):
+                yield batch
 
         return _DirectCalls(items())
 

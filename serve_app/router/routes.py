@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from ..config import AppConfig
 from ..engine.client import reply_error
+from ..engine.sse import Batch
 from ..errors import InvalidRequest, ModelNotFound
 from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import RequestTraits, TierChoice, TierPolicy
@@ -236,7 +237,7 @@ class Router:
 
     async def _start(
         self, scope: RequestScope, tier: str, call: TierCall
-    ) -> tuple[str | None, Calls[str | None]]:
+    ) -> tuple[Batch | None, Calls[Batch | None]]:
         """Start a stream; a failure before its first chunk settles the scope here."""
         try:
             return await self._dispatch.stream(tier, call)

@@ -11,6 +11,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..engine.client import stream_error
+from ..engine.sse import Batch
 from .accounting import CLIENT_CLOSED, RequestScope, usage_from
 from .errors import api_error
 from .tgi import stream_tokens
@@ -39,7 +40,7 @@ class ScopedStream(StreamingResponse):
         self,
         events: AsyncIterator[bytes],
         scope: RequestScope,
-        calls: Calls[str | None],
+        calls: Calls[Batch | None],
         headers: Mapping[str, str],
     ) -> None:
         super().__init__(events, media_type="text/event-stream", headers=headers)
@@ -63,46 +64,69 @@ class ScopedStream(StreamingResponse):
 async def openai_events(
     normaliser: Normaliser,
     scope: RequestScope,
-    first: str | None,
-    chunks: Calls[str | None],
+    first: Batch | None,
+    batches: Calls[Batch | None],
 ) -> AsyncIterator[bytes]:
-    """Normalised chunks, then `[DONE]`. An error after the first token is sent as an error
-    event and the stream still ends cleanly."""
+    """Normalised chunks, then `[DONE]`, one write per batch the engine's connection gave. An
+    error after the first token is sent as an error event and the stream still ends cleanly."""
+    out: list[bytes] = []
+    done = False
     try:
-        data = first
-        while data is not None:
-            if data != "[DONE]":
+        batch = first
+        while batch is not None:
+            tokens = events = 0
+            for data in batch:
+                if data == "[DONE]":
+                    out.append(DONE)
+                    done = True
+                    continue
                 chunk = json.loads(data)
-                scope.chunk(_openai_tokens(chunk))
+                tokens += _openai_tokens(chunk)
+                events += 1
                 if "error" in chunk:
                     error = api_error(stream_error(data))
                     scope.status = error.status
-                    yield json_event(error.openai_body())
+                    out.append(json_event(error.openai_body()))
+                    batch = None
                     break
                 scope.report(usage_from(chunk))
-                for item in normaliser.chunk(chunk):
-                    yield item
-            data = await anext(chunks, None)
+                out += normaliser.chunk(chunk)
+            if events:
+                scope.chunk(tokens)
+            if batch is None:
+                break
+            if out:
+                yield b"".join(out)
+                out = []
+            batch = await anext(batches, None)  # to the end: the connection is then reused
     except Exception as exc:
-        error = api_error(exc)
-        scope.status = error.status
-        yield json_event(error.openai_body())
-    yield DONE
+        if not done:  # after `[DONE]` the client has the whole answer already
+            error = api_error(exc)
+            scope.status = error.status
+            out.append(json_event(error.openai_body()))
+    if not done:
+        out.append(DONE)
+    if out:
+        yield b"".join(out)
     scope.ended = True
 
 
 async def tgi_events(
-    scope: RequestScope, first: str | None, chunks: Calls[str | None]
+    scope: RequestScope, first: Batch | None, batches: Calls[Batch | None]
 ) -> AsyncIterator[bytes]:
-    """The engine's events as they are; an error after the first token as TGI's error event."""
+    """The engine's events as they are, one write per batch; an error after the first token
+    as TGI's error event."""
     try:
-        data = first
-        while data is not None:
-            scope.chunk(stream_tokens(data))
-            if data.startswith('{"error"'):
-                scope.status = api_error(stream_error(data)).tgi_status()
-            yield event(data)
-            data = await anext(chunks, None)
+        batch = first
+        while batch is not None:
+            tokens = 0
+            for data in batch:
+                tokens += stream_tokens(data)
+                if data.startswith('{"error"'):
+                    scope.status = api_error(stream_error(data)).tgi_status()
+            scope.chunk(tokens)
+            yield b"".join([event(data) for data in batch])
+            batch = await anext(batches, None)
     except Exception as exc:
         error = api_error(exc)
         scope.status = error.tgi_status()

@@ -15,6 +15,7 @@ from ray import serve
 from ..autoscaling import ENGINE_QUEUE, ENGINE_RUNNING, admission_stats, fresh_reports
 from ..config import TierConfig, TracingConfig
 from ..engine.client import EngineReply
+from ..engine.sse import Batch
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..metrics import app_metrics
@@ -78,14 +79,14 @@ class TierDeployment:
             span.status(reply.status)
         yield reply
 
-    async def stream(self, call: TierCall) -> AsyncIterator[str | None]:
+    async def stream(self, call: TierCall) -> AsyncIterator[Batch | None]:
         yield None
         with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
-            async for data in self._supervisor.client.stream(
+            async for batch in self._supervisor.client.stream(
                 call.route, call.payload, span.headers()
             ):
                 span.chunk()
-                yield data
+                yield batch
 
     async def info(self) -> dict[str, Any]:
         return await self._supervisor.client.info()

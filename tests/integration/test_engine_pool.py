@@ -47,7 +47,7 @@ def test_streams_and_posts_with_the_engines_key(keyed: RunningEngine) -> None:
         pool = EnginePool()
         try:
             chat = EngineRequest(keyed.url, KEY, "/v1/chat/completions", {**CHAT, "stream": True})
-            chunks = [data async for data in pool.stream(chat)]
+            chunks = [data async for batch in pool.stream(chat) for data in batch]
             reply = await pool.post(EngineRequest(keyed.url, KEY, "/generate", GENERATE))
             return chunks, reply.status, reply.body, dict(reply.headers)
         finally:

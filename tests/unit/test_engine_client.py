@@ -47,10 +47,10 @@ def test_a_stream_refused_raises_before_any_item() -> None:
             429, json={"error": "Model is overloaded", "error_type": "overloaded"}
         )
 
-    async def first() -> str:
-        async for data in client(httpx.MockTransport(busy)).stream("/generate_stream", {}):
-            return data
-        return ""
+    async def first() -> list[str]:
+        async for batch in client(httpx.MockTransport(busy)).stream("/generate_stream", {}):
+            return batch
+        return []
 
     with pytest.raises(EngineReplyError) as caught:
         asyncio.run(first())
