@@ -14,6 +14,7 @@ import multiprocessing
 import random
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -30,6 +31,7 @@ class Sample:
     e2e_s: float
     tokens: int
     ok: bool
+    status: int = 0  # the HTTP status, 0 when the connection failed
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,11 @@ async def one_request(session: aiohttp.ClientSession, i: int, load: Load) -> Sam
     start = time.perf_counter()
     stamps: list[float] = []
     ok = False
+    status = 0
     try:
         async with session.post(url, json=body, headers=headers) as reply:
-            ok = reply.status == 200
+            status = reply.status
+            ok = status == 200
             buffer = b""
             async for data in reply.content.iter_any():
                 now = time.perf_counter()
@@ -72,7 +76,8 @@ async def one_request(session: aiohttp.ClientSession, i: int, load: Load) -> Sam
         ok = False
     end = time.perf_counter()
     ttft = stamps[0] - start if stamps else end - start
-    return Sample(ttft, tuple(b - a for a, b in pairwise(stamps)), end - start, len(stamps), ok)
+    itl = tuple(b - a for a, b in pairwise(stamps))
+    return Sample(ttft, itl, end - start, len(stamps), ok, status)
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
@@ -165,6 +170,11 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def error_statuses(result: Result) -> dict[str, int]:
+    """Failed requests by HTTP status ("0": the connection failed or broke mid-stream)."""
+    return dict(Counter(str(s.status) for s in result.samples if not s.ok))
 
 
 def summary(result: Result, slo_ttft_s: float) -> dict[str, float]:

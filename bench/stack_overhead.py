@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import Load, LoadGenerator, summary
+from bench.loadgen import Load, LoadGenerator, Result, error_statuses, summary
 from serve_app import localstack
 from serve_app.localstack import Head
 from tests.helpers import engine_key, engine_url, engines_under, free_port
@@ -54,6 +54,14 @@ def tier(name: str, engine: dict[str, Any], replicas: int, data_path: str) -> di
     return {"name": name, "engine": engine, "max_ongoing_requests": 4096, "data_path": data_path,
             "max_queued_requests": -1, "default_max_tokens": 64, "max_tokens_limit": 512,
             "replicas": {"min": replicas, "max": replicas}}  # fmt: skip
+
+
+def checked(result: Result, slo: float, label: str) -> dict[str, float]:
+    """The summary; failed requests, by status, are printed where they happen."""
+    failed = error_statuses(result)
+    if failed:
+        print(f"{label}: failed requests by status {failed}", flush=True)
+    return summary(result, slo)
 
 
 def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
@@ -292,7 +300,7 @@ def main() -> int:
         for c in [int(x) for x in args.concurrency.split(",") if x]:
 
             def measure(load: Load, c: int = c) -> dict[str, float]:
-                return summary(gen.closed_loop(load, c, args.requests), slo)
+                return checked(gen.closed_loop(load, c, args.requests), slo, f"c={c}")
 
             row = {"concurrency": c, **ab(direct, stack, args.rounds, measure)}
             results["closed_loop"].append(row)
@@ -301,7 +309,7 @@ def main() -> int:
 
             def measure_rate(load: Load, rate: float = rate) -> dict[str, float]:
                 result = gen.open_loop(load, rate, args.duration, seed=int(rate))
-                return summary(result, slo)
+                return checked(result, slo, f"rate={rate}")
 
             row = {"rate_per_s": rate, **ab(direct, stack, args.rounds, measure_rate)}
             results["open_loop"].append(row)
