@@ -50,7 +50,8 @@ class _Metrics:
             LATENCY_BUCKETS_S, tier,
         )  # fmt: skip
         self.itl = metrics.Histogram(
-            "serve_app_inter_token_latency_seconds", "Time between streamed chunks.",
+            "serve_app_inter_token_latency_seconds",
+            "Time between the router's streamed writes (chunks that arrive together go in one).",
             LATENCY_BUCKETS_S, tier,
         )  # fmt: skip
         self.duration = metrics.Histogram(
@@ -64,6 +65,9 @@ class _Metrics:
         self.engine_queue = metrics.Gauge("serve_app_engine_queue", "Engine queue.", tier)
         self.engine_running = metrics.Gauge("serve_app_engine_running", "Engine batch.", tier)
         self.engine_starts = metrics.Counter("serve_app_engine_starts", "Engines started.", tier)
+        self.engine_leases = metrics.Gauge(
+            "serve_app_engine_leases", "Engine leases held by routers (direct data path).", tier
+        )
         self.tenant_requests = metrics.Counter(
             "serve_app_tenant_requests", "Admitted requests per tenant.", ("tenant", "tier")
         )

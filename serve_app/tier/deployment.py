@@ -51,6 +51,7 @@ class TierDeployment:
         self._slots = tier.engine.max_batch_size or tier.engine.max_concurrent_requests
         # router replica -> (its admission queue's length, when it said so)
         self._admission_reports: dict[str, tuple[float, float]] = {}
+        self._leases = 0  # engine leases held now (the direct data path)
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
 
@@ -58,12 +59,19 @@ class TierDeployment:
         """The direct data path (`serve_app.router.direct`): the engine's address and key, then
         nothing until the router cancels the call once its request has ended, however it
         ended. Meanwhile Serve counts the request on this replica (`max_ongoing_requests`,
-        replica choice, draining before the engine stops). A router that never cancels (it
-        died) loses the lease after `request_timeout_s`, the longest a request may take."""
-        with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
-            supervisor = self._supervisor
-            yield EngineLease(supervisor.url, supervisor.api_key, span.headers())
-            await asyncio.sleep(self._tier.request_timeout_s)
+        replica choice, draining before the engine stops), and so does the
+        `serve_app_engine_leases` gauge. A router that dies cancels the call with its
+        connection; `request_timeout_s`, the longest a request may take, bounds it otherwise."""
+        self._leases += 1
+        app_metrics().engine_leases.set(self._leases, self._tags)
+        try:
+            with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
+                supervisor = self._supervisor
+                yield EngineLease(supervisor.url, supervisor.api_key, span.headers())
+                await asyncio.sleep(self._tier.request_timeout_s)
+        finally:
+            self._leases -= 1
+            app_metrics().engine_leases.set(self._leases, self._tags)
 
     # The relay data path. Both calls first yield `None`: the router then knows a replica has
     # taken the request, which bounds the wait for one (a tier starting from zero) apart from

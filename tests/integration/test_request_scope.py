@@ -60,6 +60,13 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     )  # fmt: skip
     for tier in args["tiers"]:
         tier["default_max_tokens"] = 4
+    # a stream that lasts 100 s (50 ms a token), for a router to die in the middle of
+    args["tiers"].append(
+        {"name": "sim", "default_max_tokens": 2000, "max_tokens_limit": 3000,
+         "engine": {"launcher": "local", "model_id": "simulated", "max_input_tokens": 1024,
+                    "max_total_tokens": 4096,
+                    "extra_args": ["--sim-itl-ms", "50", "--sim-output-tokens", "2000"]}}
+    )  # fmt: skip
     args["tiers"][0]["overflow_at_in_flight"] = OVERFLOW_AT
     ray_head.deploy(config)
     return ray_head
@@ -127,10 +134,9 @@ def test_disconnect_storm_leaves_nothing_in_flight_and_no_spill_over(stack: Stac
         return bool(counts) and all(v == 0 for v in counts.values())
 
     def leases_returned() -> bool:
-        """Serve's own count on the tier replicas: every engine lease was given back."""
-        held = metric(stack, "ray_serve_replica_processing_queries")
-        tiers = [v for labels, v in held.items() if 'deployment="tier-' in labels]
-        return bool(tiers) and all(v == 0 for v in tiers)
+        """The tier replicas' count of held engine leases: every one was given back."""
+        held = metric(stack, "ray_serve_app_engine_leases")
+        return bool(held) and all(v == 0 for v in held.values())
 
     wait_for(settled, 90, "every in-flight gauge back at 0")
     wait_for(leases_returned, 60, "every tier replica's ongoing requests back at 0")
@@ -247,6 +253,28 @@ def test_killed_ledger_denies_metered_keys_then_comes_back(stack: Stack) -> None
     assert httpx.post(f"{stack.url}/v1/chat/completions", headers=auth(), timeout=60,
                       json={"model": "small", "messages": QUESTION}).status_code == 200  # fmt: skip
     assert ledger_replicas() and victim not in ledger_replicas()
+
+
+def tier_leases(stack: Stack, tier: str) -> float:
+    """Engine leases a tier's replicas count as held."""
+    held = metric(stack, "ray_serve_app_engine_leases")
+    return sum(v for labels, v in held.items() if f'tier="{tier}"' in labels)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="under Serve's direct ingress Starlette's disconnect listener gets http.disconnect "
+    "as soon as the request body is read: the stream goes on, but its scope settles (status "
+    "499, quota charged for the tokens so far) and its engine lease ends at the first chunk",
+)
+def test_a_stream_holds_its_scope_and_lease_to_its_last_chunk(stack: Stack) -> None:
+    body = {"model": "sim", "messages": STORY, "max_tokens": 2000, "stream": True}
+    url = f"{stack.url}/v1/chat/completions"
+    with httpx.stream("POST", url, headers=auth(), json=body, timeout=120) as reply:
+        assert reply.status_code == 200
+        next(line for line in reply.iter_lines() if line.startswith("data:"))
+        wait_for(lambda: tier_leases(stack, "sim") >= 1, 30, "the lease counted on the tier")
+        assert tier_in_flight(stack).get("sim", 0) >= 1
 
 
 # -- malformed input: every case a 4xx ------------------------------------------------------
@@ -372,7 +400,7 @@ def test_tgis_own_clients_with_no_model_and_a_validation_error(stack: Stack) -> 
         tgi.generate("Hi", max_new_tokens=100_000)
     body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
     reply = httpx.post(f"{stack.url}/generate", headers=auth(), timeout=60, json=body)
-    pid, argv = next(iter(stack.engines().items()))
+    pid, argv = next((p, a) for p, a in stack.engines().items() if "simulated" not in a)
     url = f"{engine_url(argv)}/generate"
     # The engine takes only its replica's own key: the router's, nobody else's.
     assert httpx.post(url, timeout=60, json=body, headers=auth()).status_code == 401
