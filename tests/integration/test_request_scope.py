@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve_app import localstack
-from tests.helpers import command_lines, engine_key, engine_url, wait_for
+from tests.helpers import command_lines, engine_key, engine_processes, engine_url, wait_for
 
 from .conftest import Stack, local_config
 
@@ -102,14 +103,49 @@ def tenant_tokens(stack: Stack, tenant: str) -> float:
     return sum(v for labels, v in samples.items() if f'tenant="{tenant}"' in labels)
 
 
+def router_urls(stack: Stack) -> list[str]:
+    """Each router replica's own HTTP server (Serve's direct ingress), as HAProxy names them."""
+    found: set[str] = set()
+    for cfg in Path(stack.head.temp_dir, "haproxy").rglob("haproxy.cfg"):
+        found |= set(
+            re.findall(r"server SERVE_REPLICA_llm-router\S* ([\d.]+:\d+)", cfg.read_text())
+        )
+    assert found, "HAProxy's config names no router replica"
+    return [f"http://{address}" for address in sorted(found)]
+
+
+def engine_loads() -> dict[int, float]:
+    """Every engine's own count of requests queued or decoding (TGI's gauges)."""
+    loads = {}
+    for pid, argv in engine_processes().items():
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            text = httpx.get(engine_url(argv) + "/metrics", timeout=5).text
+            loads[pid] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(("tgi_queue_size ", "tgi_batch_current_size "))
+            )
+    return loads
+
+
+async def hang_up_waiting(base_url: str, body: dict[str, Any], clients: int) -> None:
+    """`clients` whole-answer requests, each abandoned after 1.5 s (the client closes)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, headers=auth()) as client:
+
+        async def one() -> None:
+            with contextlib.suppress(asyncio.TimeoutError, httpx.HTTPError):
+                await asyncio.wait_for(client.post("/v1/chat/completions", json=body), 1.5)
+
+        await asyncio.gather(*[one() for _ in range(clients)])
+
+
 def test_disconnect_storm_leaves_nothing_in_flight_and_no_spill_over(stack: Stack) -> None:
+    """100 clients hang up: waiting for whole answers (half at the routers' own ports, half
+    through HAProxy, which lets those run to their end), mid chat stream, mid TGI stream."""
+    routers = router_urls(stack)
+
     async def storm() -> None:
         async with httpx.AsyncClient(base_url=stack.url, timeout=120, headers=auth()) as client:
-
-            async def waiting() -> None:  # hangs up while waiting for a whole answer
-                body = {"model": "small", "messages": STORY, "max_tokens": 200}
-                with contextlib.suppress(asyncio.TimeoutError, httpx.HTTPError):
-                    await asyncio.wait_for(client.post("/v1/chat/completions", json=body), 1.5)
 
             async def streaming(route: str, body: dict[str, Any]) -> None:  # hangs up mid-stream
                 try:
@@ -120,9 +156,12 @@ def test_disconnect_storm_leaves_nothing_in_flight_and_no_spill_over(stack: Stac
                 except httpx.HTTPError:
                     pass
 
+            whole = {"model": "small", "messages": STORY, "max_tokens": 200}
+            short = {**whole, "max_tokens": 24}
             chat = {"model": "small", "messages": STORY, "max_tokens": 200, "stream": True}
             tgi = {"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 200}}
-            jobs = [waiting() for _ in range(50)]
+            jobs = [hang_up_waiting(url, whole, 25 // len(routers)) for url in routers]
+            jobs += [hang_up_waiting(stack.url, short, 25)]
             jobs += [streaming("/v1/chat/completions", chat) for _ in range(40)]
             jobs += [streaming("/generate_stream", tgi) for _ in range(10)]
             await asyncio.gather(*jobs)
@@ -140,10 +179,21 @@ def test_disconnect_storm_leaves_nothing_in_flight_and_no_spill_over(stack: Stac
 
     wait_for(settled, 90, "every in-flight gauge back at 0")
     wait_for(leases_returned, 60, "every tier replica's ongoing requests back at 0")
+    wait_for(lambda: not any(engine_loads().values()), 60, "every engine idle")
     after = httpx.post(f"{stack.url}/v1/chat/completions", headers=auth(), timeout=120,
                        json={"model": "small", "messages": QUESTION, "max_tokens": 4})  # fmt: skip
     assert after.status_code == 200, after.text
     assert (after.headers["x-tier"], after.headers["x-tier-reason"]) == ("small", "model")
+
+
+def test_an_abandoned_whole_answer_stops_its_generation(stack: Stack) -> None:
+    """Clients that leave while waiting for whole 100 s answers (the sim tier), at each router
+    replica's own port: every engine drops the work within seconds."""
+    sim = [pid for pid, argv in engine_processes().items() if "simulated" in argv]
+    body = {"model": "sim", "messages": STORY, "max_tokens": 2000}
+    for url in router_urls(stack):
+        asyncio.run(hang_up_waiting(url, body, 4))
+    wait_for(lambda: not any(engine_loads().get(pid, 1) for pid in sim), 15, "the sim engine idle")
 
 
 def test_a_small_only_key_is_never_refused_small_under_overflow(stack: Stack) -> None:
@@ -261,20 +311,66 @@ def tier_leases(stack: Stack, tier: str) -> float:
     return sum(v for labels, v in held.items() if f'tier="{tier}"' in labels)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="under Serve's direct ingress Starlette's disconnect listener gets http.disconnect "
-    "as soon as the request body is read: the stream goes on, but its scope settles (status "
-    "499, quota charged for the tokens so far) and its engine lease ends at the first chunk",
-)
+def router_replicas() -> list[int]:
+    return [
+        pid
+        for pid, argv in command_lines().items()
+        if argv.startswith(b"ray::ServeReplica:llm:router")
+    ]
+
+
+def first_data(lines: Iterator[str]) -> str:
+    """The first event of a stream whose reading goes on (the caller keeps `lines`: a dropped
+    line iterator closes httpx's connection, which is a client hanging up)."""
+    for line in lines:
+        if line.startswith("data:"):
+            return line
+    raise AssertionError("the stream ended without an event")
+
+
 def test_a_stream_holds_its_scope_and_lease_to_its_last_chunk(stack: Stack) -> None:
     body = {"model": "sim", "messages": STORY, "max_tokens": 2000, "stream": True}
     url = f"{stack.url}/v1/chat/completions"
     with httpx.stream("POST", url, headers=auth(), json=body, timeout=120) as reply:
         assert reply.status_code == 200
-        next(line for line in reply.iter_lines() if line.startswith("data:"))
+        lines = reply.iter_lines()
+        first_data(lines)
         wait_for(lambda: tier_leases(stack, "sim") >= 1, 30, "the lease counted on the tier")
-        assert tier_in_flight(stack).get("sim", 0) >= 1
+        wait_for(lambda: tier_in_flight(stack).get("sim", 0) >= 1, 30, "the stream in flight")
+        first_data(lines)  # still streaming
+    wait_for(lambda: tier_leases(stack, "sim") == 0, 60, "the lease back once the client left")
+
+
+def test_killed_routers_give_their_leases_back_at_once(stack: Stack) -> None:
+    """Routers die mid-stream: the tier replicas' leases end when the routers' connections
+    drop, not after `request_timeout_s` (300 s) nor at the 100 s streams' own end."""
+    body = {"model": "sim", "messages": STORY, "max_tokens": 2000, "stream": True}
+    url = f"{stack.url}/v1/chat/completions"
+    with contextlib.ExitStack() as held:
+        for _ in range(2):
+            reply = held.enter_context(
+                httpx.stream("POST", url, headers=auth(), json=body, timeout=120)
+            )
+            assert reply.status_code == 200
+            first_data(held.enter_context(contextlib.closing(reply.iter_lines())))
+        wait_for(lambda: tier_leases(stack, "sim") >= 2, 60, "both leases counted on the tier")
+        killed = router_replicas()
+        assert len(killed) == 2
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        wait_for(lambda: tier_leases(stack, "sim") == 0, 60, "every lease back")
+        assert time.monotonic() - start < 60
+
+    def answers() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            reply = httpx.post(f"{stack.url}/v1/chat/completions", headers=auth(), timeout=60,
+                               json={"model": "small", "messages": QUESTION, "max_tokens": 2})  # fmt: skip
+            return reply.status_code == 200
+        return False
+
+    wait_for(answers, 180, "Serve to restart the routers")
+    assert not set(killed) & set(router_replicas())
 
 
 # -- malformed input: every case a 4xx ------------------------------------------------------
