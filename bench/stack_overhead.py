@@ -36,7 +36,7 @@ from typing import Any
 from bench.loadgen import Load, LoadGenerator, Result, error_statuses, summary
 from serve_app import localstack
 from serve_app.localstack import Head
-from tests.helpers import engine_key, engine_url, engines_under, free_port
+from tests.helpers import engine_key, engine_url, engines_under, free_port, router_addresses
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = {  # process role -> how its command line reads
@@ -97,11 +97,7 @@ def engines(tmpdir: str, model_id: str, tokens: int) -> Load:
 
 def router_urls(head: Head) -> tuple[str, ...]:
     """Each router replica's own HTTP server, as HAProxy's config names them."""
-    found = set()
-    for cfg in Path(head.temp_dir, "haproxy").rglob("haproxy.cfg"):
-        text = cfg.read_text()
-        found |= set(re.findall(r"server SERVE_REPLICA_llm-router\S* ([\d.]+:\d+)", text))
-    return tuple(f"http://{hp}/v1/chat/completions" for hp in sorted(found))
+    return tuple(f"http://{a}/v1/chat/completions" for a in router_addresses(head.temp_dir))
 
 
 def cpu_by_role() -> dict[str, float]:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+
+def router_addresses(ray_temp_dir: str) -> list[str]:
+    """`host:port` of each router replica's own HTTP server (Serve's direct ingress), as the
+    config of the head's HAProxy names them."""
+    found: set[str] = set()
+    for cfg in Path(ray_temp_dir, "haproxy").rglob("haproxy.cfg"):
+        found |= set(
+            re.findall(r"server SERVE_REPLICA_llm-router\S* ([\d.]+:\d+)", cfg.read_text())
+        )
+    return sorted(found)
 
 
 def free_port() -> int:

@@ -26,7 +26,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve_app import localstack
-from tests.helpers import command_lines, engine_key, engine_processes, engine_url, wait_for
+from tests.helpers import (
+    command_lines,
+    engine_key,
+    engine_processes,
+    engine_url,
+    router_addresses,
+    wait_for,
+)
 
 from .conftest import Stack, local_config
 
@@ -104,14 +111,9 @@ def tenant_tokens(stack: Stack, tenant: str) -> float:
 
 
 def router_urls(stack: Stack) -> list[str]:
-    """Each router replica's own HTTP server (Serve's direct ingress), as HAProxy names them."""
-    found: set[str] = set()
-    for cfg in Path(stack.head.temp_dir, "haproxy").rglob("haproxy.cfg"):
-        found |= set(
-            re.findall(r"server SERVE_REPLICA_llm-router\S* ([\d.]+:\d+)", cfg.read_text())
-        )
+    found = router_addresses(stack.head.temp_dir)
     assert found, "HAProxy's config names no router replica"
-    return [f"http://{address}" for address in sorted(found)]
+    return [f"http://{address}" for address in found]
 
 
 def engine_loads() -> dict[int, float]:
