@@ -50,9 +50,11 @@ ROLES = {  # process role -> how its command line reads
 }
 
 
-def tier(name: str, engine: dict[str, Any], replicas: int, data_path: str) -> dict[str, Any]:
+def tier(name: str, engine: dict[str, Any], replicas: int, data_path: str,
+         lease_reuse_s: float) -> dict[str, Any]:  # fmt: skip
     return {"name": name, "engine": engine, "max_ongoing_requests": 4096, "data_path": data_path,
-            "max_queued_requests": -1, "default_max_tokens": 64, "max_tokens_limit": 512,
+            "lease_reuse_s": lease_reuse_s, "max_queued_requests": -1, "default_max_tokens": 64,
+            "max_tokens_limit": 512,
             "replicas": {"min": replicas, "max": replicas}}  # fmt: skip
 
 
@@ -69,10 +71,10 @@ def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
            "max_concurrent_requests": 8192,
            "extra_args": ["--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
                           "--sim-output-tokens", str(args.tokens)]}  # fmt: skip
-    tiers = [tier("sim", sim, args.replicas, args.data_path)]
+    tiers = [tier("sim", sim, args.replicas, args.data_path, args.lease_reuse_s)]
     if args.real:
         real = {"launcher": "local", "threads": 1, "max_batch_size": 4}
-        tiers.append(tier("real", real, 1, args.data_path))
+        tiers.append(tier("real", real, 1, args.data_path, args.lease_reuse_s))
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
@@ -254,6 +256,10 @@ def main() -> int:
     parser.add_argument(
         "--data-path", choices=("direct", "relay"), default="direct", help="the tiers' data_path"
     )
+    parser.add_argument(
+        "--lease-reuse-s", type=float, default=2.0,
+        help="the tiers' lease_reuse_s (0: a lease per request)",
+    )  # fmt: skip
     parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
     parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
     args = parser.parse_args()
@@ -278,6 +284,7 @@ def main() -> int:
         "commit": args.commit or _commit(),
         "ingress": {k: v for k, v in env.items() if k in localstack.SERVE_TUNING},
         "replicas": args.replicas, "routers": args.routers, "data_path": args.data_path,
+        "lease_reuse_s": args.lease_reuse_s,
         "load_processes": args.processes,
         "simulated_engine": {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
                              "tokens": args.tokens},

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 TIER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 class _Strict(BaseModel):
@@ -209,6 +210,17 @@ class TierConfig(_Strict):
         "chosen replica leases (HTTP, the engine's own API key); `relay` passes every chunk "
         "through the replica (Ray's streaming calls), for engines the router cannot reach.",
     )
+    lease_reuse_s: NonNegativeFloat = Field(
+        2.0,
+        description="Direct data path: how long after a replica leased its engine a router may "
+        "send further requests on that lease, one at a time, skipping a Ray call each way "
+        "(0: every request takes its own lease). Not for tiers with `routing`, nor with tracing.",
+    )
+    lease_idle_s: NonNegativeFloat = Field(
+        0.05,
+        description="Direct data path: how long a router keeps a finished request's lease for "
+        "the next request of the tier before giving it back (0: at once).",
+    )
     replica_wait_timeout_s: PositiveFloat = Field(
         600.0,
         description="How long a request may wait for a replica of the tier to take it (the tier "
@@ -275,6 +287,17 @@ class TierConfig(_Strict):
         if self.engine.launcher == "tgi" and self.gpus_per_replica == 0:
             raise ValueError("a 'tgi' engine needs gpus_per_replica >= 1")
         return self
+
+    @property
+    def keeps_leases(self) -> bool:
+        """Whether routers keep this tier's engine leases between requests
+        (`serve_app.router.leases`): a kept lease skips the replica choice."""
+        return (
+            self.data_path == "direct"
+            and self.routing is None
+            and self.lease_reuse_s > 0
+            and self.lease_idle_s > 0
+        )
 
     @property
     def model_names(self) -> tuple[str, ...]:

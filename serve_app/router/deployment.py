@@ -27,7 +27,11 @@ class RouterDeployment:
     ) -> None:
         self._router = Router(
             config,
-            ServeTransport(tiers, {tier.name: tier for tier in config.tiers}),
+            ServeTransport(
+                tiers,
+                {tier.name: tier for tier in config.tiers},
+                keep_leases=config.tracing is None,
+            ),
             MetricsRecorder(),
             ServeLedger(ledger) if ledger is not None else None,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -21,21 +22,41 @@ from ..engine.pool import EnginePool, EngineRequest
 from ..engine.sse import Batch
 from ..errors import TierUnavailable
 from ..tier.call import EngineLease, TierCall
+from .leases import Lease, LeaseKeeper
 
 T = TypeVar("T")
 
 
 class LeasedCalls(Generic[T]):
-    """A lease call (Serve's response generator of `TierDeployment.lease`) and the engine call
-    started on what it yields. `cancel` closes the engine call and gives the lease back."""
+    """A lease and the engine call started on it. The lease is either granted afresh (`call`,
+    Serve's response generator of `TierDeployment.lease`) or one the router kept (`kept`, see
+    `serve_app.router.leases`). `cancel` closes the engine call and gives the lease back, or,
+    when the engine call ended cleanly and the tier keeps leases, hands it to the `keeper`.
+
+    Cleanly means: the engine's stream ran to its end, or an item for which `finished` holds
+    (a whole answer that is neither a server error nor the engine's 429)."""
 
     def __init__(
-        self, lease: Any, start: Callable[[EngineLease], AsyncIterator[T]], tier: str
+        self,
+        start: Callable[[EngineLease], AsyncIterator[T]],
+        tier: str,
+        *,
+        call: Any = None,
+        kept: Lease | None = None,
+        keeper: LeaseKeeper | None = None,
+        finished: Callable[[T], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._lease = lease
+        self._call = kept.call if kept is not None else call
+        self._lease = kept
         self._start = start
         self._tier = tier
+        self._keeper = keeper
+        self._finished = finished
+        self._clock = clock
         self._items: AsyncIterator[T] | None = None
+        self._clean = False
+        self._released = False
         self._closing: asyncio.Future[None] | None = None
 
     def __anext__(self) -> Awaitable[T | None]:
@@ -43,16 +64,30 @@ class LeasedCalls(Generic[T]):
 
     async def _next(self) -> T | None:
         if self._items is not None:
-            return await anext(self._items)
-        lease: EngineLease | None = await anext(self._lease, None)
-        if lease is None:
-            raise TierUnavailable(f"a replica of tier {self._tier!r} gave no engine; retry")
-        self._items = self._start(lease)
+            try:
+                item = await anext(self._items)
+            except StopAsyncIteration:
+                self._clean = True
+                raise
+            if self._finished is not None and self._finished(item):
+                self._clean = True
+            return item
+        if self._lease is None:
+            engine: EngineLease | None = await anext(self._call, None)
+            if engine is None:
+                raise TierUnavailable(f"a replica of tier {self._tier!r} gave no engine; retry")
+            self._lease = Lease(self._call, engine, self._clock())
+        self._items = self._start(self._lease.engine)
         return None
 
     def cancel(self) -> None:
-        self._lease.cancel()
-        if self._items is not None and self._closing is None:
+        if not self._released:
+            self._released = True
+            if self._clean and self._keeper is not None and self._lease is not None:
+                self._keeper.keep(self._lease)
+            else:
+                self._call.cancel()
+        if self._items is not None and self._closing is None and not self._clean:
             self._closing = asyncio.ensure_future(self._close(self._items))
 
     @staticmethod
@@ -67,6 +102,12 @@ class EngineCalls:
     def __init__(self, pool: EnginePool, timeout_s: float) -> None:
         self._pool = pool
         self._timeout_s = timeout_s
+
+    @staticmethod
+    def finished(reply: EngineReply) -> bool:
+        """A whole answer after which its engine may take the lease's next request: not a
+        server error, not the engine's 429 (at capacity: the retry asks Serve afresh)."""
+        return reply.status < 500 and reply.status != 429
 
     def request(self, call: TierCall) -> Callable[[EngineLease], AsyncIterator[EngineReply]]:
         async def start(lease: EngineLease) -> AsyncIterator[EngineReply]:

@@ -17,14 +17,16 @@ from ..engine.client import EngineClient, EngineReply
 from ..engine.pool import EnginePool
 from ..engine.sse import Batch
 from ..errors import EngineReplyError, TierUnavailable
-from ..tier.call import TierCall
+from ..tier.call import EngineLease, TierCall
 from ..tier.replica_choice import route_hint
 from ..tier.request_router import session_header
 from ..tracing import current
 from .direct import EngineCalls, LeasedCalls
+from .leases import LeaseKeeper
 
 ENGINE_BUSY_ATTEMPTS = 2  # a 429 from an engine, before any token, is tried once more
 T = TypeVar("T", covariant=True)
+R = TypeVar("R")
 
 
 class Calls(Protocol[T]):
@@ -48,27 +50,49 @@ class ServeTransport:
     through the replica."""
 
     def __init__(
-        self, handles: Mapping[str, DeploymentHandle], tiers: Mapping[str, TierConfig]
+        self,
+        handles: Mapping[str, DeploymentHandle],
+        tiers: Mapping[str, TierConfig],
+        keep_leases: bool = True,
     ) -> None:
         self._handles = dict(handles)
         self._tiers = dict(tiers)
         self._streams = {name: h.options(stream=True) for name, h in handles.items()}
         pool = EnginePool()
         self._engines = {name: EngineCalls(pool, t.request_timeout_s) for name, t in tiers.items()}
+        # Kept leases (`serve_app.router.leases`): direct tiers without their own replica choice
+        # (a kept lease skips it), and not while tracing (a trace's tier span is its lease's).
+        self._keepers = {
+            name: LeaseKeeper(t.lease_reuse_s, t.lease_idle_s)
+            for name, t in tiers.items()
+            if keep_leases and t.keeps_leases
+        }
 
     def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
-        handle = self._routed(tier, call)
         if self._tiers[tier].data_path == "direct":
-            return LeasedCalls(handle.lease.remote(call), self._engines[tier].request(call), tier)
-        calls: Calls[EngineReply | None] = handle.request.remote(call)
+            return self._leased(tier, call, self._engines[tier].request(call), EngineCalls.finished)
+        calls: Calls[EngineReply | None] = self._routed(tier, call).request.remote(call)
         return calls
 
     def stream(self, tier: str, call: TierCall) -> Calls[Batch | None]:
-        handle = self._routed(tier, call)
         if self._tiers[tier].data_path == "direct":
-            return LeasedCalls(handle.lease.remote(call), self._engines[tier].stream(call), tier)
-        calls: Calls[Batch | None] = handle.stream.remote(call)
+            return self._leased(tier, call, self._engines[tier].stream(call))
+        calls: Calls[Batch | None] = self._routed(tier, call).stream.remote(call)
         return calls
+
+    def _leased(
+        self,
+        tier: str,
+        call: TierCall,
+        start: Callable[[EngineLease], AsyncIterator[R]],
+        finished: Callable[[R], bool] | None = None,
+    ) -> LeasedCalls[R]:
+        keeper = self._keepers.get(tier)
+        kept = keeper.take() if keeper is not None else None
+        if kept is not None:
+            return LeasedCalls(start, tier, kept=kept, keeper=keeper, finished=finished)
+        grant = self._routed(tier, call).lease.remote(call)
+        return LeasedCalls(start, tier, call=grant, keeper=keeper, finished=finished)
 
     def _routed(self, tier: str, call: TierCall) -> DeploymentHandle:
         """Replica choice (`serve_app.tier.replica_choice`): for a tier with `routing`, the

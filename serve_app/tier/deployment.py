@@ -61,14 +61,16 @@ class TierDeployment:
         ended. Meanwhile Serve counts the request on this replica (`max_ongoing_requests`,
         replica choice, draining before the engine stops), and so does the
         `serve_app_engine_leases` gauge. A router that dies cancels the call with its
-        connection; `request_timeout_s`, the longest a request may take, bounds it otherwise."""
+        connection; `request_timeout_s`, the longest a request may take, bounds it otherwise
+        (plus `lease_reuse_s`, while a router may keep it for its next requests)."""
         self._leases += 1
         app_metrics().engine_leases.set(self._leases, self._tags)
         try:
             with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
                 supervisor = self._supervisor
                 yield EngineLease(supervisor.url, supervisor.api_key, span.headers())
-                await asyncio.sleep(self._tier.request_timeout_s)
+                # A router may keep the lease for further requests (`serve_app.router.leases`).
+                await asyncio.sleep(self._tier.request_timeout_s + self._tier.lease_reuse_s)
         finally:
             self._leases -= 1
             app_metrics().engine_leases.set(self._leases, self._tags)

@@ -56,7 +56,7 @@ class Engine:
 def test_the_first_item_says_taken_then_the_engines_chunks_follow() -> None:
     async def run() -> tuple[list[str | None], FakeLease, Engine]:
         lease, engine = FakeLease(LEASE), Engine(["a", "b"])
-        calls = LeasedCalls(lease, engine.start, "small")
+        calls = LeasedCalls(engine.start, "small", call=lease)
         items = [await anext(calls), await anext(calls), await anext(calls)]
         items.append(await anext(calls, None))
         calls.cancel()
@@ -71,7 +71,7 @@ def test_the_first_item_says_taken_then_the_engines_chunks_follow() -> None:
 def test_cancel_mid_stream_closes_the_engine_call_and_gives_the_lease_back() -> None:
     async def run() -> tuple[FakeLease, Engine]:
         lease, engine = FakeLease(LEASE), Engine(["a", "b", "c"])
-        calls = LeasedCalls(lease, engine.start, "small")
+        calls = LeasedCalls(engine.start, "small", call=lease)
         await anext(calls)
         assert await anext(calls) == "a"
         calls.cancel()
@@ -80,13 +80,13 @@ def test_cancel_mid_stream_closes_the_engine_call_and_gives_the_lease_back() -> 
         return lease, engine
 
     lease, engine = asyncio.run(run())
-    assert engine.closed and lease.cancelled == 2  # Serve's cancel is idempotent
+    assert engine.closed and lease.cancelled == 1
 
 
 def test_cancel_before_a_replica_took_it_starts_no_engine_call() -> None:
     async def run() -> tuple[FakeLease, Engine]:
         lease, engine = FakeLease(LEASE), Engine(["a"])
-        LeasedCalls(lease, engine.start, "small").cancel()
+        LeasedCalls(engine.start, "small", call=lease).cancel()
         await asyncio.sleep(0)
         return lease, engine
 
@@ -96,7 +96,7 @@ def test_cancel_before_a_replica_took_it_starts_no_engine_call() -> None:
 
 def test_a_lease_that_ends_empty_is_a_tier_unavailable() -> None:
     async def run() -> None:
-        await anext(LeasedCalls(FakeLease(), Engine([]).start, "small"))
+        await anext(LeasedCalls(Engine([]).start, "small", call=FakeLease()))
 
     with pytest.raises(TierUnavailable, match="tier 'small' gave no engine"):
         asyncio.run(run())
