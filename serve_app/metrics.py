@@ -13,6 +13,8 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_engine_queue{tier}                     engine's waiting queue, per replica
     ray_serve_app_engine_running{tier}                   engine's running batch, per replica
     ray_serve_app_engine_starts_total{tier}              engines started (replica starts)
+    ray_serve_app_engine_leases{tier}                    engine leases routers hold (direct path)
+    ray_serve_app_engine_lease_grants_total{tier}        leases granted; kept leases take none
     ray_serve_app_spill_overs_total{tier, to_tier}       requests sent on to an overflow tier
     ray_serve_app_tenant_requests_total{tenant, tier}    admitted requests per API key's tenant
     ray_serve_app_tenant_tokens_total{tenant, tier}      prompt + completion tokens per tenant
@@ -67,6 +69,11 @@ class _Metrics:
         self.engine_starts = metrics.Counter("serve_app_engine_starts", "Engines started.", tier)
         self.engine_leases = metrics.Gauge(
             "serve_app_engine_leases", "Engine leases held by routers (direct data path).", tier
+        )
+        self.lease_grants = metrics.Counter(
+            "serve_app_engine_lease_grants",
+            "Engine leases granted (direct data path); requests on kept leases take none.",
+            tier,
         )
         self.tenant_requests = metrics.Counter(
             "serve_app_tenant_requests", "Admitted requests per tenant.", ("tenant", "tier")

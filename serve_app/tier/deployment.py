@@ -65,6 +65,7 @@ class TierDeployment:
         (plus `lease_reuse_s`, while a router may keep it for its next requests)."""
         self._leases += 1
         app_metrics().engine_leases.set(self._leases, self._tags)
+        app_metrics().lease_grants.inc(1, self._tags)
         try:
             with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
                 supervisor = self._supervisor

@@ -1,0 +1,215 @@
+"""Kept engine leases (`serve_app.router.leases`) and the calls that keep them
+(`serve_app.router.direct.LeasedCalls`): what is kept, for how long, and what is given back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from serve_app.engine.client import EngineReply
+from serve_app.router.direct import EngineCalls, LeasedCalls
+from serve_app.router.leases import Lease, LeaseKeeper
+from serve_app.tier.call import EngineLease
+
+ENGINE = EngineLease("http://10.0.0.5:8011", "k")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Grant:
+    """Serve's response generator of `TierDeployment.lease`: the engine, then nothing until
+    cancelled (or `end`, the replica ending the call)."""
+
+    def __init__(self, engine: EngineLease = ENGINE) -> None:
+        self._engine: EngineLease | None = engine
+        self._ended: asyncio.Future[None] | None = None
+        self.cancelled = 0
+
+    async def __anext__(self) -> EngineLease:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            return engine
+        self._ended = asyncio.get_running_loop().create_future()
+        await self._ended
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_exception(asyncio.CancelledError())
+
+    def end(self) -> None:
+        assert self._ended is not None
+        self._ended.set_result(None)
+
+
+class Engine:
+    def __init__(self, chunks: list[str], fail: BaseException | None = None) -> None:
+        self.chunks = chunks
+        self.fail = fail
+        self.started: list[EngineLease] = []
+
+    def start(self, lease: EngineLease) -> AsyncIterator[str]:
+        self.started.append(lease)
+
+        async def items() -> AsyncIterator[str]:
+            for chunk in self.chunks:
+                yield chunk
+            if self.fail is not None:
+                raise self.fail
+
+        return items()
+
+
+async def drain(calls: LeasedCalls[str]) -> list[str | None]:
+    return [item async for item in _iterate(calls)]
+
+
+async def _iterate(calls: LeasedCalls[str]) -> AsyncIterator[str | None]:
+    while True:
+        try:
+            yield await anext(calls)
+        except StopAsyncIteration:
+            return
+
+
+def test_a_stream_run_to_its_end_hands_its_lease_to_the_next_request() -> None:
+    async def run() -> None:
+        keeper, grant, engine = LeaseKeeper(2.0, 0.05), Grant(), Engine(["a", "b"])
+        first = LeasedCalls(engine.start, "sim", call=grant, keeper=keeper)
+        assert await drain(first) == [None, "a", "b"]
+        first.cancel()
+        assert grant.cancelled == 0 and len(keeper) == 1
+        kept = keeper.take()
+        assert kept is not None and kept.call is grant and len(keeper) == 0
+        second = LeasedCalls(engine.start, "sim", kept=kept, keeper=keeper)
+        assert await anext(second) is None  # taken at once: no Ray call
+        assert await anext(second) == "a"
+        second.cancel()  # hung up mid-stream: the lease goes back to the replica
+        await asyncio.sleep(0)
+        assert grant.cancelled == 1 and len(keeper) == 0
+        assert engine.started == [ENGINE, ENGINE]
+
+    asyncio.run(run())
+
+
+def test_a_failed_engine_call_gives_its_lease_back() -> None:
+    async def run() -> None:
+        keeper, grant = LeaseKeeper(2.0, 0.05), Grant()
+        calls = LeasedCalls(Engine(["a"], RuntimeError("engine gone")).start, "sim",
+                            call=grant, keeper=keeper)  # fmt: skip
+        await anext(calls)
+        assert await anext(calls) == "a"
+        with pytest.raises(RuntimeError, match="engine gone"):
+            await anext(calls)
+        calls.cancel()
+        calls.cancel()
+        assert grant.cancelled == 1 and len(keeper) == 0
+
+    asyncio.run(run())
+
+
+def test_whole_answers_keep_the_lease_unless_the_engine_failed_or_was_full() -> None:
+    async def answer(status: int) -> tuple[Grant, LeaseKeeper]:
+        keeper, grant = LeaseKeeper(2.0, 0.05), Grant()
+
+        async def start(lease: EngineLease) -> AsyncIterator[EngineReply]:
+            yield EngineReply(status, b"{}", {})
+
+        calls = LeasedCalls(start, "sim", call=grant, keeper=keeper, finished=EngineCalls.finished)
+        await anext(calls)
+        reply = await anext(calls)
+        assert reply is not None and reply.status == status
+        calls.cancel()
+        return grant, keeper
+
+    for status, kept in [(200, True), (422, True), (429, False), (500, False), (503, False)]:
+        grant, keeper = asyncio.run(answer(status))
+        assert (len(keeper) == 1) is kept, status
+        assert grant.cancelled == (0 if kept else 1), status
+
+
+def test_without_a_keeper_every_lease_goes_back() -> None:
+    async def run() -> Grant:
+        grant = Grant()
+        calls = LeasedCalls(Engine(["a"]).start, "sim", call=grant)
+        await drain(calls)
+        calls.cancel()
+        return grant
+
+    assert asyncio.run(run()).cancelled == 1
+
+
+def test_kept_leases_go_back_after_lease_idle_s() -> None:
+    async def run() -> None:
+        keeper, grants = LeaseKeeper(2.0, 0.02), [Grant(), Grant()]
+        for grant in grants:
+            keeper.keep(await granted(grant))
+        await asyncio.sleep(0.1)
+        assert len(keeper) == 0 and [g.cancelled for g in grants] == [1, 1]
+        assert keeper.take() is None
+
+    asyncio.run(run())
+
+
+def test_a_lease_older_than_lease_reuse_s_is_not_handed_out() -> None:
+    async def run() -> None:
+        clock = Clock()
+        keeper = LeaseKeeper(2.0, 0.05, clock)
+        old, young = Grant(), Grant()
+        keeper.keep(await granted(old, clock.now - 1.99))
+        keeper.keep(await granted(young, clock.now))
+        clock.now += 0.02
+        assert (await_take(keeper)).call is young  # newest first
+        keeper.keep(await granted(Grant(), clock.now - 2.5))  # too old to keep at all
+        assert len(keeper) == 1
+        assert keeper.take() is None  # `old` is past 2 s now: given back, not handed out
+        assert old.cancelled == 1 and young.cancelled == 0
+        keeper.close()
+
+    asyncio.run(run())
+
+
+def test_a_lease_its_replica_ended_is_not_handed_out() -> None:
+    async def run() -> None:
+        keeper, ended, alive = LeaseKeeper(2.0, 0.05), Grant(), Grant()
+        keeper.keep(await granted(alive))
+        keeper.keep(await granted(ended))
+        await asyncio.sleep(0)  # the keeper watches the call
+        ended.end()  # the replica stopped or died: its Ray call ended
+        await asyncio.sleep(0)
+        assert await_take(keeper).call is alive
+        assert keeper.take() is None
+        keeper.close()
+
+    asyncio.run(run())
+
+
+def test_close_gives_every_kept_lease_back() -> None:
+    async def run() -> list[Grant]:
+        keeper, grants = LeaseKeeper(2.0, 10.0), [Grant(), Grant(), Grant()]
+        for grant in grants:
+            keeper.keep(await granted(grant))
+        keeper.close()
+        return grants
+
+    assert [g.cancelled for g in asyncio.run(run())] == [1, 1, 1]
+
+
+async def granted(grant: Grant, at: float | None = None) -> Lease:
+    engine = await anext(grant)
+    return Lease(grant, engine, at if at is not None else asyncio.get_running_loop().time())
+
+
+def await_take(keeper: LeaseKeeper) -> Lease:
+    lease = keeper.take()
+    assert lease is not None
+    return lease
