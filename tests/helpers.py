@@ -93,3 +93,33 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def metric_samples(metrics_port: int, name: str) -> dict[str, float]:
+    """A metric's samples from Ray's metrics port: labels text -> value."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            found[labels] = float(value)
+    return found
+
+
+def lease_grants(metrics_port: int, tier: str) -> float:
+    """Engine leases a tier's replicas have granted (`ray_serve_app_engine_lease_grants`)."""
+    grants = metric_samples(metrics_port, "ray_serve_app_engine_lease_grants_total")
+    return sum(v for labels, v in grants.items() if f'tier="{tier}"' in labels)
+
+
+def settled_value(read: Callable[[], float], quiet_s: float = 25) -> float:
+    """A counter once it has stopped changing for `quiet_s` (Ray exports every 10 s)."""
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        time.sleep(1)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value

@@ -77,6 +77,8 @@ class LeasedCalls(Generic[T]):
             if engine is None:
                 raise TierUnavailable(f"a replica of tier {self._tier!r} gave no engine; retry")
             self._lease = Lease(self._call, engine, self._clock())
+            if self._keeper is not None:
+                self._lease.watch()  # the replica may ask for it back (every slot leased)
         self._items = self._start(self._lease.engine)
         return None
 

@@ -10,7 +10,9 @@ One lease still carries one request at a time, so a replica never has more reque
 counts on it (`max_ongoing_requests`), and a replica being drained sees no new request on a
 kept lease once `lease_reuse_s` has passed. What a kept request skips is the replica choice
 itself: it goes where its predecessor went. A replica that ends a lease (it stopped or died)
-ends the Ray call, and a kept lease whose call has ended is never handed out.
+ends the Ray call, and a kept lease whose call has ended is never handed out. A replica whose
+every slot is leased (`max_ongoing_requests`) asks for its leases back: requests may be waiting
+in Serve for a slot there, and they get the slots in Serve's order, not this router's.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ class Lease:
 
     @property
     def alive(self) -> bool:
-        """False once the replica has ended the call (stopped, died, or its hold ran out)."""
+        """False once the replica has ended the call (stopped, died, or its hold ran out) or
+        asked for the lease back (every slot of it leased: requests may be waiting for one)."""
         return self._ended is None or not self._ended.done()
 
     def watch(self) -> None:
-        """Read the call's next item in the background: there is none while the lease holds,
-        so it completes only when the replica ends the call."""
+        """Read the call's next item in the background: it completes only when the replica
+        ends the call or asks for the lease back."""
         if self._ended is None:
             self._ended = asyncio.ensure_future(anext(self.call, None))
             self._ended.add_done_callback(_retrieved)

@@ -52,6 +52,10 @@ class TierDeployment:
         # router replica -> (its admission queue's length, when it said so)
         self._admission_reports: dict[str, tuple[float, float]] = {}
         self._leases = 0  # engine leases held now (the direct data path)
+        # Routers keep this tier's leases between requests (`serve_app.router.leases`) unless
+        # it routes on its own or traces; `_full` wakes every lease when all slots are leased.
+        self._kept = tier.keeps_leases and tracing is None
+        self._full = asyncio.Event()
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
 
@@ -62,19 +66,43 @@ class TierDeployment:
         replica choice, draining before the engine stops), and so does the
         `serve_app_engine_leases` gauge. A router that dies cancels the call with its
         connection; `request_timeout_s`, the longest a request may take, bounds it otherwise
-        (plus `lease_reuse_s`, while a router may keep it for its next requests)."""
+        (plus `lease_reuse_s`, while a router may keep it for its next requests). A second
+        item, `None`, tells a router that keeps leases to give this one back after its request:
+        every slot of the replica is leased."""
         self._leases += 1
         app_metrics().engine_leases.set(self._leases, self._tags)
         app_metrics().lease_grants.inc(1, self._tags)
+        if self._kept and self._leases >= self._tier.max_ongoing_requests:
+            self._full.set()  # wakes the leases waiting now; later ones wait for the next time
+            self._full.clear()
         try:
             with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
                 supervisor = self._supervisor
                 yield EngineLease(supervisor.url, supervisor.api_key, span.headers())
                 # A router may keep the lease for further requests (`serve_app.router.leases`).
-                await asyncio.sleep(self._tier.request_timeout_s + self._tier.lease_reuse_s)
+                hold = self._tier.request_timeout_s + self._tier.lease_reuse_s
+                if self._kept:
+                    hold = await self._until_full(hold)
+                    if hold > 0:
+                        # Every slot is leased, so requests may be waiting in Serve for one here:
+                        # the router gives this lease back after its request instead of keeping
+                        # it, and the waiting requests get the slots in Serve's order.
+                        yield None
+                await asyncio.sleep(hold)
         finally:
             self._leases -= 1
             app_metrics().engine_leases.set(self._leases, self._tags)
+
+    async def _until_full(self, hold: float) -> float:
+        """Wait up to `hold` for every slot to be leased; what is left of `hold` then (0: never
+        full)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + hold
+        try:
+            await asyncio.wait_for(self._full.wait(), hold)
+        except asyncio.TimeoutError:
+            return 0.0
+        return max(deadline - loop.time(), 1e-3)
 
     # The relay data path. Both calls first yield `None`: the router then knows a replica has
     # taken the request, which bounds the wait for one (a tier starting from zero) apart from

@@ -14,6 +14,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.helpers import lease_grants, router_addresses, settled_value, wait_for
+
 from .conftest import Stack, local_config
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -137,3 +139,35 @@ def test_ten_times_capacity_is_shed_fast_and_service_recovers(stack: Stack) -> N
                       "refusal_p99_ms": round(p99 * 1000, 1)}))  # fmt: skip
     assert p99 < 2.0
     assert call(stack, KEYS["team-a"]).status_code == 200
+
+
+def test_a_full_replica_takes_its_leases_back_from_the_routers(stack: Stack) -> None:
+    """The small tier's replica takes 2 requests at once (`max_ongoing_requests`). One client
+    asking in a row reuses its router's lease; two clients at once fill the replica, which then
+    asks for every lease back after its request (requests waiting in Serve for a slot get it in
+    Serve's order), so their requests take leases of their own."""
+    base = f"http://{router_addresses(stack.head.temp_dir)[0]}"
+    headers = {"authorization": f"Bearer {KEYS['team-a']}"}
+    body = {"model": "small", "messages": QUESTION, "max_tokens": 4}
+
+    def in_a_row(count: int) -> None:
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+            for _ in range(count):
+                assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+    def grants() -> float:
+        return lease_grants(stack.head.metrics_port, "small")
+
+    before = settled_value(grants)
+    in_a_row(6)
+    wait_for(lambda: grants() > before, 60, "the grants counted")
+    alone = settled_value(grants)
+    assert 1 <= alone - before <= 2, alone - before
+
+    async def two_at_once() -> None:
+        await asyncio.gather(*(asyncio.to_thread(in_a_row, 4) for _ in range(2)))
+
+    asyncio.run(two_at_once())
+    wait_for(lambda: grants() > alone, 60, "the grants counted")
+    together = settled_value(grants) - alone
+    assert 5 <= together <= 8, together

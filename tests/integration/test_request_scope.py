@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,10 @@ from tests.helpers import (
     engine_key,
     engine_processes,
     engine_url,
+    lease_grants,
+    metric_samples,
     router_addresses,
+    settled_value,
     wait_for,
 )
 
@@ -85,14 +88,7 @@ def auth(name: str = "team-a") -> dict[str, str]:
 
 
 def metric(stack: Stack, name: str) -> dict[str, float]:
-    """A metric's samples from Ray's metrics port: labels text -> value."""
-    text = httpx.get(f"http://127.0.0.1:{stack.head.metrics_port}/metrics", timeout=10).text
-    found = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            labels, value = line[len(name) :].rsplit(" ", 1)
-            found[labels] = float(value)
-    return found
+    return metric_samples(stack.head.metrics_port, name)
 
 
 def tier_in_flight(stack: Stack) -> dict[str, float]:
@@ -343,36 +339,24 @@ def test_a_stream_holds_its_scope_and_lease_to_its_last_chunk(stack: Stack) -> N
     wait_for(lambda: tier_leases(stack, "sim") == 0, 60, "the lease back once the client left")
 
 
-def lease_grants(stack: Stack, tier: str) -> float:
-    grants = metric(stack, "ray_serve_app_engine_lease_grants_total")
-    return sum(v for labels, v in grants.items() if f'tier="{tier}"' in labels)
-
-
-def settled_value(read: Callable[[], float], quiet_s: float = 25) -> float:
-    """A counter once it has stopped changing for `quiet_s` (Ray exports every 10 s)."""
-    value, since = read(), time.monotonic()
-    while time.monotonic() - since < quiet_s:
-        time.sleep(1)
-        now = read()
-        if now != value:
-            value, since = now, time.monotonic()
-    return value
-
-
 def test_requests_in_a_row_reuse_one_lease_and_give_it_back(stack: Stack) -> None:
     """A router keeps a finished request's lease for the next request of the tier: ten streams
     in a row through one router replica take one or two leases, not ten, and the last lease is
     back on the tier's gauge once `lease_idle_s` has passed."""
-    before = settled_value(lambda: lease_grants(stack, "sim"))
+
+    def grants() -> float:
+        return lease_grants(stack.head.metrics_port, "sim")
+
+    before = settled_value(grants)
     body = {"model": "sim", "messages": QUESTION, "max_tokens": 2, "stream": True}
     with httpx.Client(base_url=router_urls(stack)[0], headers=auth(), timeout=60) as client:
         for _ in range(10):
             with client.stream("POST", "/v1/chat/completions", json=body) as reply:
                 assert reply.status_code == 200
                 assert "data: [DONE]" in list(reply.iter_lines())
-    wait_for(lambda: lease_grants(stack, "sim") > before, 60, "the grants counted")
-    grants = settled_value(lambda: lease_grants(stack, "sim")) - before
-    assert 1 <= grants <= 2, grants
+    wait_for(lambda: grants() > before, 60, "the grants counted")
+    taken = settled_value(grants) - before
+    assert 1 <= taken <= 2, taken
     wait_for(lambda: tier_leases(stack, "sim") == 0, 60, "the kept lease given back")
 
 

@@ -26,29 +26,38 @@ class Clock:
 
 class Grant:
     """Serve's response generator of `TierDeployment.lease`: the engine, then nothing until
-    cancelled (or `end`, the replica ending the call)."""
+    cancelled, `end` (the replica ending the call) or `ask_back` (its second item, `None`)."""
 
     def __init__(self, engine: EngineLease = ENGINE) -> None:
         self._engine: EngineLease | None = engine
-        self._ended: asyncio.Future[None] | None = None
+        self._next: asyncio.Future[bool] | None = None
         self.cancelled = 0
 
-    async def __anext__(self) -> EngineLease:
+    async def __anext__(self) -> EngineLease | None:
         if self._engine is not None:
             engine, self._engine = self._engine, None
             return engine
-        self._ended = asyncio.get_running_loop().create_future()
-        await self._ended
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        if await self._next:
+            return None
         raise StopAsyncIteration
 
     def cancel(self) -> None:
         self.cancelled += 1
-        if self._ended is not None and not self._ended.done():
-            self._ended.set_exception(asyncio.CancelledError())
+        if self._next is not None and not self._next.done():
+            self._next.set_exception(asyncio.CancelledError())
 
     def end(self) -> None:
-        assert self._ended is not None
-        self._ended.set_result(None)
+        self._answer(False)
+
+    def ask_back(self) -> None:
+        self._answer(True)
+
+    def _answer(self, item: bool) -> None:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        self._next.set_result(item)
 
 
 class Engine:
@@ -97,6 +106,26 @@ def test_a_stream_run_to_its_end_hands_its_lease_to_the_next_request() -> None:
         await asyncio.sleep(0)
         assert grant.cancelled == 1 and len(keeper) == 0
         assert engine.started == [ENGINE, ENGINE]
+
+    asyncio.run(run())
+
+
+def test_a_lease_its_replica_asks_back_goes_back_after_its_request() -> None:
+    """Every slot of the replica is leased: requests may wait in Serve for one, so the lease
+    is not kept for this router's next request."""
+
+    async def run() -> None:
+        keeper, grant = LeaseKeeper(2.0, 0.05), Grant()
+        calls = LeasedCalls(Engine(["a", "b"]).start, "sim", call=grant, keeper=keeper)
+        assert await anext(calls) is None
+        assert await anext(calls) == "a"
+        grant.ask_back()
+        await asyncio.sleep(0.01)  # the item reaches the router while its request streams
+        assert await anext(calls) == "b"
+        with pytest.raises(StopAsyncIteration):
+            await anext(calls)
+        calls.cancel()
+        assert grant.cancelled == 1 and len(keeper) == 0 and keeper.take() is None
 
     asyncio.run(run())
 
