@@ -45,7 +45,9 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
         tier["default_max_tokens"] = 4  # keeps the fuzz run's valid requests short
     small = args["tiers"][0]
     small.pop("overflow_tier")
-    small.update({"max_ongoing_requests": 2, "max_queued_requests": 2})
+    # one replica (no autoscaling here): its 2 slots are the tier's
+    small.update({"max_ongoing_requests": 2, "max_queued_requests": 2,
+                  "replicas": {"min": 1, "max": 1}})  # fmt: skip
     small["engine"].update({"max_batch_size": 1, "max_concurrent_requests": 2})
     ray_head.deploy(config)
     return ray_head
@@ -142,7 +144,7 @@ def test_ten_times_capacity_is_shed_fast_and_service_recovers(stack: Stack) -> N
 
 
 def test_a_full_replica_takes_its_leases_back_from_the_routers(stack: Stack) -> None:
-    """The small tier's replica takes 2 requests at once (`max_ongoing_requests`). One client
+    """The small tier's one replica takes 2 requests at once (`max_ongoing_requests`). One client
     asking in a row reuses its router's lease; two clients at once fill the replica, which then
     asks for every lease back after its request (requests waiting in Serve for a slot get it in
     Serve's order), so their requests take leases of their own."""
@@ -170,4 +172,5 @@ def test_a_full_replica_takes_its_leases_back_from_the_routers(stack: Stack) -> 
     asyncio.run(two_at_once())
     wait_for(lambda: grants() > alone, 60, "the grants counted")
     together = settled_value(grants) - alone
-    assert 5 <= together <= 8, together
+    assert 4 <= together <= 8, together  # a request that finds the other client between two
+    # requests leaves the replica one short of full, and its lease may be kept
