@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 
 def router_addresses(ray_temp_dir: str) -> list[str]:
     """`host:port` of each router replica's own HTTP server (Serve's direct ingress), as the
@@ -97,8 +99,6 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
 
 def metric_samples(metrics_port: int, name: str) -> dict[str, float]:
     """A metric's samples from Ray's metrics port: labels text -> value."""
-    import httpx
-
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     found = {}
     for line in text.splitlines():
