@@ -2,9 +2,17 @@
 
 Each worker process runs its own event loop and aiohttp session and sends streaming chat
 requests round-robin over a list of URLs (one URL: the stack's ingress; N URLs: N engines
-reached directly). Closed loop: a fixed number of streams, each sending its next request when the
-last one ends. Open loop: Poisson arrivals at a fixed rate, whatever the answers do. Workers start
-together at one wall-clock instant; their samples are merged in the parent.
+reached directly). Workers start together at one wall-clock instant; their samples are merged in
+the parent.
+
+- Closed loop (`closed_loop`): a fixed number of streams, all starting at once, sharing a fixed
+  number of requests; the run ends with its slowest request. Every stream starts in the same
+  millisecond, so this is a burst test: good for warming up and for the per-hop CPU breakdown.
+- Steady closed loop (`steady_loop`): stream k of N starts k/N of a ramp after the first (the
+  ramp: about one answer's length), so requests arrive evenly rather than in waves; every
+  stream then sends its next request when the last one ends, until the window closes. Latencies
+  are those of requests started inside the window, tokens/s the tokens that arrived inside it.
+- Open loop (`open_loop`): Poisson arrivals at a fixed rate, whatever the answers do.
 """
 
 from __future__ import annotations
@@ -32,6 +40,16 @@ class Sample:
     tokens: int
     ok: bool
     status: int = 0  # the HTTP status, 0 when the connection failed
+    started_at: float = 0.0  # wall clock (time.time) when the request was sent
+
+    def token_times(self) -> list[float]:
+        """Wall-clock arrival time of each streamed token."""
+        if not self.tokens:
+            return []
+        times = [self.started_at + self.ttft_s]
+        for gap in self.itl_s:
+            times.append(times[-1] + gap)
+        return times
 
 
 @dataclass(frozen=True)
@@ -53,11 +71,13 @@ class Load:
 class Result:
     samples: list[Sample]
     elapsed_s: float
+    window: tuple[float, float] | None = None  # steady loop: the measured wall-clock window
 
 
 async def one_request(session: aiohttp.ClientSession, i: int, load: Load) -> Sample:
     body = {"model": load.model, "messages": MESSAGES, "max_tokens": load.tokens, "stream": True}
     url, headers = load.target(i)
+    started_at = time.time()
     start = time.perf_counter()
     stamps: list[float] = []
     ok = False
@@ -77,7 +97,7 @@ async def one_request(session: aiohttp.ClientSession, i: int, load: Load) -> Sam
     end = time.perf_counter()
     ttft = stamps[0] - start if stamps else end - start
     itl = tuple(b - a for a, b in pairwise(stamps))
-    return Sample(ttft, itl, end - start, len(stamps), ok, status)
+    return Sample(ttft, itl, end - start, len(stamps), ok, status, started_at)
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
@@ -102,6 +122,25 @@ async def _closed(load: Load, streams: int, requests: int, offset: int,
         return Result(samples, time.time() - began)
 
 
+async def _steady(load: Load, first: int, streams: int, total: int, start_at: float,
+                  ramp_s: float, duration_s: float) -> Result:  # fmt: skip
+    """Streams `first`..`first + streams - 1` of `total`, each started at its share of the ramp
+    and sending back to back until the window (ramp end + `duration_s`) closes."""
+    samples: list[Sample] = []
+    window = (start_at + ramp_s, start_at + ramp_s + duration_s)
+    async with _session(streams * 2) as session:
+
+        async def stream(k: int) -> None:
+            await asyncio.sleep(max(0.0, start_at + ramp_s * k / total - time.time()))
+            i = k
+            while time.time() < window[1]:
+                samples.append(await one_request(session, i, load))
+                i += total
+
+        await asyncio.gather(*(stream(first + k) for k in range(streams)))
+        return Result(samples, duration_s, window)
+
+
 async def _open(load: Load, rate: float, duration_s: float, seed: int,
                 start_at: float) -> Result:  # fmt: skip
     rng = random.Random(seed)
@@ -118,6 +157,10 @@ async def _open(load: Load, rate: float, duration_s: float, seed: int,
 
 def _closed_worker(args: tuple[Load, int, int, int, float]) -> Result:
     return _run(_closed(*args))
+
+
+def _steady_worker(args: tuple[Load, int, int, int, float, float, float]) -> Result:
+    return _run(_steady(*args))
 
 
 def _open_worker(args: tuple[Load, float, float, int, float]) -> Result:
@@ -154,6 +197,15 @@ class LoadGenerator:
         jobs = [(load, n, n * requests_per_stream, i * 7919, start_at) for i, n in enumerate(parts)]
         return _merge(self._pool.map(_closed_worker, jobs))
 
+    def steady_loop(self, load: Load, streams: int, duration_s: float, ramp_s: float) -> Result:
+        start_at = time.time() + 0.3
+        jobs, first = [], 0
+        for n in _split(streams, self.processes):
+            if n:
+                jobs.append((load, first, n, streams, start_at, ramp_s, duration_s))
+                first += n
+        return _merge(self._pool.map(_steady_worker, jobs))
+
     def open_loop(self, load: Load, rate: float, duration_s: float, seed: int) -> Result:
         start_at = time.time() + 0.3
         per = rate / self.processes
@@ -162,7 +214,8 @@ class LoadGenerator:
 
 
 def _merge(results: list[Result]) -> Result:
-    return Result([s for r in results for s in r.samples], max(r.elapsed_s for r in results))
+    samples = [s for r in results for s in r.samples]
+    return Result(samples, max(r.elapsed_s for r in results), results[0].window)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -178,14 +231,25 @@ def error_statuses(result: Result) -> dict[str, int]:
 
 
 def summary(result: Result, slo_ttft_s: float) -> dict[str, float]:
-    good = [s for s in result.samples if s.ok]
+    """Latency percentiles and rates of one run. With a window (steady loop): the requests
+    started inside it, and the tokens and finished requests that arrived inside it."""
+    samples = result.samples
+    if result.window is not None:
+        begin, end = result.window
+        samples = [s for s in samples if begin <= s.started_at < end]
+    good = [s for s in samples if s.ok]
     ttft = [s.ttft_s for s in good]
     itl = [x for s in good for x in s.itl_s]
     tokens = sum(s.tokens for s in good)
+    finished = good
     elapsed = result.elapsed_s
+    if result.window is not None:
+        ok = [s for s in result.samples if s.ok]
+        tokens = sum(1 for s in ok for t in s.token_times() if begin <= t < end)
+        finished = [s for s in ok if begin <= s.started_at + s.e2e_s < end]
     return {
-        "requests": len(result.samples),
-        "errors": len(result.samples) - len(good),
+        "requests": len(samples),
+        "errors": len(samples) - len(good),
         "ttft_p50_ms": pct(ttft, 0.5) * 1000,
         "ttft_p90_ms": pct(ttft, 0.9) * 1000,
         "ttft_p99_ms": pct(ttft, 0.99) * 1000,
@@ -193,7 +257,7 @@ def summary(result: Result, slo_ttft_s: float) -> dict[str, float]:
         "itl_p50_ms": pct(itl, 0.5) * 1000,
         "itl_p99_ms": pct(itl, 0.99) * 1000,
         "e2e_p50_ms": pct([s.e2e_s for s in good], 0.5) * 1000,
-        "requests_per_s": len(good) / elapsed,
+        "requests_per_s": len(finished) / elapsed,
         "tokens_per_s": tokens / elapsed,
-        "goodput_per_s": sum(1 for s in good if s.ttft_s <= slo_ttft_s) / elapsed,
+        "goodput_per_s": sum(1 for s in finished if s.ttft_s <= slo_ttft_s) / elapsed,
     }

@@ -8,8 +8,11 @@ compute: a fixed time to first token, inter-token latency and length) behind `--
 replicas, finds the tier's engine processes, and sends the same streaming chat requests
 directly to those engines (round-robin) and through the whole stack (HAProxy → router → tier
 replica → engine), alternating sides each round so machine noise hits both. The load comes from
-`--processes` worker processes (bench/loadgen.py). Closed-loop concurrency sweeps and open-loop
-Poisson rates; per request: time to first token (TTFT), inter-token latency (ITL), tokens.
+`--processes` worker processes (bench/loadgen.py). Closed-loop concurrency sweeps (steady:
+streams started evenly over one answer's length, then measured over `--closed-s` seconds; see
+bench/loadgen.py) and open-loop Poisson rates; per request: time to first token (TTFT),
+inter-token latency (ITL), tokens. Every run also records how busy the whole host's CPUs were
+(`host_cpu_busy`, from /proc/stat): near 1.0 the host, not a hop, is the limit.
 
 Where the time goes (`hops`): at 1 and 256 streams the stack's side is also measured through one
 router replica's own port (HAProxy skipped), and the CPU seconds of every process of each hop
@@ -119,6 +122,22 @@ def cpu_by_role() -> dict[str, float]:
                 totals[role] += (int(fields[11]) + int(fields[12])) / tick
                 break
     return totals
+
+
+def host_cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def with_host_cpu(run: Callable[[], Result], slo: float, label: str) -> dict[str, float]:
+    """`run`'s summary and the fraction of the host's CPU time that was busy while it ran."""
+    busy0, total0 = host_cpu_times()
+    result = run()
+    busy1, total1 = host_cpu_times()
+    return {**checked(result, slo, label),
+            "host_cpu_busy": (busy1 - busy0) / max(1, total1 - total0)}  # fmt: skip
 
 
 def compare(direct: dict[str, float], stack: dict[str, float]) -> dict[str, float]:
@@ -239,7 +258,10 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,64,256,512")
     parser.add_argument("--rates", default="100,400", help="open-loop Poisson rates, requests/s")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=3, help="requests per stream per run")
+    parser.add_argument("--requests", type=int, default=3,
+                        help="requests per stream per burst run (hops)")  # fmt: skip
+    parser.add_argument("--closed-s", type=float, default=4.0,
+                        help="measured seconds per steady closed-loop run")  # fmt: skip
     parser.add_argument("--duration", type=float, default=5.0, help="open-loop seconds per run")
     parser.add_argument("--ttft-ms", type=float, default=20.0)
     parser.add_argument("--itl-ms", type=float, default=10.0)
@@ -289,6 +311,8 @@ def main() -> int:
         "simulated_engine": {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
                              "tokens": args.tokens},
         "slo_ttft_ms": args.slo_ttft_ms, "rounds": args.rounds,
+        "closed_loop_method": f"steady: streams started over one answer, {args.closed_s} s "
+                              "measured per run",
         "closed_loop": [], "open_loop": [], "hops": [],
     }  # fmt: skip
     try:
@@ -300,10 +324,13 @@ def main() -> int:
         results["engines"] = len(direct.urls)
         gen.closed_loop(stack, 16, 2)  # warm both paths up
         gen.closed_loop(direct, 16, 2)
+        answer_s = (args.ttft_ms + (args.tokens - 1) * args.itl_ms) / 1000  # the ramp
         for c in [int(x) for x in args.concurrency.split(",") if x]:
 
             def measure(load: Load, c: int = c) -> dict[str, float]:
-                return checked(gen.closed_loop(load, c, args.requests), slo, f"c={c}")
+                return with_host_cpu(
+                    lambda: gen.steady_loop(load, c, args.closed_s, answer_s), slo, f"c={c}"
+                )
 
             row = {"concurrency": c, **ab(direct, stack, args.rounds, measure)}
             results["closed_loop"].append(row)
@@ -311,8 +338,10 @@ def main() -> int:
         for rate in [float(x) for x in args.rates.split(",") if x]:
 
             def measure_rate(load: Load, rate: float = rate) -> dict[str, float]:
-                result = gen.open_loop(load, rate, args.duration, seed=int(rate))
-                return checked(result, slo, f"rate={rate}")
+                return with_host_cpu(
+                    lambda: gen.open_loop(load, rate, args.duration, seed=int(rate)),
+                    slo, f"rate={rate}",
+                )  # fmt: skip
 
             row = {"rate_per_s": rate, **ab(direct, stack, args.rounds, measure_rate)}
             results["open_loop"].append(row)
