@@ -41,6 +41,7 @@ class Sample:
     ok: bool
     status: int = 0  # the HTTP status, 0 when the connection failed
     started_at: float = 0.0  # wall clock (time.time) when the request was sent
+    error: str = ""  # a failed request's answer (its start), or the client's exception
 
     def token_times(self) -> list[float]:
         """Wall-clock arrival time of each streamed token."""
@@ -82,22 +83,26 @@ async def one_request(session: aiohttp.ClientSession, i: int, load: Load) -> Sam
     stamps: list[float] = []
     ok = False
     status = 0
+    error = ""
     try:
         async with session.post(url, json=body, headers=headers) as reply:
             status = reply.status
             ok = status == 200
+            if not ok:
+                error = (await reply.read())[:300].decode(errors="replace")
             buffer = b""
             async for data in reply.content.iter_any():
                 now = time.perf_counter()
                 buffer += data
                 *events, buffer = buffer.split(b"\n\n")
                 stamps.extend(now for event in events if CONTENT in event)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         ok = False
+        error = repr(exc)[:300]
     end = time.perf_counter()
     ttft = stamps[0] - start if stamps else end - start
     itl = tuple(b - a for a, b in pairwise(stamps))
-    return Sample(ttft, itl, end - start, len(stamps), ok, status, started_at)
+    return Sample(ttft, itl, end - start, len(stamps), ok, status, started_at, error)
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
@@ -228,6 +233,11 @@ def pct(values: list[float], q: float) -> float:
 def error_statuses(result: Result) -> dict[str, int]:
     """Failed requests by HTTP status ("0": the connection failed or broke mid-stream)."""
     return dict(Counter(str(s.status) for s in result.samples if not s.ok))
+
+
+def error_examples(result: Result) -> dict[str, str]:
+    """One failed request's answer (or exception) per HTTP status."""
+    return {str(s.status): s.error for s in result.samples if not s.ok}
 
 
 def summary(result: Result, slo_ttft_s: float) -> dict[str, float]:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import Load, LoadGenerator, Result, error_statuses, summary
+from bench.loadgen import Load, LoadGenerator, Result, error_examples, error_statuses, summary
 from serve_app import localstack
 from serve_app.localstack import Head
 from tests.helpers import engine_key, engine_url, engines_under, free_port, router_addresses
@@ -65,7 +65,7 @@ def checked(result: Result, slo: float, label: str) -> dict[str, float]:
     """The summary; failed requests, by status, are printed where they happen."""
     failed = error_statuses(result)
     if failed:
-        print(f"{label}: failed requests by status {failed}", flush=True)
+        print(f"{label}: failed requests by status {failed}: {error_examples(result)}", flush=True)
     return summary(result, slo)
 
 

@@ -217,9 +217,11 @@ class TierConfig(_Strict):
         "(0: every request takes its own lease). Not for tiers with `routing`, nor with tracing.",
     )
     lease_idle_s: NonNegativeFloat = Field(
-        0.05,
+        1.0,
         description="Direct data path: how long a router keeps a finished request's lease for "
-        "the next request of the tier before giving it back (0: at once).",
+        "the next request of the tier before giving it back (0: at once). A kept lease holds "
+        "one of its replica's `max_ongoing_requests` slots; a replica whose every slot is "
+        "leased takes its kept leases back at once.",
     )
     replica_wait_timeout_s: PositiveFloat = Field(
         600.0,

@@ -22,6 +22,10 @@ from .client import EngineReply, passed_headers, reply_error
 from .sse import Batch, sse_batches
 
 CONNECT_TIMEOUT_S = 5.0
+# An idle pooled connection is closed by this side well before the engine would close it
+# (the local engine after 65 s, see `serve_app.local_engine`): a request then never goes out
+# on a connection the engine is closing at that moment.
+KEEPALIVE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,9 @@ class EnginePool:
     def _http(self) -> aiohttp.ClientSession:
         # Made on first use, inside the event loop that serves requests.
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None)
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=None
+            )
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._session
 
@@ -60,17 +66,29 @@ class EnginePool:
     @asynccontextmanager
     async def _sent(self, request: EngineRequest) -> AsyncIterator[aiohttp.ClientResponse]:
         """The engine's answer to `request`, its failures translated while it is read."""
-        headers = {**request.headers, "authorization": f"Bearer {request.api_key}"}
         async with (
-            self._translated(request.url, request.path),
-            self._http().post(
-                request.url + request.path,
-                json=request.payload,
-                headers=headers,
-                timeout=_timeout(request.timeout_s),
-            ) as reply,
+            self._translated(request.url, request.path),  # entered first: it translates the next
+            await self._answered(request) as reply,
         ):
             yield reply
+
+    async def _answered(self, request: EngineRequest) -> aiohttp.ClientResponse:
+        """The engine's answer (status and headers). A pooled connection that the engine
+        closed just as it was reused fails before any answer; the request is then sent once
+        more, as an engine that did not answer it."""
+        headers = {**request.headers, "authorization": f"Bearer {request.api_key}"}
+        for attempt in range(2):
+            try:
+                return await self._http().post(
+                    request.url + request.path,
+                    json=request.payload,
+                    headers=headers,
+                    timeout=_timeout(request.timeout_s),
+                )
+            except aiohttp.ServerDisconnectedError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     async def post(self, request: EngineRequest) -> EngineReply:
         """The engine's whole answer. Cancelling the caller closes the connection, and the

@@ -12,7 +12,8 @@ kept lease once `lease_reuse_s` has passed. What a kept request skips is the rep
 itself: it goes where its predecessor went. A replica that ends a lease (it stopped or died)
 ends the Ray call, and a kept lease whose call has ended is never handed out. A replica whose
 every slot is leased (`max_ongoing_requests`) asks for its leases back: requests may be waiting
-in Serve for a slot there, and they get the slots in Serve's order, not this router's.
+in Serve for a slot there, and they get the slots in Serve's order, not this router's. A kept
+lease goes back at that moment, one in use when its request ends.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Lease:
         self.engine = engine
         self.granted_at = granted_at
         self._ended: asyncio.Future[Any] | None = None
+        self._on_end: Callable[[Lease], None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -42,21 +44,25 @@ class Lease:
         asked for the lease back (every slot of it leased: requests may be waiting for one)."""
         return self._ended is None or not self._ended.done()
 
-    def watch(self) -> None:
+    def watch(self, on_end: Callable[[Lease], None] | None = None) -> None:
         """Read the call's next item in the background: it completes only when the replica
-        ends the call or asks for the lease back."""
+        ends the call or asks for the lease back, and then calls `on_end` (the latest one
+        given) with this lease."""
+        if on_end is not None:
+            self._on_end = on_end
         if self._ended is None:
             self._ended = asyncio.ensure_future(anext(self.call, None))
-            self._ended.add_done_callback(_retrieved)
+            self._ended.add_done_callback(self._finished)
+
+    def _finished(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled():
+            with contextlib.suppress(BaseException):
+                future.exception()
+        if self._on_end is not None:
+            self._on_end(self)
 
     def end(self) -> None:
         self.call.cancel()
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        with contextlib.suppress(BaseException):
-            future.exception()
 
 
 class LeaseKeeper:
@@ -91,7 +97,7 @@ class LeaseKeeper:
         if not self._usable(lease, now, now):
             lease.end()
             return
-        lease.watch()
+        lease.watch(self._ended)
         self._kept.append((lease, now))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._idle_s, self._expire)
@@ -103,6 +109,15 @@ class LeaseKeeper:
             self._timer = None
         while self._kept:
             self._kept.pop()[0].end()
+
+    def _ended(self, lease: Lease) -> None:
+        """The replica ended a lease or asked it back: if it is waiting here, give it back now
+        (a replica whose every slot is leased may have requests waiting for one)."""
+        for i, (kept, _) in enumerate(self._kept):
+            if kept is lease:
+                del self._kept[i]
+                lease.end()
+                return
 
     def _usable(self, lease: Lease, since: float, now: float) -> bool:
         fresh = now - lease.granted_at < self._reuse_s

@@ -127,3 +127,45 @@ def test_a_call_past_its_bound_or_to_no_engine_is_unavailable(keyed: RunningEngi
     assert "did not answer /generate_stream in time" in slow
     assert "unreachable for /generate" in gone
     wait_for(lambda: running_requests(keyed) == 0, 5, "the engine to drop the cut stream")
+
+
+async def closing_server(answer_from: int) -> tuple[asyncio.Server, list[int]]:
+    """An HTTP server that reads each request and closes its connection without an answer (a
+    keep-alive connection the server closed just as it was reused) until its `answer_from`-th
+    connection, which gets a 200."""
+    seen: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(len(seen) + 1)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        if len(seen) >= answer_from:
+            body = b'{"generated_text":"ok"}'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, seen
+
+
+def test_a_connection_closed_before_any_answer_is_tried_once_more() -> None:
+    async def run(answer_from: int) -> tuple[int | str, list[int]]:
+        server, seen = await closing_server(answer_from)
+        port = server.sockets[0].getsockname()[1]
+        pool = EnginePool()
+        try:
+            request = EngineRequest(f"http://127.0.0.1:{port}", KEY, "/generate", GENERATE)
+            try:
+                return (await pool.post(request)).status, seen
+            except EngineUnavailable as exc:
+                return str(exc), seen
+        finally:
+            await pool.aclose()
+            server.close()
+
+    assert asyncio.run(run(answer_from=2)) == (200, [1, 2])
+    failed, seen = asyncio.run(run(answer_from=3))
+    assert seen == [1, 2] and isinstance(failed, str) and "unreachable for /generate" in failed

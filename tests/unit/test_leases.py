@@ -147,7 +147,7 @@ def test_a_failed_engine_call_gives_its_lease_back() -> None:
 
 
 def test_whole_answers_keep_the_lease_unless_the_engine_failed_or_was_full() -> None:
-    async def answer(status: int) -> tuple[Grant, LeaseKeeper]:
+    async def answer(status: int) -> tuple[int, int]:
         keeper, grant = LeaseKeeper(2.0, 0.05), Grant()
 
         async def start(lease: EngineLease) -> AsyncIterator[EngineReply]:
@@ -158,12 +158,12 @@ def test_whole_answers_keep_the_lease_unless_the_engine_failed_or_was_full() -> 
         reply = await anext(calls)
         assert reply is not None and reply.status == status
         calls.cancel()
-        return grant, keeper
+        return grant.cancelled, len(keeper)
 
     for status, kept in [(200, True), (422, True), (429, False), (500, False), (503, False)]:
-        grant, keeper = asyncio.run(answer(status))
-        assert (len(keeper) == 1) is kept, status
-        assert grant.cancelled == (0 if kept else 1), status
+        cancelled, held = asyncio.run(answer(status))
+        assert (held == 1) is kept, status
+        assert cancelled == (0 if kept else 1), status
 
 
 def test_without_a_keeper_every_lease_goes_back() -> None:
@@ -217,6 +217,21 @@ def test_a_lease_its_replica_ended_is_not_handed_out() -> None:
         await asyncio.sleep(0)
         assert await_take(keeper).call is alive
         assert keeper.take() is None
+        keeper.close()
+
+    asyncio.run(run())
+
+
+def test_a_kept_lease_its_replica_asks_back_goes_back_at_once() -> None:
+    async def run() -> None:
+        keeper, asked, other = LeaseKeeper(2.0, 10.0), Grant(), Grant()
+        keeper.keep(await granted(other))
+        keeper.keep(await granted(asked))
+        await asyncio.sleep(0)  # the keeper watches the calls
+        asked.ask_back()  # every slot of its replica is leased: give it back, don't wait 10 s
+        await asyncio.sleep(0.01)
+        assert asked.cancelled == 1 and other.cancelled == 0 and len(keeper) == 1
+        assert await_take(keeper).call is other
         keeper.close()
 
     asyncio.run(run())
