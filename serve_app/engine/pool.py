@@ -23,9 +23,9 @@ from .sse import Batch, sse_batches
 
 CONNECT_TIMEOUT_S = 5.0
 # An idle pooled connection is closed by this side well before the engine would close it
-# (the local engine after 65 s, see `serve_app.local_engine`): a request then never goes out
+# (the local engine after 90 s, see `serve_app.local_engine`): a request then never goes out
 # on a connection the engine is closing at that moment.
-KEEPALIVE_S = 15.0
+KEEPALIVE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class EnginePool:
                     headers=headers,
                     timeout=_timeout(request.timeout_s),
                 )
-            except aiohttp.ServerDisconnectedError:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError):
                 if attempt:
                     raise
         raise AssertionError("unreachable")

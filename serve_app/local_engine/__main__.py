@@ -103,9 +103,9 @@ async def serve(args: EngineArgs) -> None:
             port=args.port,
             log_config=None,
             access_log=False,
-            # Idle connections stay open longer than a router's pool keeps them (15 s, see
+            # Idle connections stay open longer than a router's pool keeps them (60 s, see
             # `serve_app.engine.pool`), so the router is the side that closes them.
-            timeout_keep_alive=65,
+            timeout_keep_alive=90,
             timeout_graceful_shutdown=args.graceful_termination_timeout,
         )
         # The port is bound only now, with the model loaded: an open port means ready, as in TGI.

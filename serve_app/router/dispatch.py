@@ -91,7 +91,9 @@ class ServeTransport:
         kept = keeper.take() if keeper is not None else None
         if kept is not None:
             return LeasedCalls(start, tier, kept=kept, keeper=keeper, finished=finished)
-        grant = self._routed(tier, call).lease.remote(call)
+        # The replica needs only the route and trace: the prompt stays here, not pickled
+        # and shipped to it on every lease.
+        grant = self._routed(tier, call).lease.remote(replace(call, payload={}))
         return LeasedCalls(start, tier, call=grant, keeper=keeper, finished=finished)
 
     def _routed(self, tier: str, call: TierCall) -> DeploymentHandle:

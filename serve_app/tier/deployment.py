@@ -68,7 +68,8 @@ class TierDeployment:
         connection; `request_timeout_s`, the longest a request may take, bounds it otherwise
         (plus `lease_reuse_s`, while a router may keep it for its next requests). A second
         item, `None`, tells a router that keeps leases to give this one back after its request:
-        every slot of the replica is leased."""
+        every slot of the replica is leased. `call` comes without its payload: the router sends
+        that to the engine itself."""
         self._leases += 1
         app_metrics().engine_leases.set(self._leases, self._tags)
         app_metrics().lease_grants.inc(1, self._tags)
