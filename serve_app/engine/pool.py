@@ -75,7 +75,7 @@ class EnginePool:
     async def _answered(self, request: EngineRequest) -> aiohttp.ClientResponse:
         """The engine's answer (status and headers). A pooled connection that the engine
         closed just as it was reused fails before any answer; the request is then sent once
-        more, as an engine that did not answer it."""
+        more, since the engine never answered it."""
         headers = {**request.headers, "authorization": f"Bearer {request.api_key}"}
         for attempt in range(2):
             try:
