@@ -243,23 +243,22 @@ def error_examples(result: Result) -> dict[str, str]:
 def summary(result: Result, slo_ttft_s: float) -> dict[str, float]:
     """Latency percentiles and rates of one run. With a window (steady loop): the requests
     started inside it, and the tokens and finished requests that arrived inside it."""
-    samples = result.samples
-    if result.window is not None:
+    ok = [s for s in result.samples if s.ok]
+    if result.window is None:
+        measured, finished = result.samples, ok
+        tokens = sum(s.tokens for s in ok)
+    else:
         begin, end = result.window
-        samples = [s for s in samples if begin <= s.started_at < end]
-    good = [s for s in samples if s.ok]
+        measured = [s for s in result.samples if begin <= s.started_at < end]
+        finished = [s for s in ok if begin <= s.started_at + s.e2e_s < end]
+        tokens = sum(1 for s in ok for t in s.token_times() if begin <= t < end)
+    good = [s for s in measured if s.ok]
     ttft = [s.ttft_s for s in good]
     itl = [x for s in good for x in s.itl_s]
-    tokens = sum(s.tokens for s in good)
-    finished = good
     elapsed = result.elapsed_s
-    if result.window is not None:
-        ok = [s for s in result.samples if s.ok]
-        tokens = sum(1 for s in ok for t in s.token_times() if begin <= t < end)
-        finished = [s for s in ok if begin <= s.started_at + s.e2e_s < end]
     return {
-        "requests": len(samples),
-        "errors": len(samples) - len(good),
+        "requests": len(measured),
+        "errors": len(measured) - len(good),
         "ttft_p50_ms": pct(ttft, 0.5) * 1000,
         "ttft_p90_ms": pct(ttft, 0.9) * 1000,
         "ttft_p99_ms": pct(ttft, 0.99) * 1000,
