@@ -54,9 +54,10 @@ ROLES = {  # process role -> how its command line reads
 
 
 def tier(name: str, engine: dict[str, Any], replicas: int, data_path: str,
-         lease_reuse_s: float) -> dict[str, Any]:  # fmt: skip
+         leases: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     return {"name": name, "engine": engine, "max_ongoing_requests": 4096, "data_path": data_path,
-            "lease_reuse_s": lease_reuse_s, "max_queued_requests": -1, "default_max_tokens": 64,
+            **leases,
+            "max_queued_requests": -1, "default_max_tokens": 64,
             "max_tokens_limit": 512,
             "replicas": {"min": replicas, "max": replicas}}  # fmt: skip
 
@@ -69,15 +70,21 @@ def checked(result: Result, slo: float, label: str) -> dict[str, float]:
     return summary(result, slo)
 
 
+def leases(args: argparse.Namespace) -> dict[str, float]:
+    """The tiers' lease settings (README "Decision", point 5)."""
+    return {"lease_reuse_s": args.lease_reuse_s, "lease_idle_s": args.lease_idle_s,
+            "lease_spare_s": args.lease_spare_s}  # fmt: skip
+
+
 def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
     sim = {"launcher": "local", "model_id": "simulated", "max_batch_size": 1024,
            "max_concurrent_requests": 8192,
            "extra_args": ["--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
                           "--sim-output-tokens", str(args.tokens)]}  # fmt: skip
-    tiers = [tier("sim", sim, args.replicas, args.data_path, args.lease_reuse_s)]
+    tiers = [tier("sim", sim, args.replicas, args.data_path, leases(args))]
     if args.real:
         real = {"launcher": "local", "threads": 1, "max_batch_size": 4}
-        tiers.append(tier("real", real, 1, args.data_path, args.lease_reuse_s))
+        tiers.append(tier("real", real, 1, args.data_path, leases(args)))
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
@@ -262,6 +269,8 @@ def main() -> int:
                         help="requests per stream per burst run (hops)")  # fmt: skip
     parser.add_argument("--closed-s", type=float, default=4.0,
                         help="measured seconds per steady closed-loop run")  # fmt: skip
+    parser.add_argument("--min-requests", type=int, default=32,
+                        help="closed-loop runs last long enough to measure this many")  # fmt: skip
     parser.add_argument("--duration", type=float, default=5.0, help="open-loop seconds per run")
     parser.add_argument("--ttft-ms", type=float, default=20.0)
     parser.add_argument("--itl-ms", type=float, default=10.0)
@@ -282,6 +291,8 @@ def main() -> int:
         "--lease-reuse-s", type=float, default=2.0,
         help="the tiers' lease_reuse_s (0: a lease per request)",
     )  # fmt: skip
+    parser.add_argument("--lease-idle-s", type=float, default=1.0, help="the tiers' lease_idle_s")
+    parser.add_argument("--lease-spare-s", type=float, default=30.0, help="tiers' lease_spare_s")
     parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
     parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
     args = parser.parse_args()
@@ -306,13 +317,14 @@ def main() -> int:
         "commit": args.commit or _commit(),
         "ingress": {k: v for k, v in env.items() if k in localstack.SERVE_TUNING},
         "replicas": args.replicas, "routers": args.routers, "data_path": args.data_path,
-        "lease_reuse_s": args.lease_reuse_s,
+        **leases(args),
         "load_processes": args.processes,
         "simulated_engine": {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
                              "tokens": args.tokens},
         "slo_ttft_ms": args.slo_ttft_ms, "rounds": args.rounds,
         "closed_loop_method": f"steady: streams started over one answer, {args.closed_s} s "
-                              "measured per run",
+                              f"measured per run (longer where fewer than {args.min_requests} "
+                              "requests would end in it)",
         "closed_loop": [], "open_loop": [], "hops": [],
     }  # fmt: skip
     try:
@@ -326,10 +338,11 @@ def main() -> int:
         gen.closed_loop(direct, 16, 2)
         answer_s = (args.ttft_ms + (args.tokens - 1) * args.itl_ms) / 1000  # the ramp
         for c in [int(x) for x in args.concurrency.split(",") if x]:
+            window = max(args.closed_s, args.min_requests * answer_s / c)
 
-            def measure(load: Load, c: int = c) -> dict[str, float]:
+            def measure(load: Load, c: int = c, window: float = window) -> dict[str, float]:
                 return with_host_cpu(
-                    lambda: gen.steady_loop(load, c, args.closed_s, answer_s), slo, f"c={c}"
+                    lambda: gen.steady_loop(load, c, window, answer_s), slo, f"c={c}"
                 )
 
             row = {"concurrency": c, **ab(direct, stack, args.rounds, measure)}

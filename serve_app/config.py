@@ -223,6 +223,14 @@ class TierConfig(_Strict):
         "one of its replica's `max_ongoing_requests` slots; a replica whose every slot is "
         "leased takes its kept leases back at once.",
     )
+    lease_spare_s: NonNegativeFloat = Field(
+        30.0,
+        description="Direct data path: for this long after a router's last request of the "
+        "tier, the router keeps one lease in hand (renewed before it is `lease_reuse_s` old), "
+        "so that a request after a pause skips the Ray call too (0: none). It holds one "
+        "replica slot per router. Not for tiers that may scale to zero (`replicas.min: 0`): "
+        "renewing it would wake them.",
+    )
     replica_wait_timeout_s: PositiveFloat = Field(
         600.0,
         description="How long a request may wait for a replica of the tier to take it (the tier "
@@ -300,6 +308,11 @@ class TierConfig(_Strict):
             and self.lease_reuse_s > 0
             and self.lease_idle_s > 0
         )
+
+    @property
+    def keeps_spare_lease(self) -> bool:
+        """Whether routers keep one lease of this tier through pauses (`lease_spare_s`)."""
+        return self.keeps_leases and self.lease_spare_s > 0 and self.replicas.min > 0
 
     @property
     def model_names(self) -> tuple[str, ...]:

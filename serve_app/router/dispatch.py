@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
@@ -22,9 +23,11 @@ from ..tier.replica_choice import route_hint
 from ..tier.request_router import session_header
 from ..tracing import current
 from .direct import EngineCalls, LeasedCalls
-from .leases import LeaseKeeper
+from .leases import Lease, LeaseKeeper
 
 ENGINE_BUSY_ATTEMPTS = 2  # a 429 from an engine, before any token, is tried once more
+# What a spare lease asks of its replica: the replica reads only the route (its span's name).
+SPARE = TierCall("/v1/chat/completions", {}, stream=True, max_tokens=0, prompt_chars=0)
 T = TypeVar("T", covariant=True)
 R = TypeVar("R")
 
@@ -63,7 +66,12 @@ class ServeTransport:
         # Kept leases (`serve_app.router.leases`): direct tiers without their own replica choice
         # (a kept lease skips it), and not while tracing (a trace's tier span is its lease's).
         self._keepers = {
-            name: LeaseKeeper(t.lease_reuse_s, t.lease_idle_s)
+            name: LeaseKeeper(
+                t.lease_reuse_s,
+                t.lease_idle_s,
+                spare_s=t.lease_spare_s if t.keeps_spare_lease else 0.0,
+                grant=self._granter(name),
+            )
             for name, t in tiers.items()
             if keep_leases and t.keeps_leases
         }
@@ -95,6 +103,23 @@ class ServeTransport:
         # and shipped to it on every lease.
         grant = self._routed(tier, call).lease.remote(replace(call, payload={}))
         return LeasedCalls(start, tier, call=grant, keeper=keeper, finished=finished)
+
+    def _granter(self, tier: str) -> Callable[[], Awaitable[Lease]]:
+        """A fresh lease of `tier` for no request yet: a router's spare (`LeaseKeeper`)."""
+
+        async def grant() -> Lease:
+            call = self._streams[tier].lease.remote(SPARE)
+            try:
+                engine: EngineLease | None = await anext(call, None)
+            except BaseException:
+                call.cancel()
+                raise
+            if engine is None:
+                call.cancel()
+                raise TierUnavailable(f"a replica of tier {tier!r} gave no engine")
+            return Lease(call, engine, time.monotonic())
+
+        return grant
 
     def _routed(self, tier: str, call: TierCall) -> DeploymentHandle:
         """Replica choice (`serve_app.tier.replica_choice`): for a tier with `routing`, the

@@ -46,7 +46,8 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     small = args["tiers"][0]
     small.pop("overflow_tier")
     # one replica (no autoscaling here): its 2 slots are the tier's
-    small.update({"max_ongoing_requests": 2, "max_queued_requests": 2,
+    # no spare lease: these tests count the leases requests take
+    small.update({"max_ongoing_requests": 2, "max_queued_requests": 2, "lease_spare_s": 0,
                   "replicas": {"min": 1, "max": 1}})  # fmt: skip
     small["engine"].update({"max_batch_size": 1, "max_concurrent_requests": 2})
     ray_head.deploy(config)

@@ -78,6 +78,14 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
                     "max_total_tokens": 4096,
                     "extra_args": ["--sim-itl-ms", "50", "--sim-output-tokens", "2000"]}}
     )  # fmt: skip
+    # `sim`'s tests count the leases requests take: no spare lease renewed meanwhile
+    args["tiers"][-1]["lease_spare_s"] = 0
+    # a tier of its own for the spare lease: kept 4 s after a router's last request
+    args["tiers"].append(
+        {"name": "spare", "lease_spare_s": 4, "default_max_tokens": 4,
+         "engine": {"launcher": "local", "model_id": "simulated",
+                    "extra_args": ["--sim-output-tokens", "4"]}}
+    )  # fmt: skip
     args["tiers"][0]["overflow_at_in_flight"] = OVERFLOW_AT
     ray_head.deploy(config)
     return ray_head
@@ -358,6 +366,27 @@ def test_requests_in_a_row_reuse_one_lease_and_give_it_back(stack: Stack) -> Non
     taken = settled_value(grants) - before
     assert 1 <= taken <= 2, taken
     wait_for(lambda: tier_leases(stack, "sim") == 0, 60, "the kept lease given back")
+
+
+def test_a_router_keeps_a_spare_lease_through_a_pause_and_then_gives_it_back(stack: Stack) -> None:
+    """After its last request of a tier, a router keeps one lease for `lease_spare_s` (4 s
+    here) and renews it before it is `lease_reuse_s` (2 s) old: the tier's replica grants
+    leases while no request comes (a fresh one, then the old one back), and holds none once
+    the 4 s have passed."""
+
+    def grants() -> float:
+        return lease_grants(stack.head.metrics_port, "spare")
+
+    before = grants()  # the tier's first request is below
+    body = {"model": "spare", "messages": QUESTION, "stream": True}
+    url = f"{router_urls(stack)[0]}/v1/chat/completions"
+    with httpx.stream("POST", url, headers=auth(), json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        assert "data: [DONE]" in list(reply.iter_lines())
+    wait_for(lambda: grants() >= before + 3, 60, "the spare renewed while no request came")
+    taken = settled_value(grants) - before
+    assert 3 <= taken <= 5, taken  # the request's lease, renewed at 1.5 s and 3 s
+    wait_for(lambda: tier_leases(stack, "spare") == 0, 60, "the spare given back")
 
 
 def test_killed_routers_give_their_leases_back_at_once(stack: Stack) -> None:

@@ -113,3 +113,16 @@ def test_keys_on_add_the_quota_ledger_to_the_application() -> None:
 
 def _deployments(app: Any) -> set[str]:
     return {d.name for d in flatten(app, name="llm").deployments}
+
+
+def test_a_spare_lease_is_kept_only_for_tiers_that_keep_leases_and_never_scale_to_zero() -> None:
+    def tier(**changes: Any) -> Any:
+        args = local_args()
+        args["tiers"][0].update(changes)
+        return AppConfig.model_validate(args).tiers[0]
+
+    assert tier(replicas={"min": 1, "max": 2}).keeps_spare_lease
+    assert not tier(replicas={"min": 0, "max": 2}).keeps_spare_lease  # a renewal would wake it
+    assert not tier(lease_spare_s=0).keeps_spare_lease
+    assert not tier(lease_reuse_s=0).keeps_spare_lease
+    assert not tier(data_path="relay").keeps_spare_lease

@@ -257,3 +257,96 @@ def await_take(keeper: LeaseKeeper) -> Lease:
     lease = keeper.take()
     assert lease is not None
     return lease
+
+
+class Granter:
+    """The tier's side of a spare lease's renewal: each call grants a fresh lease (or fails)."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.grants: list[Grant] = []
+        self.fail = fail
+
+    async def __call__(self) -> Lease:
+        if self.fail is not None:
+            raise self.fail
+        self.grants.append(Grant())
+        return await granted(self.grants[-1])
+
+
+def spare_keeper(granter: Granter, spare_s: float = 10.0) -> LeaseKeeper:
+    """Leases reused for 0.2 s (a spare is renewed at 0.15 s), idle for 0.02 s."""
+    return LeaseKeeper(0.2, 0.02, spare_s=spare_s, grant=granter)
+
+
+def test_the_newest_idle_lease_stays_as_the_spare_and_is_renewed() -> None:
+    async def run() -> None:
+        granter = Granter()
+        keeper = spare_keeper(granter)
+        older, newer = Grant(), Grant()
+        keeper.keep(await granted(older))
+        keeper.keep(await granted(newer))
+        await asyncio.sleep(0.06)  # both idle past 0.02 s: the newer stays as the spare
+        assert (older.cancelled, newer.cancelled, len(keeper)) == (1, 0, 1)
+        assert keeper.spare is not None and keeper.spare.call is newer
+        await asyncio.sleep(0.15)  # renewed once it was 0.15 s old: fresh lease first, then back
+        assert newer.cancelled == 1 and len(granter.grants) == 1
+        spare = await_take(keeper)  # a request after the pause skips the Ray call
+        assert spare.call is granter.grants[0] and len(keeper) == 0
+        keeper.close()
+        assert granter.grants[0].cancelled == 0  # in use by the request, not the keeper's
+
+    asyncio.run(run())
+
+
+def test_the_spare_goes_back_lease_spare_s_after_the_last_request() -> None:
+    async def run() -> None:
+        granter = Granter()
+        keeper = spare_keeper(granter, spare_s=0.3)
+        first = Grant()
+        keeper.keep(await granted(first))
+        await asyncio.sleep(0.6)  # renewed at 0.15 s, then the renewal at 0.3 s finds it idle
+        assert len(keeper) == 0 and keeper.take() is None
+        assert first.cancelled == 1 and len(granter.grants) == 1
+        assert granter.grants[0].cancelled == 1
+
+    asyncio.run(run())
+
+
+def test_a_spare_its_replica_asks_back_goes_back_and_is_not_renewed() -> None:
+    async def run() -> None:
+        granter = Granter()
+        keeper, grant = spare_keeper(granter), Grant()
+        keeper.keep(await granted(grant))
+        await asyncio.sleep(0.05)
+        assert keeper.spare is not None
+        grant.ask_back()  # every slot of its replica is leased
+        await asyncio.sleep(0.3)
+        assert grant.cancelled == 1 and len(keeper) == 0 and granter.grants == []
+
+    asyncio.run(run())
+
+
+def test_a_spare_that_cannot_be_renewed_goes_back() -> None:
+    async def run() -> None:
+        keeper, grant = spare_keeper(Granter(RuntimeError("no replica"))), Grant()
+        keeper.keep(await granted(grant))
+        await asyncio.sleep(0.3)
+        assert grant.cancelled == 1 and len(keeper) == 0 and keeper.take() is None
+
+    asyncio.run(run())
+
+
+def test_close_gives_the_spare_back_and_renews_nothing() -> None:
+    async def run() -> None:
+        granter = Granter()
+        keeper, grant = spare_keeper(granter), Grant()
+        keeper.keep(await granted(grant))
+        await asyncio.sleep(0.05)
+        assert keeper.spare is not None
+        keeper.close()
+        await asyncio.sleep(0.3)
+        assert grant.cancelled == 1 and granter.grants == []
+        keeper.keep(await granted(late := Grant()))  # a request that ends after the close
+        assert late.cancelled == 1 and len(keeper) == 0
+
+    asyncio.run(run())
