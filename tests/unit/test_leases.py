@@ -278,6 +278,15 @@ def spare_keeper(granter: Granter, spare_s: float = 10.0) -> LeaseKeeper:
     return LeaseKeeper(0.2, 0.02, spare_s=spare_s, grant=granter)
 
 
+async def with_spare(granter: Granter) -> tuple[LeaseKeeper, Grant]:
+    """A keeper whose one lease has gone idle and is its spare now."""
+    keeper, grant = spare_keeper(granter), Grant()
+    keeper.keep(await granted(grant))
+    await asyncio.sleep(0.05)
+    assert keeper.spare is not None and keeper.spare.call is grant
+    return keeper, grant
+
+
 def test_the_newest_idle_lease_stays_as_the_spare_and_is_renewed() -> None:
     async def run() -> None:
         granter = Granter()
@@ -315,10 +324,7 @@ def test_the_spare_goes_back_lease_spare_s_after_the_last_request() -> None:
 def test_a_spare_its_replica_asks_back_goes_back_and_is_not_renewed() -> None:
     async def run() -> None:
         granter = Granter()
-        keeper, grant = spare_keeper(granter), Grant()
-        keeper.keep(await granted(grant))
-        await asyncio.sleep(0.05)
-        assert keeper.spare is not None
+        keeper, grant = await with_spare(granter)
         grant.ask_back()  # every slot of its replica is leased
         await asyncio.sleep(0.3)
         assert grant.cancelled == 1 and len(keeper) == 0 and granter.grants == []
@@ -339,10 +345,7 @@ def test_a_spare_that_cannot_be_renewed_goes_back() -> None:
 def test_close_gives_the_spare_back_and_renews_nothing() -> None:
     async def run() -> None:
         granter = Granter()
-        keeper, grant = spare_keeper(granter), Grant()
-        keeper.keep(await granted(grant))
-        await asyncio.sleep(0.05)
-        assert keeper.spare is not None
+        keeper, grant = await with_spare(granter)
         keeper.close()
         await asyncio.sleep(0.3)
         assert grant.cancelled == 1 and granter.grants == []
