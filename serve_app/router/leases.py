@@ -194,9 +194,12 @@ class LeaseKeeper:
         if old is not None:
             old.end()
         self._spare = lease
-        wait = max(0.0, lease.granted_at + RENEW_AT * self._reuse_s - now)
-        self._renewal = asyncio.get_running_loop().call_later(wait, self._renew)
+        self._renew_later(lease, now)
         return True
+
+    def _renew_later(self, spare: Lease, now: float) -> None:
+        wait = max(0.0, spare.granted_at + RENEW_AT * self._reuse_s - now)
+        self._renewal = asyncio.get_running_loop().call_later(wait, self._renew)
 
     def _drop_spare(self) -> Lease | None:
         spare, self._spare = self._spare, None
@@ -218,7 +221,8 @@ class LeaseKeeper:
 
     async def _renewed(self, old: Lease) -> None:
         """Take a fresh lease to replace the spare `old`, then give `old` back (also when none
-        came within `reuse_s`: the tier is saturated or has no replica)."""
+        came within `reuse_s`: the tier is saturated or has no replica). A fresh lease is not
+        kept if its replica ended `old` or asked it back meanwhile."""
         assert self._grant is not None
         fresh: Lease | None = None
         try:
@@ -227,11 +231,14 @@ class LeaseKeeper:
             fresh = None
         finally:
             self._renewing = None
-            if old is self._spare:  # not taken by a request meanwhile
-                self._drop_spare()
-                old.end()
-        if fresh is None:
-            return
-        fresh.watch(self._ended)
-        if not self._offer_spare(fresh, self._clock()):
-            fresh.end()
+        wanted = old.alive
+        if old is self._spare:  # not taken by a request meanwhile
+            self._drop_spare()
+            old.end()
+        if fresh is not None:
+            fresh.watch(self._ended)
+            if not (wanted and self._offer_spare(fresh, self._clock())):
+                fresh.end()
+        # A spare that went idle while this ran found its renewal taken: renew it now.
+        if self._spare is not None and self._renewal is None and not self._closed:
+            self._renew_later(self._spare, self._clock())

@@ -260,13 +260,23 @@ def await_take(keeper: LeaseKeeper) -> Lease:
 
 
 class Granter:
-    """The tier's side of a spare lease's renewal: each call grants a fresh lease (or fails)."""
+    """The tier's side of a spare lease's renewal: each call grants a fresh lease, fails, or
+    (`hang`) never answers: no replica takes it."""
 
-    def __init__(self, fail: BaseException | None = None) -> None:
+    def __init__(
+        self, fail: BaseException | None = None, hang: bool = False, delay: float = 0.0
+    ) -> None:
         self.grants: list[Grant] = []
         self.fail = fail
+        self.hang = hang
+        self.delay = delay
+        self.calls = 0
 
     async def __call__(self) -> Lease:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        if self.hang:
+            await asyncio.Event().wait()
         if self.fail is not None:
             raise self.fail
         self.grants.append(Grant())
@@ -310,7 +320,7 @@ def test_the_newest_idle_lease_stays_as_the_spare_and_is_renewed() -> None:
 def test_the_spare_goes_back_lease_spare_s_after_the_last_request() -> None:
     async def run() -> None:
         granter = Granter()
-        keeper = spare_keeper(granter, spare_s=0.3)
+        keeper = spare_keeper(granter, spare_s=0.25)
         first = Grant()
         keeper.keep(await granted(first))
         await asyncio.sleep(0.6)  # renewed at 0.15 s, then the renewal at 0.3 s finds it idle
@@ -328,6 +338,21 @@ def test_a_spare_its_replica_asks_back_goes_back_and_is_not_renewed() -> None:
         grant.ask_back()  # every slot of its replica is leased
         await asyncio.sleep(0.3)
         assert grant.cancelled == 1 and len(keeper) == 0 and granter.grants == []
+
+    asyncio.run(run())
+
+
+def test_a_spare_asked_back_while_it_is_renewed_is_not_replaced() -> None:
+    async def run() -> None:
+        granter = Granter(delay=0.2)
+        keeper, grant = LeaseKeeper(1.0, 0.02, spare_s=10, grant=granter), Grant()
+        keeper.keep(await granted(grant))
+        await asyncio.sleep(0.85)  # the renewal started at 0.75 s; its lease comes at 0.95 s
+        assert keeper.spare is not None and granter.calls == 1 and not granter.grants
+        grant.ask_back()  # every slot of its replica is leased meanwhile
+        await asyncio.sleep(0.3)
+        assert grant.cancelled == 1 and len(keeper) == 0
+        assert [g.cancelled for g in granter.grants] == [1]  # the fresh lease went back too
 
     asyncio.run(run())
 
@@ -351,5 +376,31 @@ def test_close_gives_the_spare_back_and_renews_nothing() -> None:
         assert grant.cancelled == 1 and granter.grants == []
         keeper.keep(await granted(late := Grant()))  # a request that ends after the close
         assert late.cancelled == 1 and len(keeper) == 0
+
+    asyncio.run(run())
+
+
+def test_a_spare_that_went_idle_during_a_renewal_is_still_renewed_and_given_back() -> None:
+    """The spare is taken by a request while its renewal waits for a replica; a second request
+    takes a fresh lease, and when both end the fresher lease becomes the spare. Its renewal
+    comes due while the first is still waiting: once that one gives up, the new spare is
+    renewed in turn (here: no replica answers), not held until its replica ends it."""
+
+    async def run() -> None:
+        granter = Granter(hang=True)
+        keeper = LeaseKeeper(0.6, 0.06, spare_s=10, grant=granter)
+        first = Grant()
+        keeper.keep(await granted(first))
+        await asyncio.sleep(0.5)  # the spare since 0.06 s; its renewal waits since 0.45 s
+        assert granter.calls == 1
+        taken = await_take(keeper)
+        assert taken.call is first
+        keeper.keep(taken)
+        keeper.keep(await granted(second := Grant()))  # renewal due at 0.95 s
+        await asyncio.sleep(0.15)  # both idle: `second`, the younger, is the spare
+        assert keeper.spare is not None and keeper.spare.call is second
+        await asyncio.sleep(1.5)  # the first renewal gives up at 1.05 s, the second at 1.65 s
+        assert (first.cancelled, second.cancelled, len(keeper)) == (1, 1, 0)
+        assert granter.calls == 2
 
     asyncio.run(run())
