@@ -22,7 +22,7 @@ from tests.unit.test_kuberay import ROOT, kustomize
 CHECKOV = "checkov==3.3.30"
 PATHS = ["kuberay/overlays/gpu", "kuberay/overlays/local", "kuberay/monitoring"]
 # Checks that do not apply, each with its reason. Exceptions for one pod are annotations on it
-# (`checkov.io/skip1`), rendered by serve_app/kuberay.py.
+# (`checkov.io/skip1`), rendered by serve_app/kuberay/pods.py.
 SKIPPED = {
     "CKV_K8S_21": "the namespace is the installer's choice (`kubectl apply -n`, or kustomize's "
     "`namespace:`), not the manifests'",

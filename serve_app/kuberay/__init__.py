@@ -1,0 +1,110 @@
+"""Render a KubeRay `RayService` from a Serve config file: the one source of truth.
+
+    python -m serve_app.kuberay render configs/gpu.yaml --overlay gpu \
+        > kuberay/overlays/gpu/rayservice.yaml
+
+What is derived from the config, so that it cannot drift:
+- `serveConfigV2`: the config's applications, with HTTP bound for the pod network and a proxy on
+  every node; each tier pinned to its own worker group through a custom Ray resource
+  `tier_<name>` (added to the tier's `ray_resources` unless the tier names its own), the router
+  to the `router` group (resource `serve_app_router`), the only pods that mount the API keys.
+- one worker group per tier: `replicas`/`minReplicas`/`maxReplicas` from the tier's replica bounds
+  (one Serve replica per pod), `nvidia.com/gpu` from `gpus_per_replica`, the tier resource
+  advertised in `rayStartParams`; one `router` group with a pod per router replica.
+- what a security review asks for (README "Kubernetes (KubeRay)"): Ray token authentication with
+  the token read from a mounted Secret, secrets as files mounted only where they are read,
+  Pod Security "restricted" settings, NetworkPolicies, and, where a model cache is mounted, the
+  Job that fills it (serving pods mount it read-only and wait for it).
+Pod sizes and scheduling hints that are not in the config come from `Overlay`.
+"""
+
+from .groups import ROUTER_RESOURCE, autoscaler_options, router_group, tier_resource, worker_group
+from .model_cache import FILL_POD_LABELS, fill_job, fill_marker, wait_for_cache
+from .overlays import OVERLAYS, Overlay
+from .pods import (
+    CACHE_ENV,
+    DASHBOARD_PORT,
+    HEAD_PORTS,
+    METRICS_PORT,
+    MODEL_CACHE,
+    NO_CACHE_ENV,
+    OFFLINE_ENV,
+    RAY_ENV,
+    RAY_POD_LABELS,
+    RAY_TMP,
+    SERVE_PORT,
+    TMP,
+    WORKER_PORTS,
+    WRITABLE_ENV,
+    Role,
+    container_resources,
+    pod,
+)
+from .policies import OPERATOR_LABELS, network_policies
+from .render import (
+    DEFAULT_IMAGE,
+    HEADER,
+    RAY_VERSION,
+    manifests,
+    render,
+    render_file,
+    serve_config_v2,
+)
+from .security import (
+    API_KEYS,
+    CONTAINER_SECURITY,
+    HF_TOKEN,
+    IMAGE_UID,
+    POD_SECURITY,
+    RAY_TOKEN,
+    TOKEN_AUTH_ENV,
+    SecretFile,
+)
+
+__all__ = [
+    "API_KEYS",
+    "CACHE_ENV",
+    "CONTAINER_SECURITY",
+    "DASHBOARD_PORT",
+    "DEFAULT_IMAGE",
+    "FILL_POD_LABELS",
+    "HEADER",
+    "HEAD_PORTS",
+    "HF_TOKEN",
+    "IMAGE_UID",
+    "METRICS_PORT",
+    "MODEL_CACHE",
+    "NO_CACHE_ENV",
+    "OFFLINE_ENV",
+    "OPERATOR_LABELS",
+    "OVERLAYS",
+    "POD_SECURITY",
+    "RAY_ENV",
+    "RAY_POD_LABELS",
+    "RAY_TMP",
+    "RAY_TOKEN",
+    "RAY_VERSION",
+    "ROUTER_RESOURCE",
+    "SERVE_PORT",
+    "TMP",
+    "TOKEN_AUTH_ENV",
+    "WORKER_PORTS",
+    "WRITABLE_ENV",
+    "Overlay",
+    "Role",
+    "SecretFile",
+    "autoscaler_options",
+    "container_resources",
+    "fill_job",
+    "fill_marker",
+    "manifests",
+    "network_policies",
+    "pod",
+    "render",
+    "render_file",
+    "router_group",
+    "serve_config_v2",
+    "tier_resource",
+    "wait_for_cache",
+    "worker_group",
+]

@@ -1,0 +1,126 @@
+"""The pod template of every Ray pod (head, router, tier): ports, labels, environment, writable
+and secret volumes, resources and scheduling."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from ..localstack import INGRESS_GUARDS, SERVE_TUNING
+from .overlays import Overlay
+from .security import API_KEYS, CONTAINER_SECURITY, POD_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
+
+SERVE_PORT, METRICS_PORT, DASHBOARD_PORT = 8000, 8080, 8265
+HEAD_PORTS = [
+    {"containerPort": 6379, "name": "gcs-server"},
+    {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
+    {"containerPort": 10001, "name": "client"},
+    {"containerPort": SERVE_PORT, "name": "serve"},
+    {"containerPort": METRICS_PORT, "name": "metrics"},
+]
+WORKER_PORTS = [
+    {"containerPort": SERVE_PORT, "name": "serve"},
+    {"containerPort": METRICS_PORT, "name": "metrics"},
+]
+MODEL_CACHE = "/models"
+# Every pod of the Ray cluster carries these labels; the NetworkPolicies select by them (the
+# RayCluster's own name changes with every upgrade of a RayService).
+RAY_POD_LABELS = {"app.kubernetes.io/name": "serve-app", "app.kubernetes.io/component": "ray"}
+
+# Every Ray container. One place for the environment; nothing in it is a secret.
+RAY_ENV = [
+    # The raylet reaps what a killed replica leaves (a TGI launcher's shards).
+    {"name": "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "value": "true"},
+    {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+    *({"name": k, "value": v} for k, v in SERVE_TUNING.items()),
+    # Serve's ingress: unfinished requests cut off, headers Serve reads made safe.
+    *({"name": k, "value": v} for k, v in INGRESS_GUARDS.items()),
+]
+# The root filesystem is read-only: home, caches and Ray's temp dir live on the writable mounts.
+WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}]
+NO_CACHE_ENV = [{"name": "HF_HOME", "value": "/tmp/huggingface"}]
+# The model cache, as both of TGI's readers find it: its Python downloader and loader read
+# HUGGINGFACE_HUB_CACHE, its launcher (which reads the model's config.json first) $HF_HOME/hub.
+CACHE_ENV = [
+    {"name": "HF_HOME", "value": MODEL_CACHE},
+    {"name": "HUGGINGFACE_HUB_CACHE", "value": f"{MODEL_CACHE}/hub"},
+]
+# Serving pods read the model cache the fill Job wrote, and never the Hub.
+OFFLINE_ENV = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+
+# The writable places: /tmp (home, engines' private dirs, compile caches), Ray's temp dir (named
+# as KubeRay names it, so that the head's autoscaler shares it), and shared memory.
+TMP = ({"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}},
+       {"name": "tmp", "mountPath": "/tmp"})  # fmt: skip
+RAY_TMP = ({"name": "ray-logs", "emptyDir": {"sizeLimit": "16Gi"}},
+           {"name": "ray-logs", "mountPath": "/tmp/ray"})  # fmt: skip
+
+
+class Role(Enum):
+    HEAD = "head"
+    ROUTER = "router"
+    TIER = "tier"
+
+
+def container_resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    return {"limits": limits, "requests": {"cpu": cpu, "memory": memory}}
+
+
+def _env(role: Role, overlay: Overlay) -> list[dict[str, Any]]:
+    cached = role is Role.TIER and overlay.model_cache_claim
+    return [*RAY_ENV, *TOKEN_AUTH_ENV, *WRITABLE_ENV,
+            *([*CACHE_ENV, *OFFLINE_ENV] if cached else NO_CACHE_ENV)]  # fmt: skip
+
+
+def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(volume, mount) pairs: the writable places, and the secrets this role reads."""
+    shm = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": overlay.shm_size}}
+    pairs = [TMP, RAY_TMP, (shm, {"name": "dshm", "mountPath": "/dev/shm"}),
+             (RAY_TOKEN.as_volume(), RAY_TOKEN.as_mount())]  # fmt: skip
+    if role is Role.ROUTER:
+        pairs.append((API_KEYS.as_volume(), API_KEYS.as_mount()))
+    if role is Role.TIER and overlay.model_cache_claim:
+        claim = {"claimName": overlay.model_cache_claim, "readOnly": True}
+        pairs.append(({"name": "models", "persistentVolumeClaim": claim},
+                      {"name": "models", "mountPath": MODEL_CACHE, "readOnly": True}))  # fmt: skip
+    return pairs
+
+
+def pod(
+    role: Role, overlay: Overlay, image: str, resources: dict[str, Any], gpus: int = 0,
+    init: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    pairs = _volumes(role, overlay)
+    container = {
+        "name": "ray-head" if role is Role.HEAD else "ray-worker",
+        "image": image,
+        "ports": HEAD_PORTS if role is Role.HEAD else WORKER_PORTS,
+        "env": _env(role, overlay),
+        "resources": resources,
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [mount for _, mount in pairs],
+    }
+    spec: dict[str, Any] = {
+        # Only the head's autoscaler sidecar talks to the Kubernetes API.
+        "automountServiceAccountToken": role is Role.HEAD,
+        "securityContext": POD_SECURITY,
+        **({"initContainers": init} if init else {}),
+        "containers": [container],
+        "volumes": [volume for volume, _ in pairs],
+    }
+    if gpus:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                "effect": "NoSchedule"}]  # fmt: skip
+        if overlay.node_selector:
+            spec["nodeSelector"] = dict(overlay.node_selector)
+    metadata: dict[str, Any] = {"labels": dict(RAY_POD_LABELS)}
+    if role is Role.HEAD:
+        # The policy scanner's one exception on a pod, stated where it applies.
+        metadata["annotations"] = {
+            "checkov.io/skip1": "CKV_K8S_38=the head's autoscaler sidecar scales worker groups "
+            "through the Kubernetes API with this pod's service account token",
+        }
+    return {"metadata": metadata, "spec": spec}

@@ -1,0 +1,52 @@
+"""The NetworkPolicies: who may reach the Ray pods on which port, and that nothing reaches the
+model-cache fill Job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .model_cache import FILL_POD_LABELS
+from .overlays import Overlay
+from .pods import DASHBOARD_PORT, METRICS_PORT, RAY_POD_LABELS, SERVE_PORT
+
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+
+
+def network_policies(overlay: Overlay) -> list[dict[str, Any]]:
+    """Ingress to the Ray pods: Serve's HTTP port from anywhere (API keys guard it), the
+    metrics port from the monitoring namespace, the dashboard (Serve's REST API) from the
+    KubeRay operator, and every port from the cluster's own pods. The fill Job takes none."""
+    tcp = "TCP"
+    ray = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "llm-ray"},
+        "spec": {
+            "podSelector": {"matchLabels": dict(RAY_POD_LABELS)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": dict(RAY_POD_LABELS)}}]},
+                {"ports": [{"port": SERVE_PORT, "protocol": tcp}]},
+                {
+                    "from": [{"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": overlay.monitoring_namespace}}}],
+                    "ports": [{"port": METRICS_PORT, "protocol": tcp}],
+                },
+                {
+                    "from": [{"namespaceSelector": {},
+                              "podSelector": {"matchLabels": dict(OPERATOR_LABELS)}}],
+                    "ports": [{"port": DASHBOARD_PORT, "protocol": tcp}],
+                },
+            ],
+        },
+    }  # fmt: skip
+    policies = [ray]
+    if overlay.model_cache_claim:
+        policies.append({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "model-cache-fill"},
+            "spec": {"podSelector": {"matchLabels": dict(FILL_POD_LABELS)},
+                     "policyTypes": ["Ingress"]},
+        })  # fmt: skip
+    return policies

@@ -1,0 +1,122 @@
+"""The RayService and everything else an overlay deploys, from a Serve config: `serveConfigV2`
+with every tier and the router pinned to their groups, and the YAML the overlays commit."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import AppConfig
+from .groups import ROUTER_RESOURCE, autoscaler_options, router_group, tier_resource, worker_group
+from .model_cache import fill_job
+from .overlays import OVERLAYS, Overlay
+from .pods import SERVE_PORT, Role, container_resources, pod
+from .policies import network_policies
+from .security import API_KEYS, RAY_TOKEN
+
+RAY_VERSION = "2.60.0"
+DEFAULT_IMAGE = "registry.example.com/serve-app:0.1.0"
+
+
+def _cluster_args(args: dict[str, Any], config: AppConfig) -> dict[str, Any]:
+    """The application's args for a cluster: every tier pinned to its worker group's resource,
+    the router to the router group's, API keys read from the file the router's pods mount."""
+    pinned = copy.deepcopy(args)
+    router = pinned.setdefault("router", {})
+    router.setdefault("api_keys", {"file": API_KEYS.path})
+    router.setdefault("ray_resources", {ROUTER_RESOURCE: 1})
+    for raw, tier in zip(pinned["tiers"], config.tiers, strict=True):
+        raw.setdefault("ray_resources", {tier_resource(tier): 1})
+    return pinned
+
+
+def serve_config_v2(document: dict[str, Any]) -> tuple[str, AppConfig]:
+    """The Serve config for the cluster, and its one application's config."""
+    apps = document.get("applications") or []
+    if len(apps) != 1:
+        raise ValueError("a RayService is rendered from a config with exactly one application")
+    app = dict(apps[0])
+    config = AppConfig.model_validate(app.get("args", {}))
+    app["args"] = _cluster_args(app.get("args", {}), config)
+    rendered = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+        "applications": [app],
+    }
+    return yaml.safe_dump(rendered, sort_keys=False), AppConfig.model_validate(app["args"])
+
+
+def render(
+    document: dict[str, Any], overlay: Overlay, image: str = DEFAULT_IMAGE
+) -> dict[str, Any]:
+    serve_config, config = serve_config_v2(document)
+    head_sizes = container_resources(overlay.head_cpu, overlay.head_memory)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": "llm", "labels": {"app.kubernetes.io/name": "serve-app"}},
+        "spec": {
+            "serveConfigV2": serve_config,
+            "excludeHeadPodFromServeSvc": True,
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                # The token comes from this Secret (key `auth_token`), which KubeRay also reads
+                # to call the dashboard; it creates none of its own.
+                "authOptions": {"mode": "token", "secretName": RAY_TOKEN.secret},
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": autoscaler_options(),
+                "headGroupSpec": {
+                    # No replica on the head: it keeps the GCS, the dashboard and the Serve
+                    # controller responsive. The dashboard listens on the pod network for the
+                    # operator and the cluster's own pods (NetworkPolicy), behind the token.
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "template": pod(Role.HEAD, overlay, image, head_sizes),
+                },
+                "workerGroupSpecs": [
+                    router_group(config, overlay, image),
+                    *(worker_group(t, overlay, image) for t in config.tiers),
+                ],
+            },
+        },
+    }
+
+
+def manifests(document: dict[str, Any], overlay: Overlay, image: str) -> list[dict[str, Any]]:
+    """Everything an overlay deploys that comes from the config."""
+    service = render(document, overlay, image)
+    docs = [service, *network_policies(overlay)]
+    if overlay.model_cache_claim:
+        _, config = serve_config_v2(document)
+        docs.append(fill_job(config, overlay, image))
+    return docs
+
+
+class _ManifestDumper(yaml.SafeDumper):
+    """Block style for multi-line strings (serveConfigV2 stays readable), and no anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ManifestDumper.add_representer(str, _str)
+
+
+HEADER = (
+    "# Rendered by `python -m serve_app.kuberay render {config} --overlay {overlay}`.\n"
+    "# Do not edit: change the config and render again (a test fails on drift).\n"
+)
+
+
+def render_file(config: Path, overlay: str, image: str = DEFAULT_IMAGE) -> str:
+    document = yaml.safe_load(config.read_text())
+    docs = manifests(document, OVERLAYS[overlay], image)
+    header = HEADER.format(config=config.as_posix(), overlay=overlay)
+    return header + yaml.dump_all(docs, Dumper=_ManifestDumper, sort_keys=False, width=100)
