@@ -98,4 +98,4 @@ def build_app(args: dict[str, Any]) -> Application:
         num_replicas=config.router.replicas,
         ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
         max_ongoing_requests=1000,
-    ).bind(config.for_replicas(), tiers, ledger)
+    ).bind(config.for_router(), tiers, ledger)

@@ -503,6 +503,18 @@ class AppConfig(_Strict):
     def for_replicas(self) -> AppConfig:
         return self.model_copy(update={"tiers": tuple(t.for_replicas() for t in self.tiers)})
 
+    def for_router(self) -> AppConfig:
+        """What the router replicas are built from: `for_replicas`, and no spare lease for a
+        tier that may scale to zero (`replicas` is not in it, and a renewal would wake the
+        tier). Only a change to or from `replicas.min: 0` thus restarts the routers."""
+        tiers = tuple(
+            t.for_replicas().model_copy(
+                update={} if t.keeps_spare_lease else {"lease_spare_s": 0.0}
+            )
+            for t in self.tiers
+        )
+        return self.model_copy(update={"tiers": tiers})
+
     @property
     def default_tier(self) -> str:
         return self.router.default_tier or self.tiers[0].name

@@ -116,13 +116,17 @@ def _deployments(app: Any) -> set[str]:
 
 
 def test_a_spare_lease_is_kept_only_for_tiers_that_keep_leases_and_never_scale_to_zero() -> None:
+    """As the router replicas see the tier: built from `for_router`, without `replicas`."""
+
     def tier(**changes: Any) -> Any:
         args = local_args()
         args["tiers"][0].update(changes)
-        return AppConfig.model_validate(args).tiers[0]
+        return AppConfig.model_validate(args).for_router().tiers[0]
 
     assert tier(replicas={"min": 1, "max": 2}).keeps_spare_lease
     assert not tier(replicas={"min": 0, "max": 2}).keeps_spare_lease  # a renewal would wake it
     assert not tier(lease_spare_s=0).keeps_spare_lease
     assert not tier(lease_reuse_s=0).keeps_spare_lease
     assert not tier(data_path="relay").keeps_spare_lease
+    # scaling between counts of one or more replicas leaves the routers' config alone
+    assert tier(replicas={"min": 1, "max": 2}) == tier(replicas={"min": 3, "max": 5})
