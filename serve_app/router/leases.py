@@ -18,9 +18,10 @@ lease goes back at that moment, one in use when its request ends.
 A request after a pause would find nothing kept and pay the Ray call, and with several router
 replicas behind one load balancer a lone client's requests land on each router only every few
 seconds. So for `lease_spare_s` after this router's last request of the tier, the newest lease
-that would go back for idleness stays as a spare, and is renewed (a fresh lease taken, then the
-old one given back) before it is `lease_reuse_s` old: a draining replica still sees no new
-request on it after `lease_reuse_s`. A spare its replica asks back goes back and is not renewed.
+that would go back (idle, or too old after a long answer) stays as a spare, and is renewed (a
+fresh lease taken, then the old one given back) before it is `lease_reuse_s` old, at once if
+it is older: a draining replica still sees no new request on it after `lease_reuse_s`. A spare
+its replica asks back goes back and is not renewed.
 """
 
 from __future__ import annotations
@@ -128,10 +129,13 @@ class LeaseKeeper:
     def keep(self, lease: Lease) -> None:
         """A lease whose request ended cleanly: kept for the next request, or given back."""
         now = self._used = self._clock()
-        if self._closed or not self._usable(lease, now, now):
-            lease.end()
-            return
         lease.watch(self._ended)
+        if self._closed or not self._usable(lease, now, now):
+            # Too old to hand out (a long answer outlived `reuse_s`): it may still seed the
+            # spare, renewed at once, so that a request after a pause finds a fresh lease.
+            if not self._offer_spare(lease, now):
+                lease.end()
+            return
         self._kept.append((lease, now))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._idle_s, self._expire)
@@ -184,9 +188,10 @@ class LeaseKeeper:
     # The spare: one lease kept through a pause, renewed before `reuse_s`.
 
     def _offer_spare(self, lease: Lease, now: float) -> bool:
-        """Keep `lease`, gone idle, as the spare if one is wanted and it is the youngest."""
+        """Keep `lease`, gone idle or too old to hand out, as the spare if one is wanted and it
+        is the youngest; one past its renewal time is renewed at once."""
         recent = now - self._used < self._spare_s
-        if self._closed or not recent or not lease.alive or now - lease.granted_at >= self._reuse_s:
+        if self._closed or not recent or not lease.alive:
             return False
         if self._spare is not None and self._spare.granted_at >= lease.granted_at:
             return False

@@ -317,6 +317,22 @@ def test_the_newest_idle_lease_stays_as_the_spare_and_is_renewed() -> None:
     asyncio.run(run())
 
 
+def test_a_lease_a_long_answer_made_too_old_seeds_the_spare_renewed_at_once() -> None:
+    """The answer outlived `lease_reuse_s`: its lease is not handed out again, but it stays
+    until a fresh one has replaced it, so a request after a pause still skips the Ray call."""
+
+    async def run() -> None:
+        granter = Granter()
+        keeper, old = spare_keeper(granter), Grant()
+        keeper.keep(await granted(old, asyncio.get_running_loop().time() - 0.5))
+        await asyncio.sleep(0.02)
+        assert old.cancelled == 1 and len(granter.grants) == 1
+        assert await_take(keeper).call is granter.grants[0]
+        keeper.close()
+
+    asyncio.run(run())
+
+
 def test_the_spare_goes_back_lease_spare_s_after_the_last_request() -> None:
     async def run() -> None:
         granter = Granter()
