@@ -69,7 +69,7 @@ class ServeTransport:
             name: LeaseKeeper(
                 t.lease_reuse_s,
                 t.lease_idle_s,
-                spare_s=t.lease_spare_s if t.keeps_spare_lease else 0.0,
+                spare_s=t.lease_spare_s,  # 0 for tiers that keep none (`AppConfig.for_router`)
                 grant=self._granter(name),
             )
             for name, t in tiers.items()
