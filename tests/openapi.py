@@ -43,3 +43,10 @@ def response_validator(path: str, method: str, content_type: str) -> Draft202012
     """The validator of a route's 200 answer (for streams: of each event's data)."""
     schema = spec()["paths"][path][method]["responses"]["200"]["content"][content_type]["schema"]
     return Draft202012Validator({**_json_schema(schema), "components": _components()})
+
+
+def schema_validator(name: str) -> Draft202012Validator:
+    """The validator of one of the spec's named schemas."""
+    return Draft202012Validator(
+        {"$ref": f"#/components/schemas/{name}", "components": _components()}
+    )

@@ -132,15 +132,23 @@ def _json_schema(fmt: Any) -> dict[str, Any]:
     raise invalid(f"`response_format` type {kind!r} is not supported")
 
 
-def _logprobs(items: list[StreamItem]) -> dict[str, Any]:
+def chat_logprobs(items: list[StreamItem]) -> dict[str, Any]:
+    """The OpenAI `logprobs` object. A token the model gave no log-probability for (the
+    end-of-sequence token, or the empty one that carries an end) has no entry: the
+    schema's `logprob` is a number, never null."""
     return {
         "content": [
             {
                 "token": i.token.text,
                 "logprob": i.token.logprob,
-                "top_logprobs": [{"token": t.text, "logprob": t.logprob} for t in i.top_tokens],
+                "top_logprobs": [
+                    {"token": t.text, "logprob": t.logprob}
+                    for t in i.top_tokens
+                    if t.logprob is not None
+                ],
             }
             for i in items
+            if i.token.logprob is not None
         ]
     }
 
@@ -224,7 +232,7 @@ async def run_chat_completions(request: Request, data: dict[str, Any]) -> Respon
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": _logprobs(collected) if want_logprobs else None,
+                    "logprobs": chat_logprobs(collected) if want_logprobs else None,
                     "finish_reason": CHAT_FINISH[fin.reason],
                 }
             ],
@@ -244,7 +252,7 @@ async def run_chat_completions(request: Request, data: dict[str, Any]) -> Respon
                     {
                         "index": 0,
                         "delta": delta,
-                        "logprobs": _logprobs([item]) if want_logprobs else None,
+                        "logprobs": chat_logprobs([item]) if want_logprobs else None,
                         "finish_reason": CHAT_FINISH[fin.reason] if fin else None,
                     }
                 ],

@@ -17,6 +17,8 @@ from .conftest import RunningEngine, start_engine
 
 SHORT = {"max_new_tokens": 4}
 CHAT = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+# Greedy and long enough to end on the end-of-sequence token, which has no log-probability.
+TO_THE_END = {**CHAT, "max_tokens": 64, "temperature": 0, "logprobs": True, "top_logprobs": 2}
 WEATHER = {
     "type": "function",
     "function": {
@@ -48,6 +50,8 @@ CALLS: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("/invocations", "post", CHAT, "application/json"),
     ("/v1/chat/completions", "post", {**CHAT, "logprobs": True, "top_logprobs": 2},
      "application/json"),
+    ("/v1/chat/completions", "post", TO_THE_END, "application/json"),
+    ("/v1/chat/completions", "post", {**TO_THE_END, "stream": True}, "text/event-stream"),
     ("/v1/chat/completions", "post", {**CHAT, "stream": True,
      "stream_options": {"include_usage": True}}, "text/event-stream"),
     ("/v1/chat/completions", "post", TOOLS, "application/json"),
