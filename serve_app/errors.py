@@ -12,6 +12,7 @@
     │   └── RequestTimeout    the body did not arrive within the router's time limit
     ├── EngineReplyError      the engine answered with an error status and body
     ├── EngineUnavailable     the engine could not be reached, or did not answer in time
+    │   └── EngineUnreachable the engine refused the connection: nothing was sent to it
     ├── TierUnavailable       no replica of the tier answered within its first-byte timeout
     ├── QuotaUnavailable      the quota ledger did not answer, and keys with quotas are refused
     ├── AdmissionRefused      the tier's admission queue is full, or the wait for a turn too long
@@ -106,6 +107,11 @@ class EngineUnavailable(ServeAppError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class EngineUnreachable(EngineUnavailable):
+    """No connection to the engine (it exited, or its replica is being replaced): the request
+    never reached it, so it may go to another replica."""
 
 
 class TierUnavailable(ServeAppError):

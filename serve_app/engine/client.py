@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from ..errors import EngineReplyError, EngineUnavailable
+from ..errors import EngineReplyError, EngineUnavailable, EngineUnreachable
 from .sse import Batch, sse_batches
 
 # Headers the engine sends that belong to the connection or to the router, not to the answer.
@@ -84,6 +84,8 @@ class EngineClient:
             yield
         except httpx.TimeoutException as exc:
             raise EngineUnavailable(f"engine did not answer {what} in time") from exc
+        except httpx.ConnectError as exc:
+            raise EngineUnreachable(f"engine refused {what}: {exc!r}") from exc
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"engine unreachable for {what}: {exc!r}") from exc
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from ..errors import EngineUnavailable
+from ..errors import EngineUnavailable, EngineUnreachable
 from .client import EngineReply, passed_headers, reply_error
 from .sse import Batch, sse_batches
 
@@ -60,6 +60,8 @@ class EnginePool:
             yield
         except asyncio.TimeoutError as exc:
             raise EngineUnavailable(f"engine {url} did not answer {path} in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise EngineUnreachable(f"engine {url} refused {path}: {exc!r}") from exc
         except aiohttp.ClientError as exc:
             raise EngineUnavailable(f"engine {url} unreachable for {path}: {exc!r}") from exc
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 from .launcher import LaunchSpec
@@ -28,23 +29,35 @@ def _stop_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def descendants(root: int) -> list[int]:
-    """Every live process below `root`, from /proc (children before grandchildren)."""
-    children: dict[int, list[int]] = {}
+def _processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live process, from /proc (zombies, dead and
+    waiting to be reaped, left out)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+        if fields[0] != "Z":
+            yield int(entry.name), int(fields[1]), int(fields[2])
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root`, from /proc (children before grandchildren)."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in _processes():
+        children.setdefault(ppid, []).append(pid)
     found, frontier = [], [root]
     while frontier:
         frontier = [c for p in frontier for c in children.get(p, ())]
         found += frontier
     return found
+
+
+def members(group: int) -> list[int]:
+    """Every live process in process group `group`, from /proc."""
+    return [pid for pid, _, pgrp in _processes() if pgrp == group]
 
 
 def signal_tree(pids: list[int], sig: int) -> None:
@@ -138,6 +151,10 @@ class EngineProcess:
         survivors = [p for p in tree if _exists(p)]
         signal_tree(survivors, signal.SIGKILL)
         await self._proc.wait()
+        # Children of an engine that died first are no longer below it, but still in its
+        # process group (its own session, so the group's id is its pid): found in /proc, not
+        # signalled by group id, which an unrelated process may hold once the group is empty.
+        signal_tree(members(self._proc.pid), signal.SIGKILL)
         if self._pump is not None:
             self._pump.cancel()
 

@@ -102,6 +102,12 @@ class EngineSupervisor:
             f"(engine.startup_timeout_s). Last output:\n{self._tail()}"
         )
 
+    async def ended(self) -> int | None:
+        """Wait for the engine to exit: its exit code if it ended on its own while serving,
+        None if it was stopped (`stop`)."""
+        code = await self.process.wait()
+        return code if self.state is EngineState.READY else None
+
     async def check(self) -> None:
         """Raise unless the engine process is alive and answers its health check."""
         if not self.process.alive():

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 from ..engine.client import EngineReply
 from ..engine.pool import EnginePool, EngineRequest
 from ..engine.sse import Batch
-from ..errors import TierUnavailable
+from ..errors import EngineUnreachable, TierUnavailable
 from ..tier.call import EngineLease, TierCall
 from .leases import Lease, LeaseKeeper
 
@@ -68,6 +68,10 @@ class LeasedCalls(Generic[T]):
                 item = await anext(self._items)
             except StopAsyncIteration:
                 self._clean = True
+                raise
+            except EngineUnreachable:
+                if self._keeper is not None and self._lease is not None:
+                    self._keeper.forget(self._lease.engine.url)  # its other leases are as dead
                 raise
             if self._finished is not None and self._finished(item):
                 self._clean = True

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from ..config import TierConfig
 from ..engine.client import EngineClient, EngineReply
 from ..engine.pool import EnginePool
 from ..engine.sse import Batch
-from ..errors import EngineReplyError, TierUnavailable
+from ..errors import EngineReplyError, EngineUnreachable, TierUnavailable
 from ..tier.call import EngineLease, TierCall
 from ..tier.replica_choice import route_hint
 from ..tier.request_router import session_header
@@ -25,7 +26,8 @@ from ..tracing import current
 from .direct import EngineCalls, LeasedCalls
 from .leases import Lease, LeaseKeeper
 
-ENGINE_BUSY_ATTEMPTS = 2  # a 429 from an engine, before any token, is tried once more
+# A call that nothing served is tried once more: Serve may pick another replica.
+ATTEMPTS = 2
 # What a spare lease asks of its replica: the replica reads only the route (its span's name).
 SPARE = TierCall("/v1/chat/completions", {}, stream=True, max_tokens=0, prompt_chars=0)
 T = TypeVar("T", covariant=True)
@@ -146,34 +148,41 @@ class Dispatcher:
 
     async def request(self, tier: str, call: TierCall) -> EngineReply:
         """The engine's whole answer. Cancelling this (the client went away) cancels the tier's
-        call, which closes the engine request."""
+        call, which closes the engine request. A call nothing served (`unserved`) is tried
+        once more."""
         call = replace(call, trace=current().carrier())
-        for attempt in range(ENGINE_BUSY_ATTEMPTS):
+        for attempt in range(ATTEMPTS):
+            last, taken = attempt == ATTEMPTS - 1, False
             replies = self._transport.request(tier, call)
             try:
                 await self._taken(tier, replies)
+                taken = True
                 reply = await anext(replies, None)
+            except Exception as exc:
+                if last or not unserved(exc, taken):
+                    raise
+                continue
             finally:
                 replies.cancel()
             if reply is None:
                 raise TierUnavailable(f"tier {tier!r} ended the call without an answer; retry")
-            if reply.status != 429 or attempt == ENGINE_BUSY_ATTEMPTS - 1:
+            if reply.status != 429 or last:
                 return reply
         raise AssertionError("unreachable")
 
     async def stream(self, tier: str, call: TierCall) -> tuple[Batch | None, Calls[Batch | None]]:
         """Start a stream and wait for its first batch of chunks, so that an error before any token
-        keeps its HTTP status. An engine at capacity (429) is tried once more: nothing has
-        been sent yet, and Serve may pick another replica."""
+        keeps its HTTP status. A call nothing served (`unserved`) is tried once more."""
         call = replace(call, trace=current().carrier())
-        for attempt in range(ENGINE_BUSY_ATTEMPTS):
-            chunks = self._transport.stream(tier, call)
+        for attempt in range(ATTEMPTS):
+            chunks, taken = self._transport.stream(tier, call), False
             try:
                 await self._taken(tier, chunks)
+                taken = True
                 return await anext(chunks, None), chunks
-            except EngineReplyError as exc:
+            except Exception as exc:
                 chunks.cancel()
-                if exc.status != 429 or attempt == ENGINE_BUSY_ATTEMPTS - 1:
+                if attempt == ATTEMPTS - 1 or not unserved(exc, taken):
                     raise
             except BaseException:
                 chunks.cancel()
@@ -197,6 +206,19 @@ class Dispatcher:
                 "(replica_wait_timeout_s): the tier is starting or saturated; retry later"
             ) from None
         current().replica_taken()
+
+
+def unserved(exc: BaseException, taken: bool) -> bool:
+    """A failure before any engine took the call, so that trying again sends it once: an
+    engine at capacity (429), one that refused the connection (it exited), or a replica that
+    died before it took the call (`taken`: it answered that it had; Serve leaves a dead one
+    out of its next choice). A replica lost after taking it may have started the engine
+    call, and an error a replica raised (`RayTaskError`) is judged by what it wraps."""
+    if isinstance(exc, EngineReplyError):
+        return exc.status == 429
+    if isinstance(exc, EngineUnreachable):
+        return True
+    return not taken and isinstance(exc, RayActorError) and not isinstance(exc, RayTaskError)
 
 
 class _DirectCalls:

@@ -140,6 +140,16 @@ class LeaseKeeper:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._idle_s, self._expire)
 
+    def forget(self, url: str) -> None:
+        """Give back every kept lease on the engine at `url`, the spare too: it refused a
+        connection (it exited; its replica is going), so none of them can serve a request."""
+        if self._spare is not None and self._spare.engine.url == url:
+            self._drop_spare_and_end()
+        for lease, _ in self._kept:
+            if lease.engine.url == url:
+                lease.end()
+        self._kept = [(lease, since) for lease, since in self._kept if lease.engine.url != url]
+
     def close(self) -> None:
         """Give every kept lease back, the spare too, and renew nothing more."""
         self._closed = True
@@ -148,9 +158,7 @@ class LeaseKeeper:
             self._timer = None
         if self._renewing is not None:
             self._renewing.cancel()
-        spare = self._drop_spare()
-        if spare is not None:
-            spare.end()
+        self._drop_spare_and_end()
         while self._kept:
             self._kept.pop()[0].end()
 
@@ -195,9 +203,7 @@ class LeaseKeeper:
             return False
         if self._spare is not None and self._spare.granted_at >= lease.granted_at:
             return False
-        old = self._drop_spare()
-        if old is not None:
-            old.end()
+        self._drop_spare_and_end()
         self._spare = lease
         self._renew_later(lease, now)
         return True
@@ -205,6 +211,11 @@ class LeaseKeeper:
     def _renew_later(self, spare: Lease, now: float) -> None:
         wait = max(0.0, spare.granted_at + RENEW_AT * self._reuse_s - now)
         self._renewal = asyncio.get_running_loop().call_later(wait, self._renew)
+
+    def _drop_spare_and_end(self) -> None:
+        spare = self._drop_spare()
+        if spare is not None:
+            spare.end()
 
     def _drop_spare(self) -> Lease | None:
         spare, self._spare = self._spare, None

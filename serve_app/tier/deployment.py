@@ -18,6 +18,7 @@ from ..engine.client import EngineReply
 from ..engine.sse import Batch
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
+from ..errors import EngineUnreachable
 from ..metrics import app_metrics
 from ..tracing import Tracing
 from .call import EngineLease, TierCall
@@ -58,6 +59,31 @@ class TierDeployment:
         self._full = asyncio.Event()
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
+        self._log = log
+        self._watch = asyncio.create_task(self._end_with_engine())
+
+    async def _end_with_engine(self) -> None:
+        """An engine that exits while serving ends its replica at once. Routers then drop the
+        replica from their choice at their next call to it, the Ray calls of the leases on it
+        end (so routers give back the ones they keep), and Serve's controller starts a
+        replacement at its next health check without waiting for three failed ones. Alive, a
+        replica without an engine would take requests only to fail them, and draw more than
+        its share, since it fails them fastest."""
+        code = await self._supervisor.ended()
+        if code is None:
+            return  # stopped by Serve: scale-down, redeploy, shutdown
+        try:
+            self._log.error(
+                "engine exited with code %s while serving; this replica exits with it so that "
+                "Serve replaces it. Last output:\n%s",
+                code,
+                "\n".join(self._supervisor.process.tail) or "(no output)",
+            )
+            await self._supervisor.stop()  # what is left of its process tree, its directory
+            for handler in logging.getLogger().handlers + logger.handlers:
+                handler.flush()
+        finally:
+            os._exit(1)
 
     async def lease(self, call: TierCall) -> AsyncIterator[EngineLease]:
         """The direct data path (`serve_app.router.direct`): the engine's address and key, then
@@ -70,6 +96,8 @@ class TierDeployment:
         item, `None`, tells a router that keeps leases to give this one back after its request:
         every slot of the replica is leased. `call` comes without its payload: the router sends
         that to the engine itself."""
+        if not self._supervisor.process.alive():  # this replica is about to exit with it
+            raise EngineUnreachable(f"the engine of a replica of tier {self._tier.name!r} exited")
         self._leases += 1
         app_metrics().engine_leases.set(self._leases, self._tags)
         app_metrics().lease_grants.inc(1, self._tags)

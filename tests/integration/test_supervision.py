@@ -69,6 +69,34 @@ def test_replica_killed_with_sigkill_leaves_no_engine(ray_head: Stack) -> None:
     wait_for(lambda: answers(ray_head), 120, "a replacement replica that answers")
 
 
+def replica_log_lines(stack: Stack, text: str) -> list[str]:
+    logs = Path(stack.head.temp_dir) / "session_latest" / "logs" / "serve"
+    return [
+        line
+        for path in logs.glob("replica_*tier-small*.log")
+        for line in path.read_text(errors="replace").splitlines()
+        if text in line
+    ]
+
+
+def test_an_engine_that_dies_while_serving_takes_its_replica_with_it(ray_head: Stack) -> None:
+    ray_head.deploy(one_tier(replicas={"min": 2, "max": 2}))
+    engines = ray_head.engines()
+    assert len(engines) == 2
+    victim = next(iter(engines))
+    replica = parent_of(victim)
+    assert answers(ray_head)  # the router now keeps leases on the tier
+    os.kill(victim, signal.SIGKILL)
+    # At once, not at the replica's next health check: its leases end with it.
+    wait_for(lambda: not (Path("/proc") / str(replica)).exists(), 10, "the replica to exit")
+    why = "engine exited with code -9 while serving"
+    wait_for(lambda: replica_log_lines(ray_head, why), 10, "the replica's last words")
+    # The other replica answers meanwhile, and Serve restores the second one.
+    assert all(answers(ray_head) for _ in range(5))
+    wait_for(lambda: len(ray_head.engines()) == 2, 120, "a replacement engine")
+    localstack.wait_running(ray_head.head, timeout_s=120)
+
+
 def test_engine_killed_during_start_up_is_retried(ray_head: Stack) -> None:
     ray_head.deploy(one_tier(engine={"max_batch_size": 3}), wait=False)
     killed: list[int] = []

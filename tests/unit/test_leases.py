@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from serve_app.engine.client import EngineReply
+from serve_app.errors import EngineUnreachable
 from serve_app.router.direct import EngineCalls, LeasedCalls
 from serve_app.router.leases import Lease, LeaseKeeper
 from serve_app.tier.call import EngineLease
@@ -418,5 +419,35 @@ def test_a_spare_that_went_idle_during_a_renewal_is_still_renewed_and_given_back
         await asyncio.sleep(1.5)  # the first renewal gives up at 1.05 s, the second at 1.65 s
         assert (first.cancelled, second.cancelled, len(keeper)) == (1, 1, 0)
         assert granter.calls == 2
+
+    asyncio.run(run())
+
+
+OTHER = EngineLease("http://10.0.0.6:8011", "k2")
+
+
+def test_an_engine_that_refuses_a_connection_takes_every_lease_on_it_back() -> None:
+    """Its engine exited (its replica is going): the router's other leases on that engine,
+    kept or spare, go back at once instead of failing the next requests one by one."""
+
+    async def run() -> None:
+        # The spare (a lease too old to hand out) waits for a renewal no replica answers.
+        keeper = LeaseKeeper(2.0, 10.0, spare_s=10, grant=Granter(hang=True))
+        same, other, spare = Grant(), Grant(OTHER), Grant()
+        keeper.keep(await granted(spare, asyncio.get_running_loop().time() - 5))
+        keeper.keep(await granted(other))
+        keeper.keep(await granted(same))
+        assert keeper.spare is not None and keeper.spare.call is spare and len(keeper) == 3
+        failing = Grant()
+        calls = LeasedCalls(Engine([], EngineUnreachable("refused")).start, "sim",
+                            call=failing, keeper=keeper)  # fmt: skip
+        assert await anext(calls) is None
+        with pytest.raises(EngineUnreachable):
+            await anext(calls)
+        calls.cancel()
+        assert (failing.cancelled, same.cancelled, spare.cancelled) == (1, 1, 1)
+        assert other.cancelled == 0 and len(keeper) == 1
+        assert await_take(keeper).call is other
+        keeper.close()
 
     asyncio.run(run())
