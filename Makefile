@@ -31,6 +31,7 @@ bench: install
 	PYTHONPATH=. $(PY) bench/sim_engine.py --out bench/results/sim_engine_$$(nproc)cpu.json
 	PYTHONPATH=. $(PY) bench/stack_overhead.py
 	PYTHONPATH=. $(PY) bench/engine_batching.py
+	PYTHONPATH=. $(PY) bench/engine_fault.py --out bench/results/engine_fault_$$(nproc)cpu_40rps.json
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
