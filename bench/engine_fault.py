@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import Load, LoadGenerator, Result
-from bench.stack_overhead import tier
+from bench.stack_overhead import head_commit, tier
 from serve_app import localstack
 from serve_app.localstack import Head
 from tests.helpers import engines_under, free_port
@@ -120,7 +119,7 @@ def main() -> int:
     report = {
         "machine": {"cpus": cpus, "platform": platform.platform(),
                     "python": platform.python_version()},
-        "commit": args.commit or _commit(),
+        "commit": args.commit or head_commit(),
         "replicas": args.replicas, "routers": args.routers, "rate_per_s": args.rate,
         "duration_s": args.duration, "kill_at_s": args.kill_at,
         **outcome(results[0], killed_at, restored_at),
@@ -130,14 +129,6 @@ def main() -> int:
     brief = {k: v for k, v in report.items() if k != "statuses_by_second_after_kill"}
     print(json.dumps(brief, indent=1))
     return 0
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=ROOT, check=False).stdout.strip()  # fmt: skip
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "machine": {"cpus": cpus, "platform": platform.platform(),
                     "python": platform.python_version()},
-        "commit": args.commit or _commit(),
+        "commit": args.commit or head_commit(),
         "ingress": {k: v for k, v in env.items() if k in localstack.SERVE_TUNING},
         "replicas": args.replicas, "routers": args.routers, "data_path": args.data_path,
         **leases(args),
@@ -403,7 +403,7 @@ def _brief(row: dict[str, Any]) -> str:
             + json.dumps({k: round(x, 3) for k, x in v.items()}))  # fmt: skip
 
 
-def _commit() -> str:
+def head_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=ROOT, check=False).stdout.strip()  # fmt: skip
