@@ -175,14 +175,15 @@ class Dispatcher:
         keeps its HTTP status. A call nothing served (`unserved`) is tried once more."""
         call = replace(call, trace=current().carrier())
         for attempt in range(ATTEMPTS):
-            chunks, taken = self._transport.stream(tier, call), False
+            last, taken = attempt == ATTEMPTS - 1, False
+            chunks = self._transport.stream(tier, call)
             try:
                 await self._taken(tier, chunks)
                 taken = True
                 return await anext(chunks, None), chunks
             except Exception as exc:
                 chunks.cancel()
-                if attempt == ATTEMPTS - 1 or not unserved(exc, taken):
+                if last or not unserved(exc, taken):
                     raise
             except BaseException:
                 chunks.cancel()

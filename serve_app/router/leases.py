@@ -145,10 +145,13 @@ class LeaseKeeper:
         connection (it exited; its replica is going), so none of them can serve a request."""
         if self._spare is not None and self._spare.engine.url == url:
             self._drop_spare_and_end()
-        for lease, _ in self._kept:
+        kept = []
+        for lease, since in self._kept:
             if lease.engine.url == url:
                 lease.end()
-        self._kept = [(lease, since) for lease, since in self._kept if lease.engine.url != url]
+            else:
+                kept.append((lease, since))
+        self._kept = kept
 
     def close(self) -> None:
         """Give every kept lease back, the spare too, and renew nothing more."""
