@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.cpus import CpuSplit, busy_fraction, pin, read_per_cpu_times
 from bench.loadgen import Load, LoadGenerator, Result, error_examples, error_statuses, summary
 from serve_app import localstack
 from serve_app.localstack import Head
@@ -138,13 +139,20 @@ def host_cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def with_host_cpu(run: Callable[[], Result], slo: float, label: str) -> dict[str, float]:
-    """`run`'s summary and the fraction of the host's CPU time that was busy while it ran."""
+def with_host_cpu(run: Callable[[], Result], slo: float, label: str,
+                  split: CpuSplit | None = None) -> dict[str, float]:  # fmt: skip
+    """`run`'s summary and the fraction of the host's CPU time that was busy while it ran (and
+    of each set of cores, when the load and the stack have their own)."""
     busy0, total0 = host_cpu_times()
+    per_cpu0 = read_per_cpu_times()
     result = run()
     busy1, total1 = host_cpu_times()
-    return {**checked(result, slo, label),
-            "host_cpu_busy": (busy1 - busy0) / max(1, total1 - total0)}  # fmt: skip
+    per_cpu1 = read_per_cpu_times()
+    busy = {"host_cpu_busy": (busy1 - busy0) / max(1, total1 - total0)}
+    if split is not None:
+        busy["load_cpu_busy"] = busy_fraction(per_cpu0, per_cpu1, split.load)
+        busy["stack_cpu_busy"] = busy_fraction(per_cpu0, per_cpu1, split.stack)
+    return {**checked(result, slo, label), **busy}
 
 
 def compare(direct: dict[str, float], stack: dict[str, float]) -> dict[str, float]:
@@ -295,8 +303,14 @@ def main() -> int:
     parser.add_argument("--lease-spare-s", type=float, default=30.0, help="tiers' lease_spare_s")
     parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
     parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
+    parser.add_argument(
+        "--load-cpus", type=int, default=0,
+        help="put the load generator and the engines on this many cores, the stack on the rest "
+        "(0: all share every core)",
+    )  # fmt: skip
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0))
+    split = CpuSplit.of(os.sched_getaffinity(0), args.load_cpus) if args.load_cpus else None
     out = args.out or ROOT / "bench" / "results" / f"stack_overhead_{cpus}cpu.json"
 
     tmpdir = tempfile.mkdtemp(prefix="bench-")
@@ -308,7 +322,11 @@ def main() -> int:
     http_port = free_port()
     config_path = Path(tmpdir) / "serve.json"
     config_path.write_text(json.dumps(deploy_config(args, http_port)))
+    if split is not None:
+        os.sched_setaffinity(0, split.stack)  # Ray's processes, and the engines' parents
     head = localstack.start_head(Head.private(num_cpus=max(cpus, 8)), env)
+    if split is not None:
+        os.sched_setaffinity(0, split.load)  # the load generator's processes
     gen = LoadGenerator(args.processes)
     slo = args.slo_ttft_ms / 1000
     results: dict[str, Any] = {
@@ -325,6 +343,7 @@ def main() -> int:
         "closed_loop_method": f"steady: streams started over one answer, {args.closed_s} s "
                               f"measured per run (longer where fewer than {args.min_requests} "
                               "requests would end in it)",
+        "cpu_split": split.describe() if split is not None else None,
         "closed_loop": [], "open_loop": [], "hops": [],
     }  # fmt: skip
     try:
@@ -332,6 +351,9 @@ def main() -> int:
         localstack.wait_running(head, timeout_s=300)
         stack = Load((f"http://127.0.0.1:{http_port}/v1/chat/completions",), "sim", args.tokens)
         direct = engines(tmpdir, "simulated", args.tokens)
+        if split is not None:
+            for pid in engines_under(tmpdir):
+                pin(pid, split.load)
         routers = Load(router_urls(head) or stack.urls, "sim", args.tokens)
         results["engines"] = len(direct.urls)
         gen.closed_loop(stack, 16, 2)  # warm both paths up
@@ -342,7 +364,7 @@ def main() -> int:
 
             def measure(load: Load, c: int = c, window: float = window) -> dict[str, float]:
                 return with_host_cpu(
-                    lambda: gen.steady_loop(load, c, window, answer_s), slo, f"c={c}"
+                    lambda: gen.steady_loop(load, c, window, answer_s), slo, f"c={c}", split
                 )
 
             row = {"concurrency": c, **ab(direct, stack, args.rounds, measure)}
@@ -353,7 +375,7 @@ def main() -> int:
             def measure_rate(load: Load, rate: float = rate) -> dict[str, float]:
                 return with_host_cpu(
                     lambda: gen.open_loop(load, rate, args.duration, seed=int(rate)),
-                    slo, f"rate={rate}",
+                    slo, f"rate={rate}", split,
                 )  # fmt: skip
 
             row = {"rate_per_s": rate, **ab(direct, stack, args.rounds, measure_rate)}
