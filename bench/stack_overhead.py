@@ -304,6 +304,10 @@ def main() -> int:
     parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
     parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
     parser.add_argument(
+        "--ray-env", action="append", default=[], metavar="KEY=VALUE",
+        help="an extra environment variable for every Ray process (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--load-cpus", type=int, default=0,
         help="put the load generator and the engines on this many cores, the stack on the rest "
         "(0: all share every core)",
@@ -316,6 +320,8 @@ def main() -> int:
     tmpdir = tempfile.mkdtemp(prefix="bench-")
     env = localstack.ray_env()
     env["TMPDIR"] = tmpdir
+    extra_env = dict(item.split("=", 1) for item in args.ray_env)
+    env.update(extra_env)
     if args.no_fast_ingress:
         env.pop("RAY_SERVE_ENABLE_HA_PROXY")
         env.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED")
@@ -343,6 +349,7 @@ def main() -> int:
         "closed_loop_method": f"steady: streams started over one answer, {args.closed_s} s "
                               f"measured per run (longer where fewer than {args.min_requests} "
                               "requests would end in it)",
+        "ray_env_extra": extra_env,
         "cpu_split": split.describe() if split is not None else None,
         "closed_loop": [], "open_loop": [], "hops": [],
     }  # fmt: skip
@@ -409,8 +416,11 @@ def main() -> int:
         localstack.stop_head(head)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if results["closed_loop"] or results["open_loop"]:
+        plot(results, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    else:
+        print(f"wrote {out}")
     return 0
 
 
