@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -143,7 +143,7 @@ class Router:
                 scope.report(usage_from(answer))
             return JSONResponse(answer, headers=headers)
         first, chunks = await self._start(scope, choice.tier, call)
-        return ScopedStream(openai_events(normaliser, scope, first, chunks), scope, chunks, headers)
+        return _streamed(openai_events(normaliser, scope, first, chunks), scope, chunks, headers)
 
     async def list_models(self, request: Request) -> Response:
         names = self._policy.models_for(_allowed(request))
@@ -192,7 +192,7 @@ class Router:
             passed = {**dict(reply.headers), **headers}
             return Response(reply.body, reply.status, media_type="application/json", headers=passed)
         first, chunks = await self._start(scope, choice.tier, call)
-        return ScopedStream(tgi_events(scope, first, chunks), scope, chunks, headers)
+        return _streamed(tgi_events(scope, first, chunks), scope, chunks, headers)
 
     # -- one request's life -------------------------------------------------------------------
 
@@ -290,6 +290,22 @@ class Router:
 def _allowed(request: Request) -> frozenset[str] | None:
     tenant: Tenant | None = request.state.tenant
     return None if tenant is None else tenant.tiers
+
+
+def _streamed(
+    events: AsyncIterator[bytes],
+    scope: RequestScope,
+    calls: Calls[Batch | None],
+    headers: dict[str, str],
+) -> ScopedStream:
+    """The streamed answer; should it fail to build, the stream is cancelled and the scope
+    settled here, since no answer will ever run to do it."""
+    try:
+        return ScopedStream(events, scope, calls, headers)
+    except BaseException as exc:
+        calls.cancel()
+        scope.close(exc)
+        raise
 
 
 def _headers(choice: TierChoice) -> dict[str, str]:

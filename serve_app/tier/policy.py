@@ -59,7 +59,8 @@ class TierPolicy:
         if model == AUTO_MODEL:
             choice = self._auto(traits)
         elif model not in self._by_model and self.fallback is not None:
-            choice = TierChoice(self.fallback, f"fallback for unknown model {model}")
+            # the reason is a response header: the client's model name stays out of it
+            choice = TierChoice(self.fallback, "fallback for an unknown model")
         else:
             tier = self._named(model, "model")
             choice = TierChoice(tier, "model" if tier == model else f"alias {model}")

@@ -86,7 +86,7 @@ def test_unknown_names_follow_the_fallback_settings() -> None:
     args["router"].update({"fallback_tier": "large", "tgi_any_tier_name": False})
     strict = TierPolicy(AppConfig.model_validate(args))
     choice = strict.for_model("dummy", traits(), {})
-    assert (choice.tier, choice.reason) == ("large", "fallback for unknown model dummy")
+    assert (choice.tier, choice.reason) == ("large", "fallback for an unknown model")
     with pytest.raises(ModelNotFound):
         strict.for_header("tgi")
 

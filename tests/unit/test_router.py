@@ -312,6 +312,21 @@ def test_unknown_models_go_to_the_fallback_tier_when_configured(tmp_path: Path) 
     assert answer.status == 404
 
 
+@pytest.mark.parametrize("model", ["模型", "two\nlines", "x" * 5000])
+@pytest.mark.parametrize("stream", [False, True])
+def test_any_unknown_model_name_is_answered_on_the_fallback_tier(
+    tmp_path: Path, model: str, stream: bool
+) -> None:
+    """The client's model name is echoed in the body, never in a header."""
+    r, recorder, _ = router(config(tmp_path, keys=False, fallback_tier="large"), engine)
+    answer = asyncio.run(call(r.asgi_app(), "POST", "/v1/chat/completions",
+                              {**CHAT, "model": model, "stream": stream}))  # fmt: skip
+    assert answer.status == 200, answer.body
+    assert answer.headers["x-tier-reason"] == "fallback for an unknown model"
+    assert r.in_flight == {"large": 0} and settled(recorder, ("large",))
+    assert [(t, s) for t, s, _ in recorder.outcomes] == [("large", 200)]
+
+
 # -- malformed input: a 4xx, never a 5xx ----------------------------------------------------
 
 DEEP = b"[" * 5000 + b"]" * 5000
