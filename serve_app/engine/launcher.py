@@ -48,6 +48,11 @@ class LaunchSpec:
     argv: tuple[str, ...]
     env: Mapping[str, str]
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The values the engine must never have logged: its API key and the hub's tokens."""
+        return tuple(v for k in (API_KEY_ENV, *SECRET_ENV) if len(v := self.env.get(k, "")) >= 4)
+
     def redacted(self) -> str:
         """The command line as it may be logged: API keys and tokens masked."""
         shown, hide_next = [], False

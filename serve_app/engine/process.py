@@ -23,6 +23,8 @@ from .launcher import LaunchSpec
 
 PR_SET_PDEATHSIG = 1
 TAIL_LINES = 40
+MAX_LINE = 16_384  # bytes of one output line kept; the rest of a longer line is dropped
+CUT = b" ... (line cut)"
 
 
 def _stop_with_parent() -> None:  # runs in the child between fork and exec
@@ -85,6 +87,47 @@ def log_line(raw: str) -> tuple[int, str]:
         return logging.INFO, raw
 
 
+class OutputLines:
+    """The engine's output cut into lines, whatever their length, with its secrets masked.
+
+    Over-long lines (TGI joins a failed shard's whole stderr into one) keep their first
+    `limit` bytes; a line-by-line reader would stop at the first one and leave the engine
+    blocked on a full pipe."""
+
+    def __init__(self, secrets: tuple[str, ...] = (), limit: int = MAX_LINE) -> None:
+        self._secrets = tuple(s.encode() for s in secrets if s)
+        self._limit = limit
+        self._pending = b""
+        self._skipping = False  # dropping the rest of a line already cut
+
+    def feed(self, data: bytes) -> list[str]:
+        *complete, self._pending = (self._pending + data).split(b"\n")
+        out = []
+        for raw in complete:
+            if self._skipping:  # the rest of a cut line ends here
+                self._skipping = False
+                continue
+            out.append(self._line(raw))
+        if len(self._pending) > self._limit + 1024:  # + room for a secret across the cut
+            if not self._skipping:
+                out.append(self._line(self._pending))
+                self._skipping = True
+            self._pending = b""
+        return [line for line in out if line]
+
+    def close(self) -> list[str]:
+        rest, self._pending = self._pending, b""
+        line = "" if self._skipping else self._line(rest)
+        return [line] if line else []
+
+    def _line(self, raw: bytes) -> str:
+        for secret in self._secrets:
+            raw = raw.replace(secret, b"***")
+        if len(raw) > self._limit:
+            raw = raw[: self._limit] + CUT
+        return raw.decode(errors="replace").rstrip()
+
+
 class EngineProcess:
     """A started engine. `terminate()` is the only way it should end."""
 
@@ -110,10 +153,13 @@ class EngineProcess:
 
     async def _forward_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            if not line:
-                continue
+        lines = OutputLines(self._spec.secrets)
+        while data := await proc.stdout.read(65_536):
+            self._emit(lines.feed(data))
+        self._emit(lines.close())
+
+    def _emit(self, lines: list[str]) -> None:
+        for line in lines:
             level, message = log_line(line)
             self.tail.append(message)
             self._log.log(level, "%s", message)

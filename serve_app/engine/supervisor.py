@@ -71,16 +71,32 @@ class EngineSupervisor:
         """Start the engine and return once it serves the configured model.
 
         Ready means: the process is alive, `/health` answers 200 and `/info` names the model.
-        An engine that exits or runs past the start-up timeout raises `EngineStartupError`
-        with its exit code and last log lines, which Serve shows as the replica's failure.
+        An engine that exits, runs past the start-up timeout or fails the checks raises
+        `EngineStartupError` with its exit code and last log lines, which Serve shows as the
+        replica's failure; the engine is stopped first, however start-up ends.
         """
+        try:
+            await self._start()
+        except EngineStartupError:
+            await self.stop()
+            raise
+        except Exception as exc:
+            await self.stop()
+            raise EngineStartupError(
+                f"engine for tier {self._tier.name!r} failed to start: {exc}. "
+                f"Last output:\n{self._tail()}"
+            ) from exc
+        except BaseException:  # cancelled: the replica is going away
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         await self.process.start()
         timeout = self._tier.engine.startup_timeout_s
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.process.alive():
                 code = await self.process.wait()
-                await self.stop()
                 raise EngineStartupError(
                     f"engine for tier {self._tier.name!r} exited with code {code} during "
                     f"start-up. Last output:\n{self._tail()}"
@@ -88,7 +104,6 @@ class EngineSupervisor:
             if await self.client.healthy():
                 model_id = (await self.client.info()).get("model_id")
                 if model_id != self._tier.engine.model_id:
-                    await self.stop()
                     raise EngineStartupError(
                         f"engine serves model {model_id!r}, not {self._tier.engine.model_id!r}"
                     )
@@ -96,7 +111,6 @@ class EngineSupervisor:
                 self._log.info("engine ready (pid %s)", self.process.pid)
                 return
             await asyncio.sleep(READY_POLL_S)
-        await self.stop()
         raise EngineStartupError(
             f"engine for tier {self._tier.name!r} was not ready within {timeout:.0f}s "
             f"(engine.startup_timeout_s). Last output:\n{self._tail()}"

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 
-from serve_app.engine.process import descendants, members, signal_tree
+from serve_app.engine.launcher import LaunchSpec
+from serve_app.engine.process import (
+    CUT,
+    TAIL_LINES,
+    EngineProcess,
+    OutputLines,
+    descendants,
+    members,
+    signal_tree,
+)
 
 
 def test_an_engines_children_are_found_below_it_and_in_its_group_after_it_died() -> None:
@@ -33,3 +45,55 @@ def test_an_engines_children_are_found_below_it_and_in_its_group_after_it_died()
         signal_tree(members(leader.pid), signal.SIGKILL)
         leader.kill()
         leader.wait()
+
+
+# -- the engine's output ----------------------------------------------------------------------
+
+
+def test_output_lines_are_split_across_reads_and_secrets_masked() -> None:
+    lines = OutputLines(("sk-engine-secret",), limit=64)
+    assert lines.feed(b"first li") == []
+    assert lines.feed(b"ne\nkey=sk-engine-") == ["first line"]
+    assert lines.feed(b"secret here\n\nlast") == ["key=*** here"]
+    assert lines.close() == ["last"]
+
+
+def test_an_over_long_line_keeps_its_start_and_the_lines_after_it() -> None:
+    lines = OutputLines(("sk-engine-secret",), limit=64)
+    out = lines.feed(b"sk-engine-secret " + b"x" * 2000)
+    assert out == ["*** " + "x" * 60 + CUT.decode()]
+    assert lines.feed(b"y" * 5000) == []  # the rest of the cut line is dropped
+    assert lines.feed(b"yyy\nnext\n") == ["next"]
+    assert lines.close() == []
+
+
+def test_an_engine_printing_a_huge_line_is_still_read_to_its_end() -> None:
+    """asyncio's line reader stops at 64 KiB; the engine would then block on a full pipe."""
+    code = (
+        "import os, sys\n"
+        "sys.stdout.write('start with ' + os.environ['API_KEY'] + '\\n')\n"
+        "sys.stdout.write('x' * 300_000 + '\\n')\n"
+        "for i in range(2000): sys.stdout.write(f'line {i} ' + 'y' * 100 + '\\n')\n"
+        "sys.stdout.write('done\\n')\n"
+    )
+    spec = LaunchSpec((sys.executable, "-c", code), {"API_KEY": "sk-0123456789", "PATH": ""})
+    logged: list[str] = []
+    logger = logging.getLogger("test_process.engine")
+    logger.setLevel(logging.INFO)
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    engine = EngineProcess(spec, logging.LoggerAdapter(logger, {}))
+
+    async def run() -> int:
+        await engine.start()
+        return await asyncio.wait_for(engine.wait(), 20)
+
+    assert asyncio.run(run()) == 0
+    assert list(engine.tail)[-1] == "done"
+    assert len(engine.tail) == TAIL_LINES
+    assert logged[1] == "start with ***"  # after the command line
+    assert logged[2].startswith("x" * 100) and logged[2].endswith(CUT.decode())
+    assert logged[-1] == "done" and len(logged) == 2 + 1 + 2000 + 1
+    assert not any("sk-0123456789" in line for line in logged)
+    logger.removeHandler(handler)
