@@ -52,11 +52,14 @@ def admission_stats(reports: dict[str, tuple[float, float]]) -> dict[str, float]
     return {f"{ADMISSION_QUEUE}:{router}": queued for router, (queued, _) in reports.items()}
 
 
+Pending = tuple[str, float]  # ("up" or "down", when that wish to change began)
+
+
 @dataclass(frozen=True)
 class Decision:
     replicas: int
     reason: str
-    pending_since: float | None  # when the current wish to change began, if it waits
+    pending: Pending | None  # the wish to change that waits for its delay, if one does
 
 
 def decide(
@@ -66,33 +69,40 @@ def decide(
     min_replicas: int,
     max_replicas: int,
     now: float,
-    pending_since: float | None,
+    pending: Pending | None,
     rule: QueueScaling,
 ) -> Decision:
-    """The replica count for `demand`, given the count now and how long a change has waited."""
+    """The replica count for `demand`, given the count now and how long a change has waited.
+    A wish waits afresh when it turns: a scale-down that waited does not count for an up."""
+
+    def since(direction: str) -> float:
+        return pending[1] if pending is not None and pending[0] == direction else now
+
     desired = max(min_replicas, min(max_replicas, math.ceil(demand / rule.target_per_replica)))
     if current == 0 and demand > 0:
         return Decision(max(1, desired), f"demand {demand:g} at zero replicas: cold start", None)
     if desired > current:
-        since = now if pending_since is None else pending_since
-        if now - since < rule.upscale_delay_s:
-            return Decision(current, f"up to {desired} waits for upscale delay", since)
+        started = since("up")
+        if now - started < rule.upscale_delay_s:
+            return Decision(current, f"up to {desired} waits for upscale delay", ("up", started))
         target = min(desired, current + rule.max_step_up)
         return Decision(
             target,
             f"demand {demand:g} over {current} x {rule.target_per_replica:g} for "
-            f"{now - since:.1f}s",
+            f"{now - started:.1f}s",
             None,
         )
     # One replica fewer must carry the demand with room to spare before it is given up.
     room = (current - 1) * rule.target_per_replica * (1 - rule.hysteresis)
     if desired < current and demand <= room:
-        since = now if pending_since is None else pending_since
-        if now - since < rule.downscale_delay_s:
-            return Decision(current, f"down to {desired} waits for downscale delay", since)
+        started = since("down")
+        if now - started < rule.downscale_delay_s:
+            return Decision(
+                current, f"down to {desired} waits for downscale delay", ("down", started)
+            )
         target = max(desired, current - rule.max_step_down)
         return Decision(
-            target, f"demand {demand:g} fits {target} replicas for {now - since:.1f}s", None
+            target, f"demand {demand:g} fits {target} replicas for {now - started:.1f}s", None
         )
     return Decision(current, "demand within bounds", None)
 
@@ -140,7 +150,7 @@ class QueueLengthPolicy:
             min_replicas=ctx.capacity_adjusted_min_replicas,
             max_replicas=ctx.capacity_adjusted_max_replicas,
             now=float(ctx.current_time or 0.0),
-            pending_since=state.get("pending_since"),
+            pending=_pending(state.get("pending")),
             rule=self.rule,
         )
         if decision.replicas != ctx.target_num_replicas:
@@ -148,5 +158,12 @@ class QueueLengthPolicy:
                 "autoscaling %s: %d -> %d replicas (%s)",
                 ctx.deployment_name, ctx.target_num_replicas, decision.replicas, decision.reason,
             )  # fmt: skip
-        state["pending_since"] = decision.pending_since
+        state["pending"] = list(decision.pending) if decision.pending is not None else None
         return decision.replicas, state
+
+
+def _pending(stored: Any) -> Pending | None:
+    """The policy state's pending wish (kept as a list), or None."""
+    if isinstance(stored, (list, tuple)) and len(stored) == 2 and stored[0] in ("up", "down"):
+        return str(stored[0]), float(stored[1])
+    return None

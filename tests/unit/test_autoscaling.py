@@ -30,8 +30,8 @@ def run(demands: list[float], *, start: int = 1, lo: int = 1, hi: int = 8,
     current, pending, counts = start, None, []
     for second, demand in enumerate(demands):
         d = decide(demand=demand, current=current, min_replicas=lo, max_replicas=hi,
-                   now=float(second), pending_since=pending, rule=rule)  # fmt: skip
-        current, pending = d.replicas, d.pending_since
+                   now=float(second), pending=pending, rule=rule)  # fmt: skip
+        current, pending = d.replicas, d.pending
         counts.append(current)
     return counts
 
@@ -52,6 +52,16 @@ def test_slow_decay_scales_down_one_at_a_time_after_the_delay() -> None:
     assert counts[29] == 4 and counts[30] == 3  # 30 s of low demand before the first step
     assert counts[61] == 2 and counts[92] == 1
     assert min(counts) == 1  # never below min_replicas
+
+
+def test_a_scale_down_that_waited_does_not_let_a_burst_scale_up_at_once() -> None:
+    # 2 replicas, no demand for 31 s (a scale-down waiting out its 30 s), then one second of
+    # demand 30: the way up waits its own 3 s, so the one-second burst changes nothing.
+    counts = run([0.0] * 29 + [30.0, 0.0, 0.0], start=2)
+    assert set(counts) == {2}
+    # the way up after a wish to go down: 3 s of demand from when it turned
+    counts = run([0.0] * 20 + [30.0] * 5, start=2)
+    assert counts[20:] == [2, 2, 2, 4, 4]
 
 
 def test_demand_at_a_boundary_does_not_flap() -> None:
