@@ -96,7 +96,7 @@ async def one_request(session: aiohttp.ClientSession, i: int, load: Load) -> Sam
                 buffer += data
                 *events, buffer = buffer.split(b"\n\n")
                 stamps.extend(now for event in events if CONTENT in event)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         ok = False
         error = repr(exc)[:300]
     end = time.perf_counter()

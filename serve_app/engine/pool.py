@@ -9,7 +9,6 @@ where aiohttp exceptions are translated.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ class EnginePool:
     async def _translated(self, url: str, path: str) -> AsyncIterator[None]:
         try:
             yield
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise EngineUnavailable(f"engine {url} did not answer {path} in time") from exc
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnreachable(f"engine {url} refused {path}: {exc!r}") from exc

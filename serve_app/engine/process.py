@@ -192,7 +192,7 @@ class EngineProcess:
             signal_tree([self._proc.pid], signal.SIGTERM)
             try:
                 await asyncio.wait_for(self._proc.wait(), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._log.warning("engine did not stop within %.0fs; killing it", timeout_s)
         survivors = [p for p in tree if _exists(p)]
         signal_tree(survivors, signal.SIGKILL)

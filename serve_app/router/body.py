@@ -85,10 +85,9 @@ async def read_json(
     chunks: AsyncIterator[bytes], declared: str | None, limits: BodyLimits
 ) -> dict[str, Any]:
     try:
-        raw = await asyncio.wait_for(
-            read_bounded(chunks, declared, limits.max_bytes), limits.timeout_s
-        )
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(limits.timeout_s):  # passes on a cancellation, always
+            raw = await read_bounded(chunks, declared, limits.max_bytes)
+    except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {limits.timeout_s:g}s"
         ) from None

@@ -200,8 +200,9 @@ class Dispatcher:
         """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
         timeout = self._wait_timeout_s(tier)
         try:
-            await asyncio.wait_for(anext(calls), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):  # passes on a cancellation, always
+                await anext(calls)
+        except TimeoutError:
             raise TierUnavailable(
                 f"no replica of tier {tier!r} took the request within {timeout:.0f}s "
                 "(replica_wait_timeout_s): the tier is starting or saturated; retry later"

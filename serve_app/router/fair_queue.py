@@ -235,10 +235,12 @@ class Admission:
         if len(self.scheduler) > self._max_queued:
             self._waiting.pop(entry)
             self.scheduler.remove(entry)
+            self._dispatch()  # a request it held back (a higher class) may go now
             raise self._refused(f"{len(self.scheduler)} requests are already waiting")
         self._changed(priority)
         try:
-            await asyncio.wait_for(future, self._max_wait_s)
+            async with asyncio.timeout(self._max_wait_s):  # passes on a cancellation, always
+                await future
         except TimeoutError:
             self._give_up(entry)
             raise self._refused(f"no turn within {self._max_wait_s:g}s") from None
@@ -251,6 +253,7 @@ class Admission:
         self._waiting.pop(entry, None)
         if self.scheduler.remove(entry):  # still waiting: nobody let it in
             self._changed(entry.priority)
+            self._dispatch()  # a request it held back (a higher class) may go now
         else:  # let in just as it gave up: its turn passes on
             self.scheduler.release(entry.tenant, self._clock())
             self._dispatch()

@@ -201,12 +201,10 @@ class Quotas:
         if not tenant.requests_per_minute and not tenant.tokens_per_minute:
             return None
         try:
-            answer = await asyncio.wait_for(
-                self._ledger.reserve(
+            async with asyncio.timeout(self._timeout_s):  # passes on a cancellation, always
+                answer = await self._ledger.reserve(
                     tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute, tokens
-                ),
-                self._timeout_s,
-            )
+                )
         except Exception as exc:  # the ledger's own failure, whatever Ray calls it
             logger.warning("quota ledger failed (%s): %s", self._on_failure, type(exc).__name__)
             if self._on_failure == "allow":
@@ -220,10 +218,8 @@ class Quotas:
         if reservation.grant_id is None:
             return
         try:
-            await asyncio.wait_for(
-                self._ledger.settle(reservation.tenant, reservation.grant_id, tokens_used),
-                self._timeout_s,
-            )
+            async with asyncio.timeout(self._timeout_s):
+                await self._ledger.settle(reservation.tenant, reservation.grant_id, tokens_used)
         except Exception as exc:  # the reservation then stays as reserved: never under-charged
             logger.warning("quota settlement failed: %s", type(exc).__name__)
 

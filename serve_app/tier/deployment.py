@@ -129,7 +129,7 @@ class TierDeployment:
         deadline = loop.time() + hold
         try:
             await asyncio.wait_for(self._full.wait(), hold)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return 0.0
         return max(deadline - loop.time(), 1e-3)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from serve_app.kuberay import RAY_VERSION
 from tests.unit.test_kuberay import ROOT

@@ -188,16 +188,31 @@ async def test_a_turn_granted_as_the_client_leaves_passes_on() -> None:
     await asyncio.sleep(0)
     a.leave(held)  # u's future is resolved, but u is cancelled before it runs
     gone.cancel()
-    try:  # the wait may still end with the turn (asyncio keeps a result that raced a cancel)
-        raced = await gone
-    except asyncio.CancelledError:
-        raced = None
-    if raced is not None:  # then u holds the slot until it leaves, as any request
-        await asyncio.sleep(0)
-        assert a.in_flight == 1 and not after.done()
-        a.leave(raced)
+    with pytest.raises(asyncio.CancelledError):  # the cancellation wins; never a lost turn
+        await gone
     ticket = await after
     assert ticket.tenant == "v" and a.in_flight == 1
+
+
+@in_loop
+async def test_a_waiter_that_leaves_lets_the_class_it_held_back_run() -> None:
+    # 4 turns, 1 kept in reserve: t holds 2 (its share), u holds 1; t's next request waits,
+    # and u's batch request waits behind it (a lower class never passes a waiting higher one).
+    a = Admission("t", max_in_flight=4, max_queued=10, max_wait_s=5, reserved_turns=1)
+    held = [await a.enter("t", "interactive", 1) for _ in range(2)]
+    held.append(await a.enter("u", "interactive", 1))
+    blocked = asyncio.create_task(a.enter("t", "interactive", 1))
+    batch = asyncio.create_task(a.enter("u", "batch", 1))
+    await asyncio.sleep(0)
+    assert not blocked.done() and not batch.done()
+    blocked.cancel()  # t's client leaves: u, below its share, may take the reserve now
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    ticket = await asyncio.wait_for(batch, 1)
+    assert ticket.tenant == "u" and a.in_flight == 4
+    for t in [*held, ticket]:
+        a.leave(t)
+    assert a.in_flight == 0
 
 
 # -- turns kept for tenants below their fair share -----------------------------------------------

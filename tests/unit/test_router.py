@@ -252,7 +252,7 @@ def test_tokens_are_reserved_up_front_and_reconciled(tmp_path: Path) -> None:
         return fourth.status
 
     assert asyncio.run(concurrent()) == 429
-    assert r.in_flight == {"small": 0}
+    assert set(r.in_flight.values()) == {0}  # on `small`, or spilled over to `large`
     # the three cut streams were charged what they produced; the rest of each came back
     used = sum(u.total for _, _, u in recorder.outcomes)
     assert 0 < used < 3 * 94
