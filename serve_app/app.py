@@ -62,8 +62,13 @@ def tier_deployment(tier: TierConfig, routers: int = 1) -> Deployment:
         max_queued_requests=tier.max_queued_requests,
         health_check_period_s=5,
         health_check_timeout_s=10,
-        # Serve lets in-flight requests finish before the replica's engine is stopped.
-        graceful_shutdown_timeout_s=tier.engine.graceful_termination_timeout_s + 10,
+        # Serve lets in-flight requests finish before the replica's engine is stopped: the
+        # longest request (a lease is held up to `request_timeout_s + lease_reuse_s`), then the
+        # engine's own drain and the stop's margin, before Serve kills the replica.
+        graceful_shutdown_timeout_s=tier.request_timeout_s
+        + tier.lease_reuse_s
+        + tier.engine.graceful_termination_timeout_s
+        + 15,
         max_constructor_retry_count=tier.max_start_attempts,
         # The router logs every client request; a line per engine lease would only repeat it,
         # at a cost on every request.

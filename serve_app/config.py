@@ -16,6 +16,11 @@ TIER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+# TGI 3.3.7's `--quantize` values: a typo is an error at deploy time, not on the GPU node.
+Quantize = Literal[
+    "awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin",
+    "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8",
+]  # fmt: skip
 
 
 class _Strict(BaseModel):
@@ -37,7 +42,7 @@ class EngineConfig(_Strict):
         "(local engine).",
     )
     revision: str | None = None
-    quantize: str | None = Field(None, description="TGI --quantize (e.g. 'awq', 'fp8').")
+    quantize: Quantize | None = Field(None, description="TGI --quantize (e.g. 'awq', 'fp8').")
     dtype: Literal["float16", "bfloat16"] | None = None
     max_input_tokens: PositiveInt = 1024
     max_total_tokens: PositiveInt = 2048
@@ -53,8 +58,10 @@ class EngineConfig(_Strict):
     startup_timeout_s: PositiveFloat = Field(
         900.0, description="Download, load and warm-up must finish within this."
     )
-    graceful_termination_timeout_s: PositiveFloat = Field(
-        30.0, description="How long the engine may drain in-flight requests after SIGTERM."
+    graceful_termination_timeout_s: PositiveInt = Field(
+        30,
+        description="How long the engine may drain in-flight requests after SIGTERM (whole "
+        "seconds, as TGI's --graceful-termination-timeout).",
     )
     extra_args: tuple[str, ...] = Field(
         (), description="Further launcher flags, passed verbatim after the generated ones."

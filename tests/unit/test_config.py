@@ -69,6 +69,8 @@ INVALID = [
     ("router.api_keys", {"file": "/k", "reload_interval_s": 61}, "api_keys.reload_interval_s"),
     ("router.api_keys", {"file": "/k", "reload_interval_s": 0}, "api_keys.reload_interval_s"),
     ("router.ray_resources", {"serve_app_router": "one"}, "router.ray_resources"),
+    ("tiers.0.engine.graceful_termination_timeout_s", 0.5, "graceful_termination_timeout_s"),
+    ("tiers.0.engine.quantize", "fp-8", "tiers.0.engine.quantize"),
 ]
 
 
@@ -130,3 +132,12 @@ def test_a_spare_lease_is_kept_only_for_tiers_that_keep_leases_and_never_scale_t
     assert not tier(data_path="relay").keeps_spare_lease
     # scaling between counts of one or more replicas leaves the routers' config alone
     assert tier(replicas={"min": 1, "max": 2}) == tier(replicas={"min": 3, "max": 5})
+
+
+def test_a_tier_replica_may_drain_its_longest_request_before_serve_stops_it() -> None:
+    from serve_app.app import tier_deployment
+
+    tier = AppConfig.model_validate(local_args()).tier("small")
+    options = tier_deployment(tier)._deployment_config
+    drain = tier.request_timeout_s + tier.lease_reuse_s + tier.engine.graceful_termination_timeout_s
+    assert options.graceful_shutdown_timeout_s > drain

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from serve_app.config import EngineConfig, TierConfig
+from serve_app.config import EngineConfig, Quantize, TierConfig
 from serve_app.engine.launcher import Ports, build_launch, with_hf_token
 
 
@@ -108,3 +110,18 @@ def test_local_engine_takes_the_same_flags_on_cpu() -> None:
     tgi = build_launch(tgi_tier(1), ports(0), ["0"], {})
     local_flags = {a for a in spec.argv if a.startswith("--")}
     assert local_flags <= {a for a in tgi.argv if a.startswith("--")}
+
+
+LAUNCHER_SOURCE = (
+    Path(__file__).resolve().parents[3] / "shared" / "refs" / "tgi" / "launcher-main.rs"
+)
+
+
+@pytest.mark.skipif(not LAUNCHER_SOURCE.exists(), reason="TGI's launcher source is not here")
+def test_quantize_takes_exactly_tgis_values() -> None:
+    """`engine.quantize` is TGI 3.3.7's `Quantization` enum, as clap spells it (kebab-case)."""
+    source = LAUNCHER_SOURCE.read_text()
+    body = source[source.index("enum Quantization {") :].split("\n}", 1)[0]
+    variants = re.findall(r"^\s{4}([A-Z][A-Za-z0-9]*),$", body, flags=re.MULTILINE)
+    kebab = {re.sub(r"(?<=[a-z0-9])([A-Z])", r"-\1", v).lower() for v in variants}
+    assert kebab == set(typing.get_args(Quantize))
