@@ -304,7 +304,7 @@ def main() -> int:
     parser.add_argument("--py-spy", default=None, help="profile the hops with this py-spy")
     parser.add_argument("--commit", default=None, help="recorded with the results (git's HEAD)")
     parser.add_argument(
-        "--ray-env", action="append", default=[], metavar="KEY=VALUE",
+        "--ray-env", action="append", default=[], metavar="KEY=VALUE", type=key_value,
         help="an extra environment variable for every Ray process (repeatable)",
     )  # fmt: skip
     parser.add_argument(
@@ -320,7 +320,7 @@ def main() -> int:
     tmpdir = tempfile.mkdtemp(prefix="bench-")
     env = localstack.ray_env()
     env["TMPDIR"] = tmpdir
-    extra_env = dict(item.split("=", 1) for item in args.ray_env)
+    extra_env = dict(args.ray_env)
     env.update(extra_env)
     if args.no_fast_ingress:
         env.pop("RAY_SERVE_ENABLE_HA_PROXY")
@@ -422,6 +422,14 @@ def main() -> int:
     else:
         print(f"wrote {out}")
     return 0
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """`--ray-env`'s KEY=VALUE."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 def _brief(row: dict[str, Any]) -> str:

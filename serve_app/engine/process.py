@@ -14,6 +14,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 from collections import deque
 from collections.abc import Iterator
@@ -23,8 +24,9 @@ from .launcher import LaunchSpec
 
 PR_SET_PDEATHSIG = 1
 TAIL_LINES = 40
-MAX_LINE = 16_384  # bytes of one output line kept; the rest of a longer line is dropped
+MAX_LINE = 65_536  # bytes of one output line kept; the rest of a longer line is dropped
 CUT = b" ... (line cut)"
+JSON_LEVEL = re.compile(r'"level"\s*:\s*"([A-Za-z]+)"')
 
 
 def _stop_with_parent() -> None:  # runs in the child between fork and exec
@@ -77,14 +79,20 @@ def signal_tree(pids: list[int], sig: int) -> None:
 
 
 def log_line(raw: str) -> tuple[int, str]:
-    """A launcher output line as (level, message); TGI's `--json-output` objects unpacked."""
+    """A launcher output line as (level, message); TGI's `--json-output` objects unpacked. A
+    record cut short (`OutputLines`) is no longer JSON: it keeps its level, and its text."""
     try:
         record = json.loads(raw)
         message = str(record["fields"]["message"])
-        level = logging.getLevelName(str(record.get("level", "INFO")).upper())
-        return (level if isinstance(level, int) else logging.INFO), message
+        return _level(str(record.get("level", "INFO"))), message
     except (ValueError, KeyError, TypeError):
-        return logging.INFO, raw
+        level = JSON_LEVEL.search(raw[:200]) if raw.startswith("{") else None
+        return (_level(level.group(1)) if level else logging.INFO), raw
+
+
+def _level(name: str) -> int:
+    level = logging.getLevelName(name.upper())
+    return level if isinstance(level, int) else logging.INFO
 
 
 class OutputLines:
@@ -110,7 +118,7 @@ class OutputLines:
             out.append(self._line(raw))
         if len(self._pending) > self._limit + 1024:  # + room for a secret across the cut
             if not self._skipping:
-                out.append(self._line(self._pending))
+                out.append(self._line(self._pending, cut=True))
                 self._skipping = True
             self._pending = b""
         return [line for line in out if line]
@@ -120,12 +128,21 @@ class OutputLines:
         line = "" if self._skipping else self._line(rest)
         return [line] if line else []
 
-    def _line(self, raw: bytes) -> str:
+    def _line(self, raw: bytes, cut: bool = False) -> str:
+        """One line, secrets masked; `cut`: the rest of it is dropped (so may be a secret's)."""
         for secret in self._secrets:
             raw = raw.replace(secret, b"***")
-        if len(raw) > self._limit:
-            raw = raw[: self._limit] + CUT
+        if cut or len(raw) > self._limit:
+            raw = self._without_secret_start(raw[: self._limit]) + CUT
         return raw.decode(errors="replace").rstrip()
+
+    def _without_secret_start(self, kept: bytes) -> bytes:
+        """`kept` without the start of a secret that the cut split (masked instead)."""
+        for secret in self._secrets:
+            for n in range(len(secret) - 1, 3, -1):
+                if kept.endswith(secret[:n]):
+                    return kept[:-n] + b"***"
+        return kept
 
 
 class EngineProcess:

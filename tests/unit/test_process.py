@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from serve_app.engine.process import (
     EngineProcess,
     OutputLines,
     descendants,
+    log_line,
     members,
     signal_tree,
 )
@@ -67,6 +69,24 @@ def test_an_over_long_line_keeps_its_start_and_the_lines_after_it() -> None:
     assert lines.close() == []
 
 
+def test_a_secret_split_by_the_cut_is_masked_too() -> None:
+    secret = "sk-" + "s" * 57
+    lines = OutputLines((secret,), limit=64)
+    # masking shortens the line, so the start of a secret at the end of what was read moves
+    # inside the part kept
+    (line,) = lines.feed((secret * 19 + secret[:6]).encode())
+    assert line == "***" * 20 + CUT.decode()
+
+
+def test_a_json_record_cut_short_keeps_its_level() -> None:
+    record = json.dumps({"level": "ERROR", "fields": {"message": "Shard 0 failed: " + "e" * 200}})
+    (line,) = OutputLines(limit=64).feed(record.encode() + b"\n")
+    level, message = log_line(line)
+    assert level == logging.ERROR and message.startswith('{"level": "ERROR"')
+    assert log_line(record) == (logging.ERROR, "Shard 0 failed: " + "e" * 200)
+    assert log_line("plain text") == (logging.INFO, "plain text")
+
+
 def test_an_engine_printing_a_huge_line_is_still_read_to_its_end() -> None:
     """asyncio's line reader stops at 64 KiB; the engine would then block on a full pipe."""
     code = (
@@ -89,11 +109,13 @@ def test_an_engine_printing_a_huge_line_is_still_read_to_its_end() -> None:
         await engine.start()
         return await asyncio.wait_for(engine.wait(), 20)
 
-    assert asyncio.run(run()) == 0
+    try:
+        assert asyncio.run(run()) == 0
+    finally:
+        logger.removeHandler(handler)
     assert list(engine.tail)[-1] == "done"
     assert len(engine.tail) == TAIL_LINES
     assert logged[1] == "start with ***"  # after the command line
     assert logged[2].startswith("x" * 100) and logged[2].endswith(CUT.decode())
     assert logged[-1] == "done" and len(logged) == 2 + 1 + 2000 + 1
     assert not any("sk-0123456789" in line for line in logged)
-    logger.removeHandler(handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,12 @@ import httpx
 import pytest
 from starlette.requests import ClientDisconnect
 
+from serve_app.router.accounting import InFlight, RequestScope, Usage
 from serve_app.router.quota import Grant, Refusal
+from serve_app.router.routes import _streamed
 
 from .router_kit import (
+    ListRecorder,
     bearer,
     call,
     chat_answer,
@@ -325,6 +329,30 @@ def test_any_unknown_model_name_is_answered_on_the_fallback_tier(
     assert answer.headers["x-tier-reason"] == "fallback for an unknown model"
     assert r.in_flight == {"large": 0} and settled(recorder, ("large",))
     assert [(t, s) for t, s, _ in recorder.outcomes] == [("large", 200)]
+
+
+class _Calls:
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_streamed_answer_that_cannot_be_built_settles_and_cancels() -> None:
+    recorder = ListRecorder()
+    in_flight = InFlight(recorder)
+    charged: list[Usage] = []
+    scope = RequestScope("small", in_flight, recorder, 10, charged.append)
+    calls = _Calls()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b""
+
+    with pytest.raises(UnicodeEncodeError):  # a header value HTTP cannot carry
+        _streamed(events(), scope, calls, {"x-tier-reason": "模型"})  # type: ignore[arg-type]
+    assert calls.cancelled  # the engine's stream stops
+    assert in_flight.by_tier == {"small": 0} and len(charged) == 1
+    assert [(t, s) for t, s, _ in recorder.outcomes] == [("small", 500)]
 
 
 # -- malformed input: a 4xx, never a 5xx ----------------------------------------------------
