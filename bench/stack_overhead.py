@@ -38,9 +38,10 @@ from typing import Any
 
 from bench.cpus import CpuSplit, busy_fraction, pin, read_per_cpu_times
 from bench.loadgen import Load, LoadGenerator, Result, error_examples, error_statuses, summary
-from serve_app import localstack
-from serve_app.localstack import Head
-from tests.helpers import engine_key, engine_url, engines_under, free_port, router_addresses
+from devstack import localstack
+from devstack.hosts import engine_key, engine_url, engines_under, free_port, router_addresses
+from devstack.local_ray import Head
+from serve_app.serve_env import SERVE_TUNING
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = {  # process role -> how its command line reads
@@ -56,11 +57,10 @@ ROLES = {  # process role -> how its command line reads
 
 def tier(name: str, engine: dict[str, Any], replicas: int, data_path: str,
          leases: dict[str, float]) -> dict[str, Any]:  # fmt: skip
-    return {"name": name, "engine": engine, "max_ongoing_requests": 4096, "data_path": data_path,
-            **leases,
-            "max_queued_requests": -1, "default_max_tokens": 64,
-            "max_tokens_limit": 512,
-            "replicas": {"min": replicas, "max": replicas}}  # fmt: skip
+    return {"name": name, "engine": engine, "default_max_tokens": 64, "max_tokens_limit": 512,
+            "replicas": {"min": replicas, "max": replicas},
+            "tuning": {"max_ongoing_requests": 4096, "max_queued_requests": -1,
+                       "data_path": data_path, **leases}}  # fmt: skip
 
 
 def checked(result: Result, slo: float, label: str) -> dict[str, float]:
@@ -72,19 +72,19 @@ def checked(result: Result, slo: float, label: str) -> dict[str, float]:
 
 
 def leases(args: argparse.Namespace) -> dict[str, float]:
-    """The tiers' lease settings (README "Decision", point 5)."""
+    """The tiers' lease settings (bench/results/HISTORY.md "Decision", point 5)."""
     return {"lease_reuse_s": args.lease_reuse_s, "lease_idle_s": args.lease_idle_s,
             "lease_spare_s": args.lease_spare_s}  # fmt: skip
 
 
 def deploy_config(args: argparse.Namespace, http_port: int) -> dict[str, Any]:
-    sim = {"launcher": "local", "model_id": "simulated", "max_batch_size": 1024,
-           "max_concurrent_requests": 8192,
+    sim = {"launcher": "local", "model_id": "simulated",
+           "tuning": {"max_batch_size": 1024, "max_concurrent_requests": 8192},
            "extra_args": ["--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
                           "--sim-output-tokens", str(args.tokens)]}  # fmt: skip
     tiers = [tier("sim", sim, args.replicas, args.data_path, leases(args))]
     if args.real:
-        real = {"launcher": "local", "threads": 1, "max_batch_size": 4}
+        real = {"launcher": "local", "tuning": {"threads": 1, "max_batch_size": 4}}
         tiers.append(tier("real", real, 1, args.data_path, leases(args)))
     return {
         "proxy_location": "HeadOnly",
@@ -339,7 +339,7 @@ def main() -> int:
         "machine": {"cpus": cpus, "platform": platform.platform(),
                     "python": platform.python_version()},
         "commit": args.commit or head_commit(),
-        "ingress": {k: v for k, v in env.items() if k in localstack.SERVE_TUNING},
+        "ingress": {k: v for k, v in env.items() if k in SERVE_TUNING},
         "replicas": args.replicas, "routers": args.routers, "data_path": args.data_path,
         **leases(args),
         "load_processes": args.processes,

@@ -44,13 +44,13 @@ def tier_deployment(tier: TierConfig, routers: int = 1) -> Deployment:
         scaling["request_router_config"] = {
             "request_router_class": "serve_app.tier.request_router:EngineAwareRouter",
             "request_router_kwargs": {"routing": tier.routing.model_dump(), "routers": routers},
-            "request_routing_stats_period_s": tier.routing.stats_period_s,
+            "request_routing_stats_period_s": tier.routing.tuning.stats_period_s,
             "request_routing_stats_timeout_s": 5,
         }
     return TierDeployment.options(
         name=f"tier-{tier.name}",
         ray_actor_options={
-            "num_cpus": tier.cpus_per_replica,
+            "num_cpus": tier.tuning.cpus_per_replica,
             "num_gpus": tier.gpus_per_replica,
             "resources": dict(tier.ray_resources),
             # Replicas report their engine's load every second, not every ten.
@@ -58,18 +58,18 @@ def tier_deployment(tier: TierConfig, routers: int = 1) -> Deployment:
                 "env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
             },
         },
-        max_ongoing_requests=tier.max_ongoing_requests,
-        max_queued_requests=tier.max_queued_requests,
+        max_ongoing_requests=tier.tuning.max_ongoing_requests,
+        max_queued_requests=tier.tuning.max_queued_requests,
         health_check_period_s=5,
         health_check_timeout_s=10,
         # Serve lets in-flight requests finish before the replica's engine is stopped: the
         # longest request (a lease is held up to `request_timeout_s + lease_reuse_s`), then the
         # engine's own drain and the stop's margin, before Serve kills the replica.
         graceful_shutdown_timeout_s=tier.request_timeout_s
-        + tier.lease_reuse_s
-        + tier.engine.graceful_termination_timeout_s
+        + tier.tuning.lease_reuse_s
+        + tier.engine.tuning.graceful_termination_timeout_s
         + 15,
-        max_constructor_retry_count=tier.max_start_attempts,
+        max_constructor_retry_count=tier.tuning.max_start_attempts,
         # The router logs every client request; a line per engine lease would only repeat it,
         # at a cost on every request.
         logging_config={"enable_access_log": False},

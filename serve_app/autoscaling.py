@@ -11,9 +11,10 @@ sizes the tier so that each replica carries about `target_per_replica` of that d
     desired = ceil(demand / target_per_replica), within [min_replicas, max_replicas]
 
 A change waits for its delay (`upscale_delay_s`, `downscale_delay_s`) to hold without a break,
-moves at most `max_step_up` / `max_step_down` replicas at once, and scale-down only happens once
-demand is below what one replica fewer could carry by the `hysteresis` margin, so a demand
-hovering at a boundary does not flap. From zero replicas any demand starts one at once.
+moves at most `tuning.max_step_up` / `tuning.max_step_down` replicas at once, and scale-down
+only happens once demand is below what one replica fewer could carry by the `tuning.hysteresis`
+margin, so a demand hovering at a boundary does not flap. From zero replicas any demand starts
+one at once.
 
 `decide` is a pure function; `QueueLengthPolicy` is its Serve wiring, run by the Serve
 controller with an `AutoscalingContext`.
@@ -85,7 +86,7 @@ def decide(
         started = since("up")
         if now - started < rule.upscale_delay_s:
             return Decision(current, f"up to {desired} waits for upscale delay", ("up", started))
-        target = min(desired, current + rule.max_step_up)
+        target = min(desired, current + rule.tuning.max_step_up)
         return Decision(
             target,
             f"demand {demand:g} over {current} x {rule.target_per_replica:g} for "
@@ -93,14 +94,14 @@ def decide(
             None,
         )
     # One replica fewer must carry the demand with room to spare before it is given up.
-    room = (current - 1) * rule.target_per_replica * (1 - rule.hysteresis)
+    room = (current - 1) * rule.target_per_replica * (1 - rule.tuning.hysteresis)
     if desired < current and demand <= room:
         started = since("down")
         if now - started < rule.downscale_delay_s:
             return Decision(
                 current, f"down to {desired} waits for downscale delay", ("down", started)
             )
-        target = max(desired, current - rule.max_step_down)
+        target = max(desired, current - rule.tuning.max_step_down)
         return Decision(
             target, f"demand {demand:g} fits {target} replicas for {now - started:.1f}s", None
         )

@@ -3,12 +3,16 @@
 Everything the application does is decided by an `AppConfig`, parsed from the `args` of a Serve
 config file (see `configs/local.yaml`). Models forbid unknown fields so that a typo is an error at
 deploy time, pointing at the field, rather than a silently ignored setting.
+
+Each section holds what a platform engineer decides; the mechanism behind it (buffer sizes,
+intervals, lease timings, cost-model constants) sits in the section's `tuning`, whose defaults
+suit most deployments. `docs/configuration.md` lists every setting (`make docs` writes it).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,6 +20,7 @@ TIER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+M = TypeVar("M", bound=BaseModel)
 # TGI 3.3.7's `--quantize` values: a typo is an error at deploy time, not on the GPU node.
 Quantize = Literal[
     "awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin",
@@ -27,28 +32,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EngineConfig(_Strict):
-    """How one tier's engine process is launched: `text-generation-launcher` flags."""
+class _Tuned(_Strict):
+    """A section with a `tuning` sub-section. A tuning setting given at the section's own level
+    (where older configs had it) is an error that says where it went."""
 
-    launcher: Literal["local", "tgi"] = Field(
-        "local",
-        description="'tgi' runs text-generation-launcher; 'local' runs the CPU engine that speaks "
-        "the same protocol and takes the same flags.",
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_tuning(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            tuning = getattr(cls.model_fields["tuning"].annotation, "model_fields", {})
+            moved = [key for key in data if key in tuning]
+            if moved:
+                raise ValueError("; ".join(f"`{key}` moved to `tuning.{key}`" for key in moved))
+        return data
+
+
+class EngineTuning(_Strict):
+    """How the engine process runs and stops."""
+
+    max_concurrent_requests: PositiveInt = Field(
+        128,
+        description="Requests the engine holds at once, running or waiting in it; past this it "
+        "answers 429 (--max-concurrent-requests).",
     )
-    model_id: str = Field(
-        "smollm2-135m-instruct",
-        min_length=1,
-        description="Hugging Face model id or local path (TGI), or a GGUF path or built-in alias "
-        "(local engine).",
-    )
-    revision: str | None = None
-    quantize: Quantize | None = Field(None, description="TGI --quantize (e.g. 'awq', 'fp8').")
-    dtype: Literal["float16", "bfloat16"] | None = None
-    max_input_tokens: PositiveInt = 1024
-    max_total_tokens: PositiveInt = 2048
-    max_concurrent_requests: PositiveInt = 128
     max_batch_size: PositiveInt | None = Field(
-        None, description="Sequences decoded together (local engine: parallel slots)."
+        None,
+        description="Sequences decoded together (--max-batch-size; local engine: parallel "
+        "slots); the engine's own choice when unset.",
     )
     threads: PositiveInt | None = Field(
         None,
@@ -63,14 +73,48 @@ class EngineConfig(_Strict):
         description="How long the engine may drain in-flight requests after SIGTERM (whole "
         "seconds, as TGI's --graceful-termination-timeout).",
     )
+
+
+class EngineConfig(_Tuned):
+    """How one tier's engine process is launched: `text-generation-launcher` flags."""
+
+    launcher: Literal["local", "tgi"] = Field(
+        "local",
+        description="'tgi' runs text-generation-launcher; 'local' runs the CPU engine that speaks "
+        "the same protocol and takes the same flags.",
+    )
+    model_id: str = Field(
+        "smollm2-135m-instruct",
+        min_length=1,
+        description="Hugging Face model id or local path (TGI), or a GGUF path or built-in alias "
+        "(local engine).",
+    )
+    revision: str | None = Field(
+        None, description="TGI only: the model's branch, tag or commit (--revision)."
+    )
+    quantize: Quantize | None = Field(None, description="TGI --quantize (e.g. 'awq', 'fp8').")
+    dtype: Literal["float16", "bfloat16"] | None = Field(
+        None, description="TGI only: the weights' data type (--dtype); the model's own when unset."
+    )
+    max_input_tokens: PositiveInt = Field(
+        1024, description="Longest prompt, in tokens (--max-input-tokens); longer is a 400."
+    )
+    max_total_tokens: PositiveInt = Field(
+        2048,
+        description="Prompt plus generated tokens of one request (--max-total-tokens); what "
+        "each request may take of the KV cache.",
+    )
     extra_args: tuple[str, ...] = Field(
         (), description="Further launcher flags, passed verbatim after the generated ones."
+    )
+    tuning: EngineTuning = Field(
+        EngineTuning(), description="The engine's queue, batch, threads and start and stop times."
     )
 
     @model_validator(mode="after")
     def _token_limits(self) -> EngineConfig:
-        if self.threads is not None and self.launcher != "local":
-            raise ValueError("threads applies to the local engine only")
+        if self.tuning.threads is not None and self.launcher != "local":
+            raise ValueError("tuning.threads applies to the local engine only")
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(
                 f"max_input_tokens ({self.max_input_tokens}) must be less than "
@@ -80,8 +124,16 @@ class EngineConfig(_Strict):
 
 
 class ReplicaBounds(_Strict):
-    min: Annotated[int, Field(ge=0)] = 1
-    max: PositiveInt = 1
+    """How many replicas a tier runs."""
+
+    min: Annotated[int, Field(ge=0)] = Field(
+        1,
+        description="Fewest replicas; 0 lets the tier scale to zero and start on the first "
+        "request.",
+    )
+    max: PositiveInt = Field(
+        1, description="Most replicas; above min, the tier scales on its queue (scaling)."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ReplicaBounds:
@@ -90,28 +142,44 @@ class ReplicaBounds(_Strict):
         return self
 
 
-class QueueScaling(_Strict):
+class ScalingTuning(_Strict):
+    """How big and how eager one scaling step is."""
+
+    max_step_up: int = Field(4, ge=1, description="Most replicas added by one decision.")
+    max_step_down: int = Field(1, ge=1, description="Most replicas removed by one decision.")
+    hysteresis: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Scale down only once one replica fewer would carry the demand with this "
+        "share of its capacity to spare, so that a demand at a boundary does not flap.",
+    )
+
+
+class QueueScaling(_Tuned):
     """A tier's queue-based scaling rule; see `serve_app.autoscaling` for how it decides."""
 
     target_per_replica: float = Field(
         4.0, gt=0, description="Queued plus running requests one replica should carry."
     )
-    upscale_delay_s: float = Field(3.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
-    max_step_up: int = Field(4, ge=1)
-    max_step_down: int = Field(1, ge=1)
-    hysteresis: float = Field(0.2, ge=0, lt=1)
-
-
-class ReplicaRouting(_Strict):
-    """How requests pick a replica inside a tier; see `serve_app.tier.replica_choice`."""
-
-    prefix_affinity: bool = Field(
-        False,
-        description="Send requests whose prompts share their leading part to the same replica "
-        "(its engine's prefix cache then skips their prefill), unless it is busier than the "
-        "best replica by more than affinity_margin_s.",
+    upscale_delay_s: float = Field(
+        3.0,
+        ge=0,
+        description="How long the demand must call for more replicas before they are added.",
     )
+    downscale_delay_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long the demand must fit fewer replicas before one is removed.",
+    )
+    tuning: ScalingTuning = Field(
+        ScalingTuning(), description="How many replicas one decision may add or remove."
+    )
+
+
+class RoutingTuning(_Strict):
+    """The replica choice's cost model and prefix memory (`serve_app.tier.replica_choice`)."""
+
     prefix_chars: PositiveInt = Field(
         1024, description="How much of the prompt (or conversation) the prefix key covers."
     )
@@ -150,18 +218,25 @@ class ReplicaRouting(_Strict):
     )
 
 
-class TierAdmission(_Strict):
-    """A tier's admission queue in each router replica; see `serve_app.router.fair_queue`."""
+class ReplicaRouting(_Tuned):
+    """How requests pick a replica inside a tier; see `serve_app.tier.replica_choice`."""
 
-    max_in_flight: PositiveInt = Field(
-        description="Requests of this tier one router replica lets run at once; the rest wait "
-        "in the queue, by priority class and fairly across tenants."
+    prefix_affinity: bool = Field(
+        False,
+        description="Send requests whose prompts share their leading part to the same replica "
+        "(its engine's prefix cache then skips their prefill), unless it is busier than the "
+        "best replica by more than tuning.affinity_margin_s.",
     )
+    tuning: RoutingTuning = Field(
+        RoutingTuning(), description="The replica choice's cost model and prefix memory."
+    )
+
+
+class AdmissionTuning(_Strict):
+    """The admission queue's bound and its fair-share bookkeeping."""
+
     max_queued: Annotated[int, Field(ge=0)] = Field(
         256, description="Requests that may wait; past this, 429 with Retry-After at once."
-    )
-    max_wait_s: PositiveFloat = Field(
-        30.0, description="Longest wait for a turn before a 429 with Retry-After."
     )
     reserved_turns: Annotated[int, Field(ge=0)] | None = Field(
         None,
@@ -175,11 +250,26 @@ class TierAdmission(_Strict):
         "ended.",
     )
 
+
+class TierAdmission(_Tuned):
+    """A tier's admission queue in each router replica; see `serve_app.router.fair_queue`."""
+
+    max_in_flight: PositiveInt = Field(
+        description="Requests of this tier one router replica lets run at once; the rest wait "
+        "in the queue, by priority class and fairly across tenants."
+    )
+    max_wait_s: PositiveFloat = Field(
+        30.0, description="Longest wait for a turn before a 429 with Retry-After."
+    )
+    tuning: AdmissionTuning = Field(
+        AdmissionTuning(), description="The queue's bound and its fair-share bookkeeping."
+    )
+
     @property
     def reserve(self) -> int:
         """The turns kept for tenants below their share."""
-        if self.reserved_turns is not None:
-            return self.reserved_turns
+        if self.tuning.reserved_turns is not None:
+            return self.tuning.reserved_turns
         return max(1, self.max_in_flight // 8)
 
     @model_validator(mode="after")
@@ -192,24 +282,13 @@ class TierAdmission(_Strict):
         return self
 
 
-class TierConfig(_Strict):
-    """One model tier: its own Serve deployment whose replicas each supervise one engine."""
+class TierTuning(_Strict):
+    """How a tier's replicas take requests and how routers reach its engines."""
 
-    name: str = Field(description="Lower-case DNS label; also the Serve deployment's suffix.")
-    aliases: tuple[str, ...] = Field((), description="Further model names that select this tier.")
-    engine: EngineConfig = EngineConfig()
-    gpus_per_replica: Annotated[int, Field(ge=0)] = Field(
-        0, description="GPUs each replica reserves from Ray; the engine shards over exactly these."
-    )
-    cpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
-    default_max_tokens: PositiveInt = 256
-    max_tokens_limit: PositiveInt = Field(
-        1024, description="Largest max_tokens a client may ask for; larger asks are a 400."
-    )
-    request_timeout_s: PositiveFloat = Field(
-        300.0,
-        description="The longest one request may take once a replica has taken it, to its last "
-        "token; a stream still running then ends with an error event.",
+    cpus_per_replica: Annotated[float, Field(ge=0)] = Field(
+        0.0,
+        description="CPUs each replica reserves from Ray: a reservation for placement, not a "
+        "limit on what the engine uses.",
     )
     data_path: Literal["direct", "relay"] = Field(
         "direct",
@@ -238,11 +317,6 @@ class TierConfig(_Strict):
         "replica slot per router. Not for tiers that may scale to zero (`replicas.min: 0`): "
         "renewing it would wake them.",
     )
-    replica_wait_timeout_s: PositiveFloat = Field(
-        600.0,
-        description="How long a request may wait for a replica of the tier to take it (the tier "
-        "is starting from zero replicas, or saturated) before a 503 with Retry-After.",
-    )
     max_ongoing_requests: PositiveInt = Field(
         64, description="Requests one replica takes at once; more wait in Serve's queue."
     )
@@ -252,14 +326,49 @@ class TierConfig(_Strict):
         description="Requests that may wait in Serve for a replica; past this, requests are "
         "refused at once with 429 and Retry-After (-1: no bound).",
     )
-    overflow_tier: str | None = Field(
-        None,
-        description="Where requests for this tier go while it is saturated (spill-over).",
-    )
     overflow_at_in_flight: PositiveInt = Field(
         32,
-        description="Saturated means: this many requests of this tier in flight in one router "
-        "replica.",
+        description="When the tier counts as saturated for `overflow_tier`: this many of its "
+        "requests in flight in one router replica.",
+    )
+    max_start_attempts: PositiveInt = Field(
+        3,
+        description="Replica starts that may fail in a row before the deployment is reported "
+        "as failed, instead of restarting a broken engine forever.",
+    )
+
+
+class TierConfig(_Tuned):
+    """One model tier: its own Serve deployment whose replicas each supervise one engine."""
+
+    name: str = Field(description="Lower-case DNS label; also the Serve deployment's suffix.")
+    aliases: tuple[str, ...] = Field((), description="Further model names that select this tier.")
+    engine: EngineConfig = Field(
+        EngineConfig(), description="The engine each replica launches and supervises."
+    )
+    gpus_per_replica: Annotated[int, Field(ge=0)] = Field(
+        0, description="GPUs each replica reserves from Ray; the engine shards over exactly these."
+    )
+    default_max_tokens: PositiveInt = Field(
+        256, description="Tokens generated for a request that does not say how many."
+    )
+    max_tokens_limit: PositiveInt = Field(
+        1024, description="Largest max_tokens a client may ask for; larger asks are a 400."
+    )
+    request_timeout_s: PositiveFloat = Field(
+        300.0,
+        description="The longest one request may take once a replica has taken it, to its last "
+        "token; a stream still running then ends with an error event.",
+    )
+    replica_wait_timeout_s: PositiveFloat = Field(
+        600.0,
+        description="How long a request may wait for a replica of the tier to take it (the tier "
+        "is starting from zero replicas, or saturated) before a 503 with Retry-After.",
+    )
+    overflow_tier: str | None = Field(
+        None,
+        description="Where requests for this tier go while it is saturated (spill-over; see "
+        "tuning.overflow_at_in_flight).",
     )
     routing: ReplicaRouting | None = Field(
         None,
@@ -269,7 +378,10 @@ class TierConfig(_Strict):
     admission: TierAdmission | None = Field(
         None, description="Queue requests in the router by priority and tenant (off when unset)."
     )
-    replicas: ReplicaBounds = ReplicaBounds()
+    replicas: ReplicaBounds = Field(
+        ReplicaBounds(),
+        description="Fixed when min equals max; otherwise the tier scales between them.",
+    )
     scaling: QueueScaling = Field(
         QueueScaling(), description="Used when replicas.min < replicas.max."
     )
@@ -278,10 +390,10 @@ class TierConfig(_Strict):
         description="Custom Ray resources each replica needs, e.g. {tier_large: 1}, to pin a "
         "tier to the nodes (KubeRay worker group) meant for it.",
     )
-    max_start_attempts: PositiveInt = Field(
-        3,
-        description="Replica starts that may fail in a row before the deployment is reported "
-        "as failed, instead of restarting a broken engine forever.",
+    tuning: TierTuning = Field(
+        TierTuning(),
+        description="Replica concurrency and queues, engine leases, spill-over threshold, start "
+        "attempts.",
     )
 
     @model_validator(mode="after")
@@ -309,17 +421,18 @@ class TierConfig(_Strict):
     def keeps_leases(self) -> bool:
         """Whether routers keep this tier's engine leases between requests
         (`serve_app.router.leases`): a kept lease skips the replica choice."""
+        tuning = self.tuning
         return (
-            self.data_path == "direct"
+            tuning.data_path == "direct"
             and self.routing is None
-            and self.lease_reuse_s > 0
-            and self.lease_idle_s > 0
+            and tuning.lease_reuse_s > 0
+            and tuning.lease_idle_s > 0
         )
 
     @property
     def keeps_spare_lease(self) -> bool:
         """Whether routers keep one lease of this tier through pauses (`lease_spare_s`)."""
-        return self.keeps_leases and self.lease_spare_s > 0 and self.replicas.min > 0
+        return self.keeps_leases and self.tuning.lease_spare_s > 0 and self.replicas.min > 0
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -330,11 +443,26 @@ class TierConfig(_Strict):
         """This tier without the settings only the builder reads (how many replicas, how many
         start attempts). Replicas are built from this, so that scaling a tier is a light update
         of the deployment, not a restart of every replica and of the router."""
-        defaults = {name: TierConfig.model_fields[name].default for name in BUILDER_ONLY}
-        return self.model_copy(update=defaults)
+        return _defaults_at(self, BUILDER_ONLY)
 
 
-BUILDER_ONLY = ("replicas", "max_start_attempts", "scaling", "ray_resources")
+# Dotted paths within a tier: the settings `TierConfig.for_replicas` resets to their defaults.
+BUILDER_ONLY = ("replicas", "scaling", "ray_resources", "tuning.max_start_attempts")
+
+
+def _defaults_at(model: M, paths: tuple[str, ...]) -> M:
+    """`model` with the settings at `paths` (dotted, within it) back at their defaults."""
+    update: dict[str, Any] = {}
+    nested: dict[str, list[str]] = {}
+    for path in paths:
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, []).append(rest)
+        else:
+            update[head] = type(model).model_fields[head].default
+    for head, rests in nested.items():
+        update[head] = _defaults_at(getattr(model, head), tuple(rests))
+    return model.model_copy(update=update)
 
 
 AUTO_MODEL = "auto"
@@ -343,7 +471,7 @@ AUTO_MODEL = "auto"
 class AutoRule(_Strict):
     """One rule of the `auto` model: the first rule whose every condition holds picks `tier`."""
 
-    tier: str
+    tier: str = Field(description="The tier this rule picks.")
     min_prompt_chars: PositiveInt | None = Field(
         None, description="The prompt (all message contents) is at least this long."
     )
@@ -362,7 +490,21 @@ class AutoRule(_Strict):
         return self
 
 
-class ApiKeysConfig(_Strict):
+class ApiKeysTuning(_Strict):
+    """How often the keys file is read, and how long the quota ledger may take."""
+
+    reload_interval_s: float = Field(
+        10,
+        gt=0,
+        le=60,
+        description="How often the router looks at `file` for a change.",
+    )
+    ledger_timeout_s: PositiveFloat = Field(
+        1.0, description="How long admission waits for the quota ledger before it counts as failed."
+    )
+
+
+class ApiKeysConfig(_Tuned):
     """Where the router reads its API keys (see `serve_app.router.auth` for the format)."""
 
     env: str | None = Field("SERVE_APP_API_KEYS", description="Environment variable holding them.")
@@ -371,28 +513,22 @@ class ApiKeysConfig(_Strict):
         description="A file holding them (takes precedence); re-read when it changes, so that "
         "an added, rotated or revoked key takes effect without a restart.",
     )
-    reload_interval_s: float = Field(
-        10,
-        gt=0,
-        le=60,
-        description="How often the router looks at `file` for a change.",
-    )
-    lease_fraction: float = Field(
-        0.1,
-        gt=0,
-        le=1,
-        description="No longer used (admission asks the ledger once per request, nothing is "
-        "leased); accepted so that existing configs still deploy.",
-    )
     on_ledger_failure: Literal["allow", "deny"] = Field(
         "deny",
         description="What a request of a key with quotas gets while the quota ledger does not "
         "answer: 'deny' (503 with Retry-After) or 'allow' (admitted, not counted). Keys without "
         "quotas never wait on the ledger.",
     )
-    ledger_timeout_s: PositiveFloat = Field(
-        1.0, description="How long admission waits for the quota ledger before it counts as failed."
+    tuning: ApiKeysTuning = Field(
+        ApiKeysTuning(), description="How often the keys file is read; the quota ledger's timeout."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lease_fraction" in data:
+            raise ValueError("`lease_fraction` is no longer used: remove it")
+        return data
 
     @model_validator(mode="after")
     def _has_source(self) -> ApiKeysConfig:
@@ -401,18 +537,9 @@ class ApiKeysConfig(_Strict):
         return self
 
 
-class RouterConfig(_Strict):
-    default_tier: str | None = Field(
-        None,
-        description="Tier for TGI-native routes without an X-Tier header, and for the `auto` "
-        "model when no rule matches; the first tier when unset.",
-    )
-    auto_rules: tuple[AutoRule, ...] = Field(
-        (), description="How model `auto` picks a tier; the first matching rule wins."
-    )
-    api_keys: ApiKeysConfig | None = Field(
-        None, description="Require API keys (with per-key tiers and quotas); off when unset."
-    )
+class RouterTuning(_Strict):
+    """The router's limits on what a request may be, and TGI compatibility."""
+
     max_body_bytes: PositiveInt = Field(
         2_000_000, description="Larger bodies are a 413, chunked ones included (read no further)."
     )
@@ -428,21 +555,42 @@ class RouterConfig(_Strict):
     max_messages: PositiveInt = Field(
         1_000, description="Chat requests with more messages are a 400."
     )
-    fallback_tier: str | None = Field(
-        None,
-        description="Tier for model names no tier answers to on the OpenAI routes (TGI's "
-        "clients send placeholder names such as 'tgi' or 'dummy'); unset: 404 model_not_found.",
-    )
     tgi_any_tier_name: bool = Field(
         True,
         description="On TGI's routes, an unknown X-Tier goes to fallback_tier (else default_tier), "
         "as TGI answers whatever model name it is sent.",
     )
-    replicas: PositiveInt = 1
+
+
+class RouterConfig(_Tuned):
+    """The HTTP entry point: which tier a request goes to, API keys, router replicas."""
+
+    default_tier: str | None = Field(
+        None,
+        description="Tier for TGI-native routes without an X-Tier header, and for the `auto` "
+        "model when no rule matches; the first tier when unset.",
+    )
+    auto_rules: tuple[AutoRule, ...] = Field(
+        (), description="How model `auto` picks a tier; the first matching rule wins."
+    )
+    api_keys: ApiKeysConfig | None = Field(
+        None, description="Require API keys (with per-key tiers and quotas); off when unset."
+    )
+    fallback_tier: str | None = Field(
+        None,
+        description="Tier for model names no tier answers to on the OpenAI routes (TGI's "
+        "clients send placeholder names such as 'tgi' or 'dummy'); unset: 404 model_not_found.",
+    )
+    replicas: PositiveInt = Field(
+        1, description="Router replicas; each holds its own admission queues and leases."
+    )
     ray_resources: dict[str, float] = Field(
         {},
         description="Custom Ray resources each router replica needs, e.g. {serve_app_router: 1}, "
         "to pin the router to the nodes (KubeRay worker group) that hold the API keys.",
+    )
+    tuning: RouterTuning = Field(
+        RouterTuning(), description="Limits on a request's size and shape; TGI compatibility."
     )
 
 
@@ -471,8 +619,16 @@ class TracingConfig(_Strict):
 
 
 class AppConfig(_Strict):
-    tiers: tuple[TierConfig, ...] = Field(min_length=1)
-    router: RouterConfig = RouterConfig()
+    """The `args` of the application in a Serve config file."""
+
+    tiers: tuple[TierConfig, ...] = Field(
+        min_length=1,
+        description="The model tiers, at least one; a request's `model` (a tier's name or one of "
+        "its aliases) picks one.",
+    )
+    router: RouterConfig = Field(
+        RouterConfig(), description="Every request comes in through the router's replicas."
+    )
     tracing: TracingConfig | None = Field(None, description="Off when unset.")
 
     @model_validator(mode="after")
@@ -515,9 +671,7 @@ class AppConfig(_Strict):
         tier that may scale to zero (`replicas` is not in it, and a renewal would wake the
         tier). Only a change to or from `replicas.min: 0` thus restarts the routers."""
         tiers = tuple(
-            t.for_replicas().model_copy(
-                update={} if t.keeps_spare_lease else {"lease_spare_s": 0.0}
-            )
+            t.for_replicas() if t.keeps_spare_lease else _no_spare_lease(t.for_replicas())
             for t in self.tiers
         )
         return self.model_copy(update={"tiers": tiers})
@@ -528,3 +682,7 @@ class AppConfig(_Strict):
 
     def tier(self, name: str) -> TierConfig:
         return next(t for t in self.tiers if t.name == name)
+
+
+def _no_spare_lease(tier: TierConfig) -> TierConfig:
+    return tier.model_copy(update={"tuning": tier.tuning.model_copy(update={"lease_spare_s": 0.0})})

@@ -13,7 +13,9 @@
     ├── EngineReplyError      the engine answered with an error status and body
     ├── EngineUnavailable     the engine could not be reached, or did not answer in time
     │   └── EngineUnreachable the engine refused the connection: nothing was sent to it
-    ├── TierUnavailable       no replica of the tier answered within its first-byte timeout
+    ├── TierUnavailable       no replica of the tier took the request: none runs, or none in time
+    ├── TierOverloaded        Serve's queue for the tier is full
+    ├── ReplicaUnavailable    the tier replica serving the request died or cannot be reached
     ├── QuotaUnavailable      the quota ledger did not answer, and keys with quotas are refused
     ├── AdmissionRefused      the tier's admission queue is full, or the wait for a turn too long
     └── EngineStartupError    the engine exited or timed out while starting
@@ -115,6 +117,24 @@ class EngineUnreachable(EngineUnavailable):
 
 
 class TierUnavailable(ServeAppError):
+    """`retry_after_s`: how long a client should wait: longer while replicas start."""
+
+    def __init__(self, message: str, retry_after_s: int = 10) -> None:
+        super().__init__(message, retry_after_s)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class TierOverloaded(ServeAppError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ReplicaUnavailable(ServeAppError):
+    """The replica died or is out of reach. Before it took the call nothing was sent to its
+    engine, so the call may go to another replica."""
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

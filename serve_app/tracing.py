@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -37,14 +36,6 @@ if TYPE_CHECKING:
 ENGINE_SERVICE_SUFFIX = "-engine"
 INSTRUMENTATION = "serve_app"
 EXPORT_DELAY_MS = 1000  # spans leave a process within a second of ending
-# The OpenAI route's operation, as gen_ai semantic conventions name it.
-OPERATIONS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "text_completion",
-    "/generate": "text_completion",
-    "/generate_stream": "text_completion",
-    "/": "text_completion",
-}
 USAGE_ATTRIBUTES = {
     "prompt_tokens": "gen_ai.usage.input_tokens",
     "completion_tokens": "gen_ai.usage.output_tokens",
@@ -76,26 +67,8 @@ def tier_attributes(tier: TierConfig) -> dict[str, str]:
         "model_id": tier.engine.model_id,
         "inference.backend": backend(tier),
         "gen_ai.response.model": tier.engine.model_id,
-        "serve_app.data_path": tier.data_path,
+        "serve_app.data_path": tier.tuning.data_path,
     }
-
-
-def request_attributes(path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-    """`gen_ai.request.*` from a request body (OpenAI or TGI shape); wrong types are left out."""
-    params = body.get("parameters")
-    params = params if isinstance(params, dict) else {}
-    found = {
-        "gen_ai.operation.name": OPERATIONS.get(path),
-        "gen_ai.request.model": body.get("model"),
-        "gen_ai.request.max_tokens": body.get(
-            "max_completion_tokens", body.get("max_tokens", params.get("max_new_tokens"))
-        ),
-        "gen_ai.request.temperature": body.get("temperature", params.get("temperature")),
-        "gen_ai.request.top_p": body.get("top_p", params.get("top_p")),
-        "gen_ai.request.seed": body.get("seed", params.get("seed")),
-        "serve_app.stream": body.get("stream"),
-    }
-    return {k: v for k, v in found.items() if isinstance(v, (str, int, float))}
 
 
 def usage_attributes(usage: Mapping[str, Any] | None) -> dict[str, int]:
@@ -203,9 +176,6 @@ class RequestTrace:
         if self._span is not None:
             self._span.add_event(name, dict(attributes or {}))
 
-    def body(self, path: str, body: Mapping[str, Any]) -> None:
-        self.set(request_attributes(path, body))
-
     def tier(self, tier: TierConfig, tenant: str | None) -> None:
         """The tier chosen for the request, and whose request it is."""
         self.set(tier_attributes(tier))
@@ -242,11 +212,18 @@ class RequestTrace:
             self._span.set_status(Status(StatusCode.ERROR))
             self.set({"error.type": str(response.status_code)})
         self._answered = True
+        if self._held:  # its request's settlement ends it (`release`)
+            return response
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._streamed(response.body_iterator)
-        elif not self._held:
+        else:
             self._end()
         return response
+
+    def first_token(self) -> None:
+        """A held request's stream sent its first token."""
+        ttft = time.perf_counter() - self._start
+        self.event("first_token", {"serve_app.time_to_first_token_s": ttft})
 
     async def _streamed(self, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
         assert self._span is not None
@@ -265,12 +242,6 @@ class RequestTrace:
 
 
 OFF = RequestTrace()
-_CURRENT: ContextVar[RequestTrace] = ContextVar("serve_app_request_trace", default=OFF)
-
-
-def current() -> RequestTrace:
-    """The request trace of the request being handled (in this task), or `OFF`."""
-    return _CURRENT.get()
 
 
 class ReplicaSpan:
@@ -312,7 +283,7 @@ class Tracing:
         return self._tracer is not None
 
     def start(self, request: Request) -> RequestTrace:
-        """The router's span for `request`, the current trace of this task from now on."""
+        """The router's span for `request` (held by its `RequestLife`)."""
         if self._tracer is None:
             return OFF
         from opentelemetry.trace import SpanKind
@@ -323,9 +294,7 @@ class Tracing:
             kind=SpanKind.SERVER,
             attributes={"http.request.method": request.method, "url.path": request.url.path},
         )
-        trace = RequestTrace(span)
-        _CURRENT.set(trace)
-        return trace
+        return RequestTrace(span)
 
     @contextmanager
     def span(

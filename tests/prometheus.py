@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.helpers import free_port, wait_for
+from devstack.hosts import free_port
+from tests.helpers import wait_for
 
 PACKAGE = "prometheus"
 

@@ -1,24 +1,52 @@
-"""The engine's HTTP API as typed calls over one pooled connection pool.
+"""The engine's HTTP API (TGI's protocol) as typed calls: `health`, `info`, `metrics`, `post`,
+`stream`.
 
-Transport failures become `EngineUnavailable`, error statuses `EngineReplyError`: the only
-place where httpx exceptions are translated.
+    EngineConnections   one aiohttp session per event loop; its connector keeps one pool of
+                        keep-alive connections per engine address (host and port)
+    EngineClient        one engine's address and key over such connections: cheap to make, so
+                        the router makes one per lease
+
+One session with a pool per address rather than a session per engine: the router talks to every
+engine its leases name, and those come and go with replicas. Pools keyed by address need no
+lifetime of their own (a gone engine's idle connections close after `KEEPALIVE_S`), and a lease
+creates nothing. aiohttp rather than httpx: on the direct data path every streamed chunk crosses
+this client, and aiohttp reads and splits lines at a fraction of httpx's cost per chunk.
+
+`engine_errors` is the one place where the transport's exceptions become the project's
+(`EngineUnreachable`, `EngineUnavailable`); error statuses become `EngineReplyError` with TGI's
+`error`/`error_type`. A message may reach a client, so it names neither the engine's address nor
+the library's exception: those are logged here, and kept as the error's `__cause__`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from ..errors import EngineReplyError, EngineUnavailable, EngineUnreachable
 from .sse import Batch, sse_batches
 
+logger = logging.getLogger("ray.serve")
+
+CONNECT_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 5.0  # /health and /info
+METRICS_TIMEOUT_S = 2.0
+# An idle pooled connection is closed by this side well before the engine would close it (the
+# local engine after 90 s, see `serve_app.local_engine`): a request then never goes out on a
+# connection the engine is closing at that moment.
+KEEPALIVE_S = 60.0
 # Headers the engine sends that belong to the connection or to the router, not to the answer.
 NOT_PASSED = frozenset({"x-request-id"})
+# The status TGI gives each `error_type`; inside a stream the status is 200 and only the type
+# says what went wrong.
+TGI_ERROR_STATUS = {"validation": 422, "generation": 424, "overloaded": 429}
 
 
 @dataclass(frozen=True)
@@ -48,11 +76,6 @@ def reply_error(status: int, body: bytes) -> EngineReplyError:
         return EngineReplyError(status, body.decode(errors="replace")[:500], "")
 
 
-# The status TGI gives each `error_type`; inside a stream the status is 200 and only the type
-# says what went wrong.
-TGI_ERROR_STATUS = {"validation": 422, "generation": 424, "overloaded": 429}
-
-
 def stream_error(data: str) -> EngineReplyError:
     """An error event from inside an engine stream, with the status TGI would have used."""
     error = reply_error(200, data.encode())
@@ -60,76 +83,174 @@ def stream_error(data: str) -> EngineReplyError:
     return error
 
 
+@contextmanager
+def engine_errors(url: str, path: str, *, quiet: bool = False) -> Iterator[None]:
+    """Transport failures of a call to the engine at `url` as the project's errors: the one
+    place where they are translated. The address and the library's words go to the log (at
+    debug level when `quiet`: a probe that expects failures) and stay on `__cause__`, never
+    into the message."""
+    level = logging.DEBUG if quiet else logging.WARNING
+    try:
+        yield
+    except TimeoutError as exc:  # before OSError, which it subclasses; aiohttp's too
+        logger.log(level, "engine %s: %s timed out: %r", url, path, exc)
+        raise EngineUnavailable(f"the engine did not answer {path} in time") from exc
+    except aiohttp.ClientConnectorError as exc:
+        logger.log(level, "engine %s: no connection for %s: %r", url, path, exc)
+        raise EngineUnreachable(f"the engine refused the connection for {path}") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        logger.log(level, "engine %s: %s failed: %r", url, path, exc)
+        raise EngineUnavailable(f"the engine's connection failed during {path}") from exc
+
+
+class EngineConnections:
+    """Keep-alive connections to any number of engines: one aiohttp session, made on first use
+    inside the event loop that uses it (one made in another loop is left behind), with one pool
+    per engine address. Answers are read as sent: no decompression, none asked for."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=None
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding",)
+            )
+            self._loop = loop
+        return self._session
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and self._loop is asyncio.get_running_loop():
+            await session.close()
+
+
 class EngineClient:
+    """Typed calls to the engine at `url`. `api_key` is the engine's own (TGI's `--api-key`),
+    sent with every call; `timeout_s` bounds a `post` or `stream` from its start to its last
+    byte. Without `connections`, the client has its own, and `aclose` closes them."""
+
     def __init__(
         self,
-        base_url: str,
-        request_timeout_s: float,
-        transport: httpx.AsyncBaseTransport | None = None,
+        url: str,
+        timeout_s: float,
+        *,
         api_key: str | None = None,
+        connections: EngineConnections | None = None,
     ) -> None:
-        """`transport` is httpx's own seam: tests hand in `httpx.MockTransport`. `api_key`
-        is the engine's own (TGI's `--api-key`), sent with every call."""
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers={"authorization": f"Bearer {api_key}"} if api_key else None,
-            timeout=httpx.Timeout(request_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            transport=transport,
-        )
+        self.url = url
+        self._auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = _timeout(timeout_s)
+        self._owned = connections is None
+        self._connections = connections if connections is not None else EngineConnections()
 
-    @asynccontextmanager
-    async def _translated(self, what: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except httpx.TimeoutException as exc:
-            raise EngineUnavailable(f"engine did not answer {what} in time") from exc
-        except httpx.ConnectError as exc:
-            raise EngineUnreachable(f"engine refused {what}: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            raise EngineUnavailable(f"engine unreachable for {what}: {exc!r}") from exc
+    def __repr__(self) -> str:
+        return f"EngineClient({self.url!r})"
 
     async def healthy(self) -> bool:
+        """Whether `/health` answers 200; an engine that cannot be reached is not healthy."""
         try:
-            reply = await self._http.get("/health", timeout=5.0)
-        except httpx.HTTPError:
+            probe = _timeout(PROBE_TIMEOUT_S)
+            async with self._sent("GET", "/health", timeout=probe, quiet=True) as reply:
+                return reply.status == 200
+        except EngineUnavailable:
             return False
-        return reply.status_code == 200
 
     async def info(self) -> dict[str, Any]:
-        async with self._translated("/info"):
-            reply = await self._http.get("/info", timeout=5.0)
-        if reply.status_code != 200:
-            raise reply_error(reply.status_code, reply.content)
-        return dict(reply.json())
+        async with self._sent("GET", "/info", timeout=_timeout(PROBE_TIMEOUT_S)) as reply:
+            body = await reply.read()
+        if reply.status != 200:
+            raise reply_error(reply.status, body)
+        try:
+            info = json.loads(body)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise EngineReplyError(reply.status, "the engine's /info is not a JSON object", "")
+        return info
 
     async def metrics(self) -> str:
-        async with self._translated("/metrics"):
-            reply = await self._http.get("/metrics", timeout=2.0)
-        return reply.text
+        """The engine's Prometheus text (`serve_app.engine.stats` parses it)."""
+        async with self._sent("GET", "/metrics", timeout=_timeout(METRICS_TIMEOUT_S)) as reply:
+            body = await reply.read()
+        if reply.status != 200:
+            raise reply_error(reply.status, body)
+        return body.decode(errors="replace")
 
     async def post(
         self, path: str, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None
     ) -> EngineReply:
-        """Cancelling the caller closes the connection: the engine drops the request.
-        `headers` (a W3C `traceparent`) go with the request."""
-        async with self._translated(path):
-            reply = await self._http.post(path, json=payload, headers=headers)
-        return EngineReply(reply.status_code, reply.content, passed_headers(reply.headers))
+        """The engine's whole answer. Cancelling the caller closes the connection, and the
+        engine drops the request. `headers` (a W3C `traceparent`) go with the request."""
+        async with self._sent("POST", path, payload, headers) as reply:
+            body = await reply.read()
+            return EngineReply(reply.status, body, passed_headers(reply.headers))
 
     async def stream(
         self, path: str, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None
     ) -> AsyncIterator[Batch]:
-        """SSE data payloads, batched as each read completes them (`serve_app.engine.sse`).
-        A non-200 answer raises before anything is yielded; closing the iterator closes the
-        connection, which is how the engine learns to stop generating. `headers` (a W3C
-        `traceparent`) go with the request."""
-        request = self._http.stream("POST", path, json=payload, headers=headers)
-        async with self._translated(path), request as reply:
-            if reply.status_code != 200:
-                raise reply_error(reply.status_code, await reply.aread())
-            async for batch in sse_batches(reply.aiter_bytes()):
-                yield batch
+        """SSE data payloads, batched as each read of the connection completes them (see
+        `serve_app.engine.sse`). A non-200 answer raises before anything is yielded; closing
+        the iterator closes the connection, which is how the engine learns to stop generating.
+        `headers` (a W3C `traceparent`) go with the request."""
+        async with self._sent("POST", path, payload, headers) as reply:
+            if reply.status != 200:
+                raise reply_error(reply.status, await reply.read())
+            try:
+                async for batch in sse_batches(reply.content.iter_any()):
+                    yield batch
+            except BaseException:
+                reply.close()  # unfinished: drop the connection, never reuse it
+                raise
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._owned:
+            await self._connections.aclose()
+
+    @asynccontextmanager
+    async def _sent(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+        quiet: bool = False,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The engine's answer (status and headers; the body is read inside), failures
+        translated however far it was read."""
+        with engine_errors(self.url, path, quiet=quiet):
+            reply = await self._answered(method, path, payload, headers, timeout or self._timeout)
+            async with reply:
+                yield reply
+
+    async def _answered(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """A pooled connection that the engine closed just as it was reused fails before any
+        answer; the request is then sent once more, since the engine never answered it."""
+        sent = {**headers, **self._auth} if headers else self._auth
+        session = self._connections.session()
+        for attempt in range(2):
+            try:
+                return await session.request(
+                    method, self.url + path, json=payload, headers=sent, timeout=timeout
+                )
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError):
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def _timeout(total_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total_s, sock_connect=CONNECT_TIMEOUT_S)

@@ -84,6 +84,7 @@ def build_launch(
     assigned, never TGI's "all visible GPUs".
     """
     engine = tier.engine
+    tuning = engine.tuning
     argv: list[str] = [
         *launcher_program(tier),
         "--model-id", engine.model_id,
@@ -93,15 +94,15 @@ def build_launch(
         "--shard-uds-path", ports.shard_uds_path,
         "--max-input-tokens", str(engine.max_input_tokens),
         "--max-total-tokens", str(engine.max_total_tokens),
-        "--max-concurrent-requests", str(engine.max_concurrent_requests),
-        "--graceful-termination-timeout", str(int(engine.graceful_termination_timeout_s)),
+        "--max-concurrent-requests", str(tuning.max_concurrent_requests),
+        "--graceful-termination-timeout", str(int(tuning.graceful_termination_timeout_s)),
         "--usage-stats", "off",
         "--json-output",
     ]  # fmt: skip
-    if engine.threads is not None:
-        argv += ["--threads", str(engine.threads)]
-    if engine.max_batch_size is not None:
-        argv += ["--max-batch-size", str(engine.max_batch_size)]
+    if tuning.threads is not None:
+        argv += ["--threads", str(tuning.threads)]
+    if tuning.max_batch_size is not None:
+        argv += ["--max-batch-size", str(tuning.max_batch_size)]
     if gpu_ids:
         argv += ["--num-shard", str(len(gpu_ids))]
         if len(gpu_ids) > 1:

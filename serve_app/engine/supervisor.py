@@ -92,7 +92,7 @@ class EngineSupervisor:
 
     async def _start(self) -> None:
         await self.process.start()
-        timeout = self._tier.engine.startup_timeout_s
+        timeout = self._tier.engine.tuning.startup_timeout_s
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.process.alive():
@@ -113,7 +113,7 @@ class EngineSupervisor:
             await asyncio.sleep(READY_POLL_S)
         raise EngineStartupError(
             f"engine for tier {self._tier.name!r} was not ready within {timeout:.0f}s "
-            f"(engine.startup_timeout_s). Last output:\n{self._tail()}"
+            f"(engine.tuning.startup_timeout_s). Last output:\n{self._tail()}"
         )
 
     async def ended(self) -> int | None:
@@ -136,7 +136,7 @@ class EngineSupervisor:
             return
         self.state = EngineState.STOPPING
         # TGI drains for up to its graceful timeout after SIGTERM; allow that plus a margin.
-        await self.process.terminate(self._tier.engine.graceful_termination_timeout_s + 5)
+        await self.process.terminate(self._tier.engine.tuning.graceful_termination_timeout_s + 5)
         await self.client.aclose()
         shutil.rmtree(self._workdir, ignore_errors=True)
         self.state = EngineState.STOPPED

@@ -11,10 +11,10 @@ What is derived from the config, so that it cannot drift:
 - one worker group per tier: `replicas`/`minReplicas`/`maxReplicas` from the tier's replica bounds
   (one Serve replica per pod), `nvidia.com/gpu` from `gpus_per_replica`, the tier resource
   advertised in `rayStartParams`; one `router` group with a pod per router replica.
-- what a security review asks for (README "Kubernetes (KubeRay)"): Ray token authentication with
-  the token read from a mounted Secret, secrets as files mounted only where they are read,
-  Pod Security "restricted" settings, NetworkPolicies, and, where a model cache is mounted, the
-  Job that fills it (serving pods mount it read-only and wait for it).
+- what a security review asks for (docs/operations.md "Kubernetes (KubeRay)"): Ray token
+  authentication with the token read from a mounted Secret, secrets as files mounted only where
+  they are read, Pod Security "restricted" settings, NetworkPolicies, and, where a model cache is
+  mounted, the Job that fills it (serving pods mount it read-only and wait for it).
 Pod sizes and scheduling hints that are not in the config come from `Overlay`.
 """
 

@@ -20,9 +20,9 @@ def tier_resource(tier: TierConfig) -> str:
 
 
 def worker_group(tier: TierConfig, overlay: Overlay, image: str) -> dict[str, Any]:
-    if tier.cpus_per_replica > float(overlay.worker_cpu):
+    if tier.tuning.cpus_per_replica > float(overlay.worker_cpu):
         raise ValueError(
-            f"tier {tier.name!r} asks {tier.cpus_per_replica} CPUs per replica; the "
+            f"tier {tier.name!r} asks {tier.tuning.cpus_per_replica} CPUs per replica; the "
             f"{overlay.name!r} overlay's workers have {overlay.worker_cpu}"
         )
     gpus = tier.gpus_per_replica if overlay.gpu else 0

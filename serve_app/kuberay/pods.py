@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from ..localstack import INGRESS_GUARDS, SERVE_TUNING
+from ..serve_env import INGRESS_GUARDS, SERVE_TUNING
 from .overlays import Overlay
 from .security import API_KEYS, CONTAINER_SECURITY, POD_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
 

@@ -104,7 +104,7 @@ async def serve(args: EngineArgs) -> None:
             log_config=None,
             access_log=False,
             # Idle connections stay open longer than a router's pool keeps them (60 s, see
-            # `serve_app.engine.pool`), so the router is the side that closes them.
+            # `serve_app.engine.client`), so the router is the side that closes them.
             timeout_keep_alive=90,
             timeout_graceful_shutdown=args.graceful_termination_timeout,
         )

@@ -6,7 +6,7 @@ timetable: the first token after `--sim-ttft-ms`, then one every `--sim-itl-ms`,
 `--sim-output-tokens` (then end-of-sequence) or `max_new_tokens`. For benchmarks and autoscaling
 experiments only; functional tests use the real model.
 
-One process streams tens of thousands of tokens/s (bench/sim_engine.py; README "Performance"):
+One process streams tens of thousands of tokens/s (bench/sim_engine.py; docs/benchmarks.md):
 the tokens are made once, not per stream and step. Each stream keeps its own timer: one timer
 per decode step for all streams (as a real engine's batch) was measured and made the streams
 emit in bursts, which cost more at the client than the timers saved.

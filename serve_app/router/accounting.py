@@ -1,26 +1,14 @@
-"""One generating request's bookkeeping, from admission to its end, whatever the end.
-
-`RequestScope` counts the request in flight for its tier, times its first token and the gaps
-between chunks, counts the tokens it produced (from the engine's usage when there is one, else
-from the stream itself), and on `close` — success, error, client disconnect or cancellation —
-records the outcome once, takes it out of flight and hands the tokens used to `on_tokens` (the
-quota settlement). `close` is idempotent and never raises.
-"""
+"""What a request's settlement counts and where it goes: tokens used (`Usage`, from the engine's
+own count or estimated), requests in flight per tier (`InFlight`), and the `Recorder` that
+takes outcomes (the application's metrics, or a list in tests). `RequestLife` in
+`serve_app.router.lifecycle` does the counting."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Protocol
-
-from starlette.requests import ClientDisconnect
-
-from .errors import api_error
 
 logger = logging.getLogger("ray.serve")
 CLIENT_CLOSED = 499  # the client went away before the answer was complete
@@ -79,79 +67,3 @@ def prompt_estimate(prompt_chars: int) -> int:
     """Prompt tokens when the engine does not say (TGI's native streams): about four
     characters a token."""
     return math.ceil(prompt_chars / 4)
-
-
-class RequestScope:
-    def __init__(
-        self,
-        tier: str,
-        in_flight: InFlight,
-        recorder: Recorder,
-        prompt_chars: int,
-        on_tokens: Callable[[Usage], None],
-        tgi: bool = False,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        """`tgi`: statuses as TGI's routes answer them (see `router.errors`)."""
-        self.tier = tier
-        self.status = 200
-        self._in_flight = in_flight
-        self._recorder = recorder
-        self._prompt_chars = prompt_chars
-        self._on_tokens = on_tokens
-        self._tgi = tgi
-        self._clock = clock
-        self._start = self._last = clock()
-        self._first: float | None = None
-        self._usage: Usage | None = None
-        self._counted = 0
-        self._closed = False
-        self.ended = False  # a stream reached its end (else the client cut it)
-        in_flight.add(tier, +1)
-
-    def chunk(self, tokens: int = 0) -> None:
-        """A streamed chunk arrived, carrying `tokens` generated tokens."""
-        now = self._clock()
-        if self._first is None:
-            self._first = now
-            self._recorder.first_token(self.tier, now - self._start)
-        else:
-            self._recorder.between_tokens(self.tier, now - self._last)
-        self._last = now
-        self._counted += tokens
-
-    def report(self, usage: Usage | None) -> None:
-        """The engine's own count, which wins over the counted chunks."""
-        if usage is not None:
-            self._usage = usage
-
-    @property
-    def usage(self) -> Usage:
-        if self._usage is not None:
-            return self._usage
-        return Usage(prompt_estimate(self._prompt_chars) if self._counted else 0, self._counted)
-
-    def close(self, exc: BaseException | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if isinstance(exc, (asyncio.CancelledError, GeneratorExit, ClientDisconnect)):
-            self.status = CLIENT_CLOSED
-        elif exc is not None:
-            error = api_error(exc)
-            self.status = error.tgi_status() if self._tgi else error.status
-        usage = self.usage
-        try:
-            self._in_flight.add(self.tier, -1)
-            self._recorder.finished(self.tier, self.status, self._clock() - self._start, usage)
-            self._on_tokens(usage)
-        except Exception:  # bookkeeping must never turn an answer into an error
-            logger.exception("request accounting failed")
-
-    def __enter__(self) -> RequestScope:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close(exc)

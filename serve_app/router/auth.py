@@ -153,5 +153,5 @@ def key_ring(config: ApiKeysConfig | None) -> Authenticator | None:
     if config is None:
         return None
     if config.file is not None:
-        return FileKeyRing(Path(config.file), config.reload_interval_s)
+        return FileKeyRing(Path(config.file), config.tuning.reload_interval_s)
     return KeyRing(load_tenants(config, os.environ))

@@ -1,37 +1,42 @@
 """Sending a typed call to a tier: waiting (bounded) for a replica to take it, one retry of an
 engine at capacity before anything was sent, and cancelling the tier's work when the caller
-goes away. The transport is a seam: Serve handles in production, a fake in unit tests."""
+goes away. The transport is a seam: Serve handles in production, a fake in unit tests.
+
+`ray_errors` is the one place where Ray's and Serve's exceptions from a tier call become the
+project's (`ReplicaUnavailable`, `TierOverloaded`, `TierUnavailable`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ..config import TierConfig
-from ..engine.client import EngineClient, EngineReply
-from ..engine.pool import EnginePool
+from ..engine.client import EngineClient, EngineConnections, EngineReply
 from ..engine.sse import Batch
-from ..errors import EngineReplyError, EngineUnreachable, TierUnavailable
-from ..tier.call import EngineLease, TierCall
+from ..errors import (
+    EngineReplyError,
+    EngineUnreachable,
+    ReplicaUnavailable,
+    ServeAppError,
+    TierOverloaded,
+    TierUnavailable,
+)
+from ..tier.call import TierCall
 from ..tier.replica_choice import route_hint
 from ..tier.request_router import session_header
-from ..tracing import current
-from .direct import EngineCalls, LeasedCalls
-from .leases import Lease, LeaseKeeper
+from ..tracing import RequestTrace
+from .leases import EngineLease, GrantCall, Keeping, TierLeases, reusable_after
 
 # A call that nothing served is tried once more: Serve may pick another replica.
 ATTEMPTS = 2
-# What a spare lease asks of its replica: the replica reads only the route (its span's name).
-SPARE = TierCall("/v1/chat/completions", {}, stream=True, max_tokens=0, prompt_chars=0)
 T = TypeVar("T", covariant=True)
-R = TypeVar("R")
 
 
 class Calls(Protocol[T]):
@@ -51,7 +56,7 @@ class TierTransport(Protocol):
 
 class ServeTransport:
     """Tier deployments through their Serve handles. A tier's `data_path` says how answers
-    come back: `direct` from the engine a replica leases (`serve_app.router.direct`), `relay`
+    come back: `direct` from the engine a replica leases (`serve_app.router.leases`), `relay`
     through the replica."""
 
     def __init__(
@@ -63,65 +68,52 @@ class ServeTransport:
         self._handles = dict(handles)
         self._tiers = dict(tiers)
         self._streams = {name: h.options(stream=True) for name, h in handles.items()}
-        pool = EnginePool()
-        self._engines = {name: EngineCalls(pool, t.request_timeout_s) for name, t in tiers.items()}
-        # Kept leases (`serve_app.router.leases`): direct tiers without their own replica choice
-        # (a kept lease skips it), and not while tracing (a trace's tier span is its lease's).
-        self._keepers = {
-            name: LeaseKeeper(
-                t.lease_reuse_s,
-                t.lease_idle_s,
-                spare_s=t.lease_spare_s,  # 0 for tiers that keep none (`AppConfig.for_router`)
-                grant=self._granter(name),
-            )
+        self._engines = EngineConnections()  # the direct data path's, to every engine
+        # Kept leases: direct tiers without their own replica choice (a kept lease skips it),
+        # and not while tracing (a trace's tier span is its lease's).
+        self._leases = {
+            name: TierLeases(name, self._asker(name), _keeping(t) if keep_leases else None)
             for name, t in tiers.items()
-            if keep_leases and t.keeps_leases
         }
 
     def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
-        if self._tiers[tier].data_path == "direct":
-            return self._leased(tier, call, self._engines[tier].request(call), EngineCalls.finished)
-        calls: Calls[EngineReply | None] = self._routed(tier, call).request.remote(call)
-        return calls
+        if self._tiers[tier].tuning.data_path == "direct":
+            return self._leases[tier].calls(call, self._post(tier, call), reusable_after)
+        return RayCalls(tier, self._routed(tier, call).request.remote(call))
 
     def stream(self, tier: str, call: TierCall) -> Calls[Batch | None]:
-        if self._tiers[tier].data_path == "direct":
-            return self._leased(tier, call, self._engines[tier].stream(call))
-        calls: Calls[Batch | None] = self._routed(tier, call).stream.remote(call)
-        return calls
+        if self._tiers[tier].tuning.data_path == "direct":
+            return self._leases[tier].calls(call, self._stream(tier, call))
+        return RayCalls(tier, self._routed(tier, call).stream.remote(call))
 
-    def _leased(
-        self,
-        tier: str,
-        call: TierCall,
-        start: Callable[[EngineLease], AsyncIterator[R]],
-        finished: Callable[[R], bool] | None = None,
-    ) -> LeasedCalls[R]:
-        keeper = self._keepers.get(tier)
-        kept = keeper.take() if keeper is not None else None
-        if kept is not None:
-            return LeasedCalls(start, tier, kept=kept, keeper=keeper, finished=finished)
-        # The replica needs only the route and trace: the prompt stays here, not pickled
-        # and shipped to it on every lease.
-        grant = self._routed(tier, call).lease.remote(replace(call, payload={}))
-        return LeasedCalls(start, tier, call=grant, keeper=keeper, finished=finished)
+    def _asker(self, tier: str) -> Callable[[TierCall], GrantCall]:
+        """Serve's call to `TierDeployment.lease`, for a request or (`SPARE`) for none."""
 
-    def _granter(self, tier: str) -> Callable[[], Awaitable[Lease]]:
-        """A fresh lease of `tier` for no request yet: a router's spare (`LeaseKeeper`)."""
+        def ask(call: TierCall) -> GrantCall:
+            # The replica needs only the route and trace: the prompt stays here, not pickled
+            # and shipped to it on every lease.
+            return RayCalls(tier, self._routed(tier, call).lease.remote(replace(call, payload={})))
 
-        async def grant() -> Lease:
-            call = self._streams[tier].lease.remote(SPARE)
-            try:
-                engine: EngineLease | None = await anext(call, None)
-            except BaseException:
-                call.cancel()
-                raise
-            if engine is None:
-                call.cancel()
-                raise TierUnavailable(f"a replica of tier {tier!r} gave no engine")
-            return Lease(call, engine, time.monotonic())
+        return ask
 
-        return grant
+    def _post(
+        self, tier: str, call: TierCall
+    ) -> Callable[[EngineLease], AsyncIterator[EngineReply]]:
+        async def start(lease: EngineLease) -> AsyncIterator[EngineReply]:
+            yield await self._engine(tier, lease).post(call.route, call.payload, lease.trace)
+
+        return start
+
+    def _stream(self, tier: str, call: TierCall) -> Callable[[EngineLease], AsyncIterator[Batch]]:
+        def start(lease: EngineLease) -> AsyncIterator[Batch]:
+            return self._engine(tier, lease).stream(call.route, call.payload, lease.trace)
+
+        return start
+
+    def _engine(self, tier: str, lease: EngineLease) -> EngineClient:
+        """The leased engine, over this router's connections, with the tier's time bound."""
+        timeout_s = self._tiers[tier].request_timeout_s
+        return EngineClient(lease.url, timeout_s, api_key=lease.api_key, connections=self._engines)
 
     def _routed(self, tier: str, call: TierCall) -> DeploymentHandle:
         """Replica choice (`serve_app.tier.replica_choice`): for a tier with `routing`, the
@@ -129,16 +121,65 @@ class ServeTransport:
         config = self._tiers[tier]
         if config.routing is None:
             return self._streams[tier]
+        # The session id is read from Serve's own request context, where its proxy put the
+        # `x-session-id` header (under the name `RAY_SERVE_SESSION_ID_HEADER_KEY` gives it).
         hint = route_hint(call.payload, session_header(), config.default_max_tokens, config.routing)
         return self._streams[tier].options(session_id=hint.encode())
 
     async def info(self, tier: str) -> dict[str, Any]:
-        info: dict[str, Any] = await self._handles[tier].info.remote()
+        with ray_errors(tier):
+            info: dict[str, Any] = await self._handles[tier].info.remote()
         return info
 
     async def report_queue(self, tier: str, router: str, queued: int) -> None:
         """A router's admission queue length, to one replica of the tier (its autoscaling)."""
-        await self._handles[tier].report_admission.remote(router, queued)
+        with ray_errors(tier):
+            await self._handles[tier].report_admission.remote(router, queued)
+
+
+def _keeping(tier: TierConfig) -> Keeping | None:
+    tuning = tier.tuning
+    if not tier.keeps_leases:
+        return None
+    # `lease_spare_s` is 0 for tiers that keep none (`AppConfig.for_router`).
+    return Keeping(tuning.lease_reuse_s, tuning.lease_idle_s, tuning.lease_spare_s)
+
+
+@contextmanager
+def ray_errors(tier: str) -> Iterator[None]:
+    """Ray's and Serve's exceptions from a call to `tier` as the project's: the one place where
+    they are translated. A project error a replica raised comes wrapped in Ray's `RayTaskError`,
+    which subclasses it: it passes as it is."""
+    try:
+        yield
+    except ServeAppError:
+        raise
+    except (RayActorError, ActorUnavailableError) as exc:
+        raise ReplicaUnavailable(
+            f"the replica of tier {tier!r} serving this request died; retry"
+        ) from exc
+    except BackPressureError as exc:
+        raise TierOverloaded(f"the queue of tier {tier!r} is full; retry shortly") from exc
+    except DeploymentUnavailableError as exc:
+        raise TierUnavailable(f"tier {tier!r} has no running replica", retry_after_s=5) from exc
+
+
+class RayCalls(Generic[T]):
+    """A Serve call in progress (`DeploymentResponseGenerator`), its failures translated."""
+
+    __slots__ = ("_calls", "_tier")
+
+    def __init__(self, tier: str, calls: Any) -> None:
+        self._tier = tier
+        self._calls = calls
+
+    async def __anext__(self) -> T:
+        with ray_errors(self._tier):
+            item: T = await self._calls.__anext__()
+        return item
+
+    def cancel(self) -> None:
+        self._calls.cancel()
 
 
 class Dispatcher:
@@ -146,16 +187,16 @@ class Dispatcher:
         self._transport = transport
         self._wait_timeout_s = wait_timeout_s
 
-    async def request(self, tier: str, call: TierCall) -> EngineReply:
+    async def request(self, tier: str, call: TierCall, trace: RequestTrace) -> EngineReply:
         """The engine's whole answer. Cancelling this (the client went away) cancels the tier's
         call, which closes the engine request. A call nothing served (`unserved`) is tried
         once more."""
-        call = replace(call, trace=current().carrier())
+        call = replace(call, trace=trace.carrier())
         for attempt in range(ATTEMPTS):
             last, taken = attempt == ATTEMPTS - 1, False
             replies = self._transport.request(tier, call)
             try:
-                await self._taken(tier, replies)
+                await self._taken(tier, replies, trace)
                 taken = True
                 reply = await anext(replies, None)
             except Exception as exc:
@@ -170,15 +211,17 @@ class Dispatcher:
                 return reply
         raise AssertionError("unreachable")
 
-    async def stream(self, tier: str, call: TierCall) -> tuple[Batch | None, Calls[Batch | None]]:
+    async def stream(
+        self, tier: str, call: TierCall, trace: RequestTrace
+    ) -> tuple[Batch | None, Calls[Batch | None]]:
         """Start a stream and wait for its first batch of chunks, so that an error before any token
         keeps its HTTP status. A call nothing served (`unserved`) is tried once more."""
-        call = replace(call, trace=current().carrier())
+        call = replace(call, trace=trace.carrier())
         for attempt in range(ATTEMPTS):
             last, taken = attempt == ATTEMPTS - 1, False
             chunks = self._transport.stream(tier, call)
             try:
-                await self._taken(tier, chunks)
+                await self._taken(tier, chunks, trace)
                 taken = True
                 return await anext(chunks, None), chunks
             except Exception as exc:
@@ -196,7 +239,7 @@ class Dispatcher:
     async def report_queue(self, tier: str, router: str, queued: int) -> None:
         await self._transport.report_queue(tier, router, queued)
 
-    async def _taken(self, tier: str, calls: Calls[Any]) -> None:
+    async def _taken(self, tier: str, calls: Calls[Any], trace: RequestTrace) -> None:
         """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
         timeout = self._wait_timeout_s(tier)
         try:
@@ -207,7 +250,7 @@ class Dispatcher:
                 f"no replica of tier {tier!r} took the request within {timeout:.0f}s "
                 "(replica_wait_timeout_s): the tier is starting or saturated; retry later"
             ) from None
-        current().replica_taken()
+        trace.replica_taken()
 
 
 def unserved(exc: BaseException, taken: bool) -> bool:
@@ -215,57 +258,9 @@ def unserved(exc: BaseException, taken: bool) -> bool:
     engine at capacity (429), one that refused the connection (it exited), or a replica that
     died before it took the call (`taken`: it answered that it had; Serve leaves a dead one
     out of its next choice). A replica lost after taking it may have started the engine
-    call, and an error a replica raised (`RayTaskError`) is judged by what it wraps."""
+    call. An error a replica raised (Ray's `RayTaskError`) is judged by what it wraps."""
     if isinstance(exc, EngineReplyError):
         return exc.status == 429
     if isinstance(exc, EngineUnreachable):
         return True
-    return not taken and isinstance(exc, RayActorError) and not isinstance(exc, RayTaskError)
-
-
-class _DirectCalls:
-    """An in-process call with Serve's `cancel`: closing it closes the engine request."""
-
-    def __init__(self, items: AsyncIterator[Any]) -> None:
-        self._items = items
-        self._closing: asyncio.Future[None] | None = None
-
-    def __anext__(self) -> Awaitable[Any]:
-        return self._items.__anext__()
-
-    def cancel(self) -> None:
-        if self._closing is None:
-            self._closing = asyncio.ensure_future(self._close())
-
-    async def _close(self) -> None:
-        with contextlib.suppress(RuntimeError):  # still running: its own cancellation closes it
-            await self._items.aclose()  # type: ignore[attr-defined]
-
-
-class DirectTransport:
-    """Tiers as engine clients in this process, without Serve: what a tier replica does, for
-    running the router alone (unit tests, the ASGI app against a real engine)."""
-
-    def __init__(self, clients: Mapping[str, EngineClient]) -> None:
-        self._clients = dict(clients)
-
-    def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
-        async def items() -> AsyncIterator[EngineReply | None]:
-            yield None
-            yield await self._clients[tier].post(call.route, call.payload)
-
-        return _DirectCalls(items())
-
-    def stream(self, tier: str, call: TierCall) -> Calls[Batch | None]:
-        async def items() -> AsyncIterator[Batch | None]:
-            yield None
-            async for batch in self._clients[tier].stream(call.route, call.payload):
-                yield batch
-
-        return _DirectCalls(items())
-
-    async def info(self, tier: str) -> dict[str, Any]:
-        return await self._clients[tier].info()
-
-    async def report_queue(self, tier: str, router: str, queued: int) -> None:
-        """Nothing: without Serve there is no autoscaling to tell."""
+    return not taken and isinstance(exc, ReplicaUnavailable)

@@ -6,8 +6,11 @@ routes and TGI's 422 `validation` on TGI's routes (TGI's own client raises `Vali
 it). On TGI's routes `error_type` uses TGI's words: `validation`, `overloaded`, `generation`,
 `incomplete_generation`.
 
-Ray wraps exceptions raised in tier replicas (`RayTaskError` subclasses the original), so the
-same `isinstance` checks hold for errors from this process and from a replica.
+Only the project's own errors (`serve_app.errors`) are here: foreign ones are translated where
+they arise (the engine client's `engine_errors`, the Serve transport's `ray_errors`). Ray wraps
+exceptions raised in tier replicas (`RayTaskError` subclasses the original), so the same
+`isinstance` checks hold for errors from this process and from a replica. Anything else is the
+router's own fault: logged, and a 500.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.responses import JSONResponse
 
 from ..errors import (
@@ -33,8 +34,10 @@ from ..errors import (
     QuotaExceeded,
     QuotaUnavailable,
     RateLimit,
+    ReplicaUnavailable,
     RequestError,
     RequestTimeout,
+    TierOverloaded,
     TierUnavailable,
     Unauthorized,
 )
@@ -153,17 +156,13 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(503, f"the engine is unavailable: {exc.message}", "server_error",
                         "engine_unavailable", retry_after_s=2)  # fmt: skip
     if isinstance(exc, TierUnavailable):
-        return APIError(503, exc.message, "server_error", "tier_unavailable", retry_after_s=10)
+        return APIError(503, exc.message, "server_error", "tier_unavailable",
+                        retry_after_s=exc.retry_after_s)  # fmt: skip
     if isinstance(exc, QuotaUnavailable):
         return APIError(503, exc.message, "server_error", "quota_unavailable", retry_after_s=2)
-    if isinstance(exc, (RayActorError, ActorUnavailableError)):
-        return APIError(503, "the tier replica serving this request died; retry", "server_error",
-                        "replica_unavailable", retry_after_s=2)  # fmt: skip
-    if isinstance(exc, BackPressureError):
-        return APIError(429, "the tier's queue is full; retry shortly", "server_overloaded",
-                        "tier_overloaded", retry_after_s=1)  # fmt: skip
-    if isinstance(exc, DeploymentUnavailableError):
-        return APIError(503, "the tier has no running replica", "server_error",
-                        "tier_unavailable", retry_after_s=5)  # fmt: skip
+    if isinstance(exc, ReplicaUnavailable):
+        return APIError(503, exc.message, "server_error", "replica_unavailable", retry_after_s=2)
+    if isinstance(exc, TierOverloaded):
+        return APIError(429, exc.message, "server_overloaded", "tier_overloaded", retry_after_s=1)
     logger.error("router error", exc_info=exc)
     return APIError(500, f"the router failed: {type(exc).__name__}", "server_error", "router_error")

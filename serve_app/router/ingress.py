@@ -3,7 +3,7 @@
 Serve's HTTP server (each router replica's own, behind HAProxy, and Serve's proxy) decodes a few
 headers as UTF-8 before any of the application's code runs: bytes that are not UTF-8 there end in
 Serve's own 500. This ASGI middleware runs first (installed through Serve's
-`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, see `localstack.INGRESS_GUARDS`):
+`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, see `serve_app.serve_env.INGRESS_GUARDS`):
 
 - an `x-request-id` that is not UTF-8 is replaced with a fresh id (the answer carries the id
   used, as for a request that sent none): the id only labels the request;

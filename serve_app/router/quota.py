@@ -155,28 +155,13 @@ class QuotaLedger:
 
 
 class LedgerCalls(Protocol):
-    """How a router replica reaches the ledger (a Serve handle, or the class in tests)."""
+    """How a router replica reaches the ledger (a Serve handle)."""
 
     async def reserve(
         self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
     ) -> Grant | Refusal: ...
 
     async def settle(self, key: str, grant_id: int, tokens_used: int) -> None: ...
-
-
-class InProcessLedger:
-    """A `QuotaLedger` behind the async `LedgerCalls` interface, within one process."""
-
-    def __init__(self, ledger: QuotaLedger) -> None:
-        self.ledger = ledger
-
-    async def reserve(
-        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
-    ) -> Grant | Refusal:
-        return self.ledger.reserve(key, requests_per_minute, tokens_per_minute, tokens)
-
-    async def settle(self, key: str, grant_id: int, tokens_used: int) -> None:
-        self.ledger.settle(key, grant_id, tokens_used)
 
 
 @dataclass(frozen=True)

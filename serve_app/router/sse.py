@@ -1,18 +1,18 @@
-"""The router's one SSE encoder, for OpenAI's and TGI's streams alike, and the streamed
-answers built on it."""
+"""The router's one SSE encoder, for OpenAI's and TGI's streams alike: the events of a streamed
+answer, one write per batch of engine events, and a `Tally` of what they carried (tokens, the
+engine's usage, an error's status, whether the stream reached its end), which the request's
+settlement reads."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from ..engine.client import stream_error
 from ..engine.sse import Batch
-from .accounting import CLIENT_CLOSED, RequestScope, usage_from
+from .accounting import Usage, usage_from
 from .errors import api_error
 from .tgi import stream_tokens
 
@@ -32,38 +32,28 @@ def json_event(payload: Any) -> bytes:
     return event(json.dumps(payload, separators=(",", ":")))
 
 
-class ScopedStream(StreamingResponse):
-    """An SSE answer that settles its request scope and cancels the tier's stream however it
-    ends: done, failed, or cut by the client before or during the stream."""
+@dataclass
+class Tally:
+    """What a stream's events carried so far."""
 
-    def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        scope: RequestScope,
-        calls: Calls[Batch | None],
-        headers: Mapping[str, str],
-    ) -> None:
-        super().__init__(events, media_type="text/event-stream", headers=headers)
-        self._scope = scope
-        self._calls = calls
+    tokens: int = 0  # generated tokens counted from the events
+    batches: int = 0  # batches of events read from the engine
+    usage: Usage | None = None  # the engine's own count, which wins over `tokens`
+    status: int | None = None  # an error event's status
+    ended: bool = False  # the stream reached its end (else the client cut it)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error: BaseException | None = None
-        try:
-            await super().__call__(scope, receive, send)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._calls.cancel()  # a client that went away stops the engine's generation too
-            if error is None and not self._scope.ended and self._scope.status == 200:
-                self._scope.status = CLIENT_CLOSED
-            self._scope.close(error)
+    def batch(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.batches += 1
+
+    def report(self, usage: Usage | None) -> None:
+        if usage is not None:
+            self.usage = usage
 
 
 async def openai_events(
     normaliser: Normaliser,
-    scope: RequestScope,
+    tally: Tally,
     first: Batch | None,
     batches: Calls[Batch | None],
 ) -> AsyncIterator[bytes]:
@@ -85,14 +75,14 @@ async def openai_events(
                 events += 1
                 if "error" in chunk:
                     error = api_error(stream_error(data))
-                    scope.status = error.status
+                    tally.status = error.status
                     out.append(json_event(error.openai_body()))
                     batch = None
                     break
-                scope.report(usage_from(chunk))
+                tally.report(usage_from(chunk))
                 out += normaliser.chunk(chunk)
             if events:
-                scope.chunk(tokens)
+                tally.batch(tokens)
             if batch is None:
                 break
             if out:
@@ -102,17 +92,17 @@ async def openai_events(
     except Exception as exc:
         if not done:  # after `[DONE]` the client has the whole answer already
             error = api_error(exc)
-            scope.status = error.status
+            tally.status = error.status
             out.append(json_event(error.openai_body()))
     if not done:
         out.append(DONE)
     if out:
         yield b"".join(out)
-    scope.ended = True
+    tally.ended = True
 
 
 async def tgi_events(
-    scope: RequestScope, first: Batch | None, batches: Calls[Batch | None]
+    tally: Tally, first: Batch | None, batches: Calls[Batch | None]
 ) -> AsyncIterator[bytes]:
     """The engine's events as they are, one write per batch; an error after the first token
     as TGI's error event."""
@@ -123,15 +113,15 @@ async def tgi_events(
             for data in batch:
                 tokens += stream_tokens(data)
                 if data.startswith('{"error"'):
-                    scope.status = api_error(stream_error(data)).tgi_status()
-            scope.chunk(tokens)
+                    tally.status = api_error(stream_error(data)).tgi_status()
+            tally.batch(tokens)
             yield b"".join([event(data) for data in batch])
             batch = await anext(batches, None)
     except Exception as exc:
         error = api_error(exc)
-        scope.status = error.tgi_status()
+        tally.status = error.tgi_status()
         yield json_event(error.tgi_body())
-    scope.ended = True
+    tally.ended = True
 
 
 def _openai_tokens(chunk: Any) -> int:

@@ -30,15 +30,3 @@ class TierCall:
         (a token is at least one character, chat templates add a few per message) plus the
         tokens asked for."""
         return self.prompt_chars + self.max_tokens
-
-
-@dataclass(frozen=True)
-class EngineLease:
-    """A replica's answer to `lease`: where its engine listens and the key it takes. The
-    replica counts the request as its own (Serve's ongoing requests, drain on scale-down)
-    until the router cancels the lease; the router talks to the engine itself."""
-
-    url: str
-    api_key: str = field(repr=False)
-    # The replica's span context (`serve_app.tracing`), for the engine request; empty when off.
-    trace: Mapping[str, str] = field(default_factory=dict)

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import ray
@@ -20,8 +21,9 @@ from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..errors import EngineUnreachable
 from ..metrics import app_metrics
+from ..router.leases import EngineLease, ReplicaLeases
 from ..tracing import Tracing
-from .call import EngineLease, TierCall
+from .call import TierCall
 from .replica_choice import EngineState
 
 logger = logging.getLogger("ray.serve")
@@ -44,19 +46,23 @@ class TierDeployment:
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         # With the direct data path, routers on any node stream from the engine: it listens on
         # the node's address (its key keeps everyone else out); otherwise on loopback only.
-        host = ray.util.get_node_ip_address() if tier.data_path == "direct" else "127.0.0.1"
+        host = ray.util.get_node_ip_address() if tier.tuning.data_path == "direct" else "127.0.0.1"
         self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log, tracing, host)
         self._tier = tier
         self._tracing = Tracing.configure(tracing, f"tier-{tier.name}")
         self._tags = {"tier": tier.name}
-        self._slots = tier.engine.max_batch_size or tier.engine.max_concurrent_requests
+        engine = tier.engine.tuning
+        self._slots = engine.max_batch_size or engine.max_concurrent_requests
         # router replica -> (its admission queue's length, when it said so)
         self._admission_reports: dict[str, tuple[float, float]] = {}
-        self._leases = 0  # engine leases held now (the direct data path)
-        # Routers keep this tier's leases between requests (`serve_app.router.leases`) unless
-        # it routes on its own or traces; `_full` wakes every lease when all slots are leased.
-        self._kept = tier.keeps_leases and tracing is None
-        self._full = asyncio.Event()
+        # The direct data path's leases (`serve_app.router.leases`). Routers keep this tier's
+        # leases between requests unless it routes on its own or traces.
+        self._leases = ReplicaLeases(
+            tier.tuning.max_ongoing_requests,
+            tier.request_timeout_s + tier.tuning.lease_reuse_s,
+            kept=tier.keeps_leases and tracing is None,
+            on_count=lambda held: app_metrics().engine_leases.set(held, self._tags),
+        )
         app_metrics().engine_starts.inc(1, self._tags)
         await self._supervisor.start()
         self._log = log
@@ -85,8 +91,8 @@ class TierDeployment:
         finally:
             os._exit(1)
 
-    async def lease(self, call: TierCall) -> AsyncIterator[EngineLease]:
-        """The direct data path (`serve_app.router.direct`): the engine's address and key, then
+    async def lease(self, call: TierCall) -> AsyncIterator[EngineLease | None]:
+        """The direct data path (`serve_app.router.leases`): the engine's address and key, then
         nothing until the router cancels the call once its request has ended, however it
         ended. Meanwhile Serve counts the request on this replica (`max_ongoing_requests`,
         replica choice, draining before the engine stops), and so does the
@@ -98,40 +104,13 @@ class TierDeployment:
         that to the engine itself."""
         if not self._supervisor.process.alive():  # this replica is about to exit with it
             raise EngineUnreachable(f"the engine of a replica of tier {self._tier.name!r} exited")
-        self._leases += 1
-        app_metrics().engine_leases.set(self._leases, self._tags)
         app_metrics().lease_grants.inc(1, self._tags)
-        if self._kept and self._leases >= self._tier.max_ongoing_requests:
-            self._full.set()  # wakes the leases waiting now; later ones wait for the next time
-            self._full.clear()
-        try:
-            with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
-                supervisor = self._supervisor
-                yield EngineLease(supervisor.url, supervisor.api_key, span.headers())
-                # A router may keep the lease for further requests (`serve_app.router.leases`).
-                hold = self._tier.request_timeout_s + self._tier.lease_reuse_s
-                if self._kept:
-                    hold = await self._until_full(hold)
-                    if hold > 0:
-                        # Every slot is leased, so requests may be waiting in Serve for one here:
-                        # the router gives this lease back after its request instead of keeping
-                        # it, and the waiting requests get the slots in Serve's order.
-                        yield None
-                await asyncio.sleep(hold)
-        finally:
-            self._leases -= 1
-            app_metrics().engine_leases.set(self._leases, self._tags)
-
-    async def _until_full(self, hold: float) -> float:
-        """Wait up to `hold` for every slot to be leased; what is left of `hold` then (0: never
-        full)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + hold
-        try:
-            await asyncio.wait_for(self._full.wait(), hold)
-        except TimeoutError:
-            return 0.0
-        return max(deadline - loop.time(), 1e-3)
+        with self._tracing.span(f"tier {call.route}", call.trace, self._tier) as span:
+            supervisor = self._supervisor
+            engine = EngineLease(supervisor.url, supervisor.api_key, span.headers())
+            async with aclosing(self._leases.grant(engine)) as items:
+                async for item in items:
+                    yield item
 
     # The relay data path. Both calls first yield `None`: the router then knows a replica has
     # taken the request, which bounds the wait for one (a tier starting from zero) apart from

@@ -2,8 +2,8 @@
 
 A request names a tier (or alias) in `model`, or asks for `auto`, whose rules pick a tier from
 the request itself. A tier that is saturated (its in-flight requests at this router at or above
-`overflow_at_in_flight`) hands the request to its `overflow_tier`, one hop at most. Every choice
-comes with a reason, sent back to the client as `x-tier-reason`.
+`tuning.overflow_at_in_flight`) hands the request to its `overflow_tier`, one hop at most. Every
+choice comes with a reason, sent back to the client as `x-tier-reason`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class TierPolicy:
         self.default = config.default_tier
         self.fallback = config.router.fallback_tier
         self._tgi_fallback = config.router.fallback_tier or config.default_tier
-        self._tgi_any_name = config.router.tgi_any_tier_name
+        self._tgi_any_name = config.router.tuning.tgi_any_tier_name
 
     @property
     def model_names(self) -> list[str]:
@@ -106,7 +106,7 @@ class TierPolicy:
             allowed is not None and tier.overflow_tier not in allowed
         ):
             return choice
-        if in_flight.get(tier.name, 0) >= tier.overflow_at_in_flight:
+        if in_flight.get(tier.name, 0) >= tier.tuning.overflow_at_in_flight:
             reason = f"spill-over from {tier.name} ({choice.reason})"
             return TierChoice(tier.overflow_tier, reason, spilled_from=tier.name)
         return choice

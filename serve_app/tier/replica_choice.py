@@ -168,12 +168,13 @@ def route_hint(
     if session:
         return RouteHint(prompt_tokens, output_tokens, _digest("session:" + session), True)
     if routing.prefix_affinity and text:
-        return RouteHint(prompt_tokens, output_tokens, _digest(text[: routing.prefix_chars]))
+        return RouteHint(prompt_tokens, output_tokens, _digest(text[: routing.tuning.prefix_chars]))
     return RouteHint(prompt_tokens, output_tokens)
 
 
 def _work_s(prompt_tokens: int, output_tokens: int, routing: ReplicaRouting) -> float:
-    return (prompt_tokens * routing.prefill_token_fraction + output_tokens) * routing.token_time_s
+    cost = routing.tuning
+    return (prompt_tokens * cost.prefill_token_fraction + output_tokens) * cost.token_time_s
 
 
 def expected_wait(
@@ -190,11 +191,11 @@ def expected_wait(
         heapq.heappush(free_at, start + work)
     unknown = round((engine.queued + engine.running) * (1 - 1 / routers))
     if unknown:
-        mean = sum(works) / len(works) if works else routing.token_time_s * 64
+        mean = sum(works) / len(works) if works else routing.tuning.token_time_s * 64
         for _ in range(unknown):
             heapq.heappush(free_at, max(heapq.heappop(free_at), now) + mean)
     wait = max(0.0, free_at[0] - now)
-    if engine.kv_pressure >= routing.kv_pressure_limit:
+    if engine.kv_pressure >= routing.tuning.kv_pressure_limit:
         busy = [t for t in free_at if t > now]
         wait = max(wait, min(busy) - now if busy else 0.0)
     return wait
@@ -230,7 +231,8 @@ def rank_replicas(
     homes = [v.replica_id for v in views if key and key in v.prefixes]
     if homes:
         home = min(homes, key=order.index)
-        margin = routing.session_margin_s if hint and hint.pinned else routing.affinity_margin_s
+        tuning = routing.tuning
+        margin = tuning.session_margin_s if hint and hint.pinned else tuning.affinity_margin_s
         if cost[home] - cost[order[0]] <= margin:
             order.remove(home)
             order.insert(0, home)

@@ -62,7 +62,7 @@ class EngineAwareRouter(RequestRouter):
         if hint.key:
             seen[hint.key] = None
             seen.move_to_end(hint.key)
-            if len(seen) > self._routing.prefix_view_size:
+            if len(seen) > self._routing.tuning.prefix_view_size:
                 seen.popitem(last=False)
         held = self._assigned.setdefault(rid, {})
         held.setdefault(pending_request.metadata.internal_request_id, []).append(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app import localstack
-from serve_app.localstack import Head
+from devstack import localstack
+from devstack.local_ray import Head
 from tests import monitoring, prometheus
 from tests.helpers import wait_for
 

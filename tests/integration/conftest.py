@@ -14,9 +14,10 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from serve_app import localstack
-from serve_app.localstack import Head
-from tests.helpers import engines_under, free_port, wait_for
+from devstack import localstack
+from devstack.hosts import engines_under, free_port
+from devstack.local_ray import Head
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,7 +25,7 @@ def engine(slots: int) -> dict[str, Any]:
     return {
         "launcher": "local",
         "model_id": "simulated",
-        "max_batch_size": slots,
+        "tuning": {"max_batch_size": slots},
         "extra_args": ["--sim-ttft-ms", "5", "--sim-itl-ms", "20", "--sim-output-tokens", "1000"],
     }
 
@@ -41,11 +41,13 @@ def config(keys_file: str) -> dict[str, Any]:
                 "tiers": [{
                     "name": "sim", "engine": engine(1), "default_max_tokens": 4,
                     "max_tokens_limit": 500,
-                    "admission": {"max_in_flight": 1, "max_queued": 2, "max_wait_s": 8},
+                    "admission": {"max_in_flight": 1, "max_wait_s": 8,
+                                  "tuning": {"max_queued": 2}},
                 }, {
                     "name": "shared", "engine": engine(3), "default_max_tokens": 4,
                     "max_tokens_limit": 500,
-                    "admission": {"max_in_flight": 3, "reserved_turns": 1, "max_wait_s": 20},
+                    "admission": {"max_in_flight": 3, "max_wait_s": 20,
+                                  "tuning": {"reserved_turns": 1}},
                 }],
             },
         }],

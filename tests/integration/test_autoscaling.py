@@ -90,7 +90,7 @@ def test_a_tier_that_cannot_start_gives_503_not_a_hang(ray_head: Stack) -> None:
         tier_at_zero(
             engine={"model_id": "/models/missing.gguf"},
             replica_wait_timeout_s=20,
-            max_start_attempts=1,
+            tuning={"max_start_attempts": 1},
         )
     )
     started = time.monotonic()
@@ -108,7 +108,8 @@ def test_a_tier_that_cannot_start_gives_503_not_a_hang(ray_head: Stack) -> None:
 def test_requests_waiting_in_the_routers_admission_queue_scale_the_tier(ray_head: Stack) -> None:
     """One turn per router: the engines never see more than one request, so only the
     admission queue's length (reported by the router to the tier) can call for a replica."""
-    admission = {"max_in_flight": 1, "max_queued": 64, "max_wait_s": 170, "reserved_turns": 0}
+    admission = {"max_in_flight": 1, "max_wait_s": 170,
+                 "tuning": {"max_queued": 64, "reserved_turns": 0}}  # fmt: skip
     scaling = {"target_per_replica": 6, "upscale_delay_s": 1, "downscale_delay_s": 600}
     ray_head.deploy(one_tier(replicas={"min": 1, "max": 2}, scaling=scaling, admission=admission))
     assert running_replicas(ray_head) == 1

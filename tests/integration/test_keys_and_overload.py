@@ -14,7 +14,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import lease_grants, router_addresses, settled_value, wait_for
+from devstack.hosts import router_addresses
+from tests.helpers import lease_grants, settled_value, wait_for
 
 from .conftest import Stack, local_config
 
@@ -47,9 +48,11 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     small.pop("overflow_tier")
     # one replica (no autoscaling here): its 2 slots are the tier's
     # no spare lease: these tests count the leases requests take
-    small.update({"max_ongoing_requests": 2, "max_queued_requests": 2, "lease_spare_s": 0,
-                  "replicas": {"min": 1, "max": 1}})  # fmt: skip
-    small["engine"].update({"max_batch_size": 1, "max_concurrent_requests": 2})
+    small["replicas"] = {"min": 1, "max": 1}
+    small.setdefault("tuning", {}).update(
+        {"max_ongoing_requests": 2, "max_queued_requests": 2, "lease_spare_s": 0})  # fmt: skip
+    small["engine"].setdefault("tuning", {}).update(
+        {"max_batch_size": 1, "max_concurrent_requests": 2})  # fmt: skip
     ray_head.deploy(config)
     return ray_head
 

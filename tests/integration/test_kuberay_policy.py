@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.test_kuberay import ROOT, kustomize
+from tests.unit.kuberay.test_render import ROOT, kustomize
 
 CHECKOV = "checkov==3.3.30"
 PATHS = ["kuberay/overlays/gpu", "kuberay/overlays/local", "kuberay/monitoring"]
@@ -27,7 +27,7 @@ SKIPPED = {
     "CKV_K8S_21": "the namespace is the installer's choice (`kubectl apply -n`, or kustomize's "
     "`namespace:`), not the manifests'",
     "CKV_K8S_43": "the image is built and pushed per installation; `kustomize edit set image` "
-    "pins it, by digest, in the overlay (README)",
+    "pins it, by digest, in the overlay (docs/operations.md)",
     "CKV_K8S_15": "images are pinned by digest, so IfNotPresent cannot run another image; "
     "`Always` would make every GPU node re-pull the multi-GiB TGI image on each pod start",
     "CKV_K8S_8": "KubeRay adds the liveness probes to Ray's containers (raylet and GCS health)",

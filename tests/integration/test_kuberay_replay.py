@@ -24,10 +24,10 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from serve_app import local_ray, localstack
+from devstack import local_ray, localstack
+from devstack.hosts import free_port
 from serve_app.kuberay import API_KEYS, RAY_TOKEN
-from tests.helpers import free_port
-from tests.unit.test_kuberay import rayservice
+from tests.unit.kuberay.test_render import rayservice
 
 API_KEY = "sk-replay-0123456789abcdef"
 NEW_KEY = "sk-replay-new-0123456789abcdef"

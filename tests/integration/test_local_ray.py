@@ -12,8 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from serve_app import local_ray, localstack
-from tests.helpers import free_port
+from devstack import local_ray, localstack
+from devstack.hosts import free_port
 
 from .conftest import local_config
 
@@ -80,7 +80,7 @@ def test_the_tests_own_clean_up_leaves_an_unrelated_head_alone(unrelated_head: s
 
 def test_down_without_a_recorded_stack_stops_nothing(unrelated_head: str, tmp_path: Path) -> None:
     state = tmp_path / "none.json"
-    code = f"import pathlib; from serve_app import localstack; localstack.down(pathlib.Path({str(state)!r}))"
+    code = f"import pathlib; from devstack import localstack; localstack.down(pathlib.Path({str(state)!r}))"
     result = subprocess.run(
         [str(localstack.BIN / "python"), "-c", code], capture_output=True, text=True, check=True
     )

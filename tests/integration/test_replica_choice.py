@@ -9,20 +9,20 @@ from typing import Any
 import httpx
 import pytest
 
+from devstack.hosts import engine_url
 from serve_app.engine.stats import parse_load
-from tests.helpers import engine_url, wait_for
+from tests.helpers import wait_for
 
 from .conftest import Stack
 
 ITL_MS = 20
 
 
-def routed_tier(**routing: Any) -> dict[str, Any]:
+def routed_tier(prefix_affinity: bool, **tuning: Any) -> dict[str, Any]:
     engine = {
         "launcher": "local",
         "model_id": "simulated",
-        "max_batch_size": 1,
-        "max_concurrent_requests": 64,
+        "tuning": {"max_batch_size": 1, "max_concurrent_requests": 64},
         "extra_args": ["--sim-ttft-ms", "5", "--sim-itl-ms", str(ITL_MS),
                        "--sim-output-tokens", "1000"],
     }  # fmt: skip
@@ -34,7 +34,8 @@ def routed_tier(**routing: Any) -> dict[str, Any]:
             "args": {"tiers": [{
                 "name": "sim", "engine": engine, "replicas": {"min": 2, "max": 2},
                 "default_max_tokens": 4, "max_tokens_limit": 500,
-                "routing": {"token_time_s": ITL_MS / 1000, "stats_period_s": 0.25, **routing},
+                "routing": {"prefix_affinity": prefix_affinity, "tuning": {
+                    "token_time_s": ITL_MS / 1000, "stats_period_s": 0.25, **tuning}},
             }]},
         }],
     }  # fmt: skip

@@ -25,18 +25,15 @@ from huggingface_hub import InferenceClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_app import localstack
-from tests.helpers import (
-    command_lines,
+from devstack.hosts import (
     engine_key,
     engine_processes,
     engine_url,
-    lease_grants,
-    metric_samples,
+    live_processes,
     router_addresses,
-    settled_value,
-    wait_for,
 )
+from serve_app.serve_env import CLIENT_TIMEOUT, INGRESS_GUARDS
+from tests.helpers import lease_grants, metric_samples, settled_value, wait_for
 
 from .conftest import Stack, local_config
 
@@ -66,8 +63,8 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     config = local_config()
     args = config["applications"][0]["args"]
     args["router"].update(
-        {"replicas": 2, "api_keys": {"file": str(path)}, "max_messages": 100, "body_timeout_s": 3,
-         "fallback_tier": "small", "max_header_bytes": 8192}
+        {"replicas": 2, "api_keys": {"file": str(path)}, "fallback_tier": "small",
+         "tuning": {"max_messages": 100, "body_timeout_s": 3, "max_header_bytes": 8192}}
     )  # fmt: skip
     for tier in args["tiers"]:
         tier["default_max_tokens"] = 4
@@ -79,14 +76,14 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
                     "extra_args": ["--sim-itl-ms", "50", "--sim-output-tokens", "2000"]}}
     )  # fmt: skip
     # `sim`'s tests count the leases requests take: no spare lease renewed meanwhile
-    args["tiers"][-1]["lease_spare_s"] = 0
+    args["tiers"][-1]["tuning"] = {"lease_spare_s": 0}
     # a tier of its own for the spare lease: kept 4 s after a router's last request
     args["tiers"].append(
-        {"name": "spare", "lease_spare_s": 4, "default_max_tokens": 4,
+        {"name": "spare", "tuning": {"lease_spare_s": 4}, "default_max_tokens": 4,
          "engine": {"launcher": "local", "model_id": "simulated",
                     "extra_args": ["--sim-output-tokens", "4"]}}
     )  # fmt: skip
-    args["tiers"][0]["overflow_at_in_flight"] = OVERFLOW_AT
+    args["tiers"][0].setdefault("tuning", {})["overflow_at_in_flight"] = OVERFLOW_AT
     ray_head.deploy(config)
     return ray_head
 
@@ -280,9 +277,9 @@ def test_typed_quota_429_with_rate_limit_headers(stack: Stack) -> None:
 
 def ledger_replicas() -> list[int]:
     return [
-        pid
-        for pid, argv in command_lines().items()
-        if argv.startswith(b"ray::ServeReplica:llm:quota-ledger")
+        p.pid
+        for p in live_processes()
+        if p.cmdline.startswith(b"ray::ServeReplica:llm:quota-ledger")
     ]
 
 
@@ -319,9 +316,7 @@ def tier_leases(stack: Stack, tier: str) -> float:
 
 def router_replicas() -> list[int]:
     return [
-        pid
-        for pid, argv in command_lines().items()
-        if argv.startswith(b"ray::ServeReplica:llm:router")
+        p.pid for p in live_processes() if p.cmdline.startswith(b"ray::ServeReplica:llm:router")
     ]
 
 
@@ -479,7 +474,7 @@ def test_a_request_id_that_is_not_utf8_is_replaced_with_a_fresh_one(stack: Stack
 def test_unfinished_headers_are_cut_by_the_ingress(stack: Stack) -> None:
     """HAProxy closes a connection whose request headers stop coming after its client timeout
     (`RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S`, 30 s here instead of Ray's hour)."""
-    timeout_s = int(localstack.INGRESS_GUARDS[localstack.CLIENT_TIMEOUT])
+    timeout_s = int(INGRESS_GUARDS[CLIENT_TIMEOUT])
     configs = list(Path(stack.head.temp_dir, "haproxy").rglob("haproxy.cfg"))
     assert configs and all(f"timeout client {timeout_s}s" in c.read_text() for c in configs)
     with socket.create_connection(("127.0.0.1", stack.http_port), timeout=timeout_s + 15) as sock:

@@ -15,7 +15,8 @@ import pytest
 from huggingface_hub import InferenceClient
 from openai import AsyncOpenAI
 
-from tests.helpers import engine_url, wait_for
+from devstack.hosts import engine_url
+from tests.helpers import wait_for
 
 from .conftest import Stack, local_config
 
@@ -27,7 +28,7 @@ LONG_STORY = [{"role": "user", "content": "Tell me a long story about a lighthou
 def stack(ray_head: Stack) -> Stack:
     config = local_config()
     small = config["applications"][0]["args"]["tiers"][0]
-    small["overflow_at_in_flight"] = 2
+    small.setdefault("tuning", {})["overflow_at_in_flight"] = 2
     ray_head.deploy(config)
     return ray_head
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from openai import NotFoundError
 
-from serve_app import localstack
+from devstack import localstack
 from tests.helpers import wait_for
 
 from .conftest import Stack, local_config

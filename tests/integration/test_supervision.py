@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app import localstack
-from tests.helpers import engine_url, wait_for
+from devstack import localstack
+from devstack.hosts import engine_url
+from tests.helpers import wait_for
 
 from .conftest import Stack, local_config
 
@@ -20,13 +21,16 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 def one_tier(**changes: Any) -> dict[str, Any]:
-    """The shipped config cut down to its small tier, with `changes` applied to that tier."""
+    """The shipped config cut down to its small tier, with `changes` applied to that tier
+    (its `tuning` and its engine's merged into theirs)."""
     config = local_config()
     args = config["applications"][0]["args"]
     tier = args["tiers"][0]
     tier.pop("overflow_tier", None)  # the tiers it could name are gone
     engine_changes = changes.pop("engine", {})
+    tier.setdefault("tuning", {}).update(changes.pop("tuning", {}))
     tier.update(changes)
+    tier["engine"].setdefault("tuning", {}).update(engine_changes.pop("tuning", {}))
     tier["engine"].update(engine_changes)
     args["tiers"] = [tier]
     args["router"].pop("auto_rules", None)
@@ -49,7 +53,8 @@ def answers(stack: Stack) -> bool:
 
 def test_bad_model_fails_the_deployment_with_the_engines_reason(ray_head: Stack) -> None:
     ray_head.deploy(
-        one_tier(engine={"model_id": "/models/missing.gguf"}, max_start_attempts=1), wait=False
+        one_tier(engine={"model_id": "/models/missing.gguf"}, tuning={"max_start_attempts": 1}),
+        wait=False,
     )
     with pytest.raises(RuntimeError) as failure:
         localstack.wait_running(ray_head.head, timeout_s=180)
@@ -98,7 +103,7 @@ def test_an_engine_that_dies_while_serving_takes_its_replica_with_it(ray_head: S
 
 
 def test_engine_killed_during_start_up_is_retried(ray_head: Stack) -> None:
-    ray_head.deploy(one_tier(engine={"max_batch_size": 3}), wait=False)
+    ray_head.deploy(one_tier(engine={"tuning": {"max_batch_size": 3}}), wait=False)
     killed: list[int] = []
 
     def kill_a_starting_engine() -> bool:

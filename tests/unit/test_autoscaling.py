@@ -16,11 +16,11 @@ from serve_app.autoscaling import (
     fresh_reports,
     queued_in_routers,
 )
-from serve_app.config import QueueScaling
+from serve_app.config import QueueScaling, ScalingTuning
 
 RULE = QueueScaling(
     target_per_replica=4, upscale_delay_s=3, downscale_delay_s=30,
-    max_step_up=2, max_step_down=1, hysteresis=0.2,
+    tuning=ScalingTuning(max_step_up=2, max_step_down=1, hysteresis=0.2),
 )  # fmt: skip
 
 

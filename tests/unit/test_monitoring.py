@@ -1,6 +1,7 @@
 """The dashboard and the alerts, read statically: the seeds' panels and alerts are there, each
-alert has a runbook, every metric they use is one the application or Ray defines, and the
-README lists them. (tests/integration/test_monitoring.py runs them against a real Prometheus.)"""
+alert has a runbook, every metric they use is one the application or Ray defines, and
+docs/operations.md lists them. (tests/integration/test_monitoring.py runs them against a real
+Prometheus.)"""
 
 from __future__ import annotations
 
@@ -81,9 +82,9 @@ def test_every_alert_has_a_summary_and_a_runbook_and_the_seeds_alerts_are_there(
     assert "TierLowThroughput" in names
 
 
-def test_readme_lists_every_panel_and_alert() -> None:
-    readme = (ROOT / "README.md").read_text()
-    metrics = readme[readme.index("## Metrics") : readme.index("## Process hygiene")]
+def test_operations_doc_lists_every_panel_and_alert() -> None:
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    metrics = operations[operations.index("## Metrics") : operations.index("## Process hygiene")]
     for panel in monitoring.dashboard()["panels"]:
         assert panel["title"] in metrics
     for query in monitoring.alert_queries(monitoring.rule_groups()):

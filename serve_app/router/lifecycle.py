@@ -1,0 +1,364 @@
+"""Where a request is admitted and accounted: one `RequestLife` per generating request.
+
+    identify   the headers' size and the API key → the tenant          (`identify`)
+    read       the body within bounds → a typed request                (`openai`, `tgi`)
+    choose     the tier (model name, `auto` rules, X-Tier, spill-over)
+    admit      the key may use the tier, its quota holds the call, its turn in the tier's
+               admission queue; from here it counts in flight          (`admit`)
+    run        the call to the tier, a whole answer or a stream
+    settle     once, however it ended (answered, failed, timed out, client gone, cancelled):
+               outcome and tokens recorded, out of flight, the turn left with the tokens
+               used, the quota reservation settled, the span ended     (`settle`)
+
+Everything a stage needs is an attribute of the object: nothing travels in `request.state`
+or context variables. A streamed answer settles when its last byte is sent or the client cuts
+it (`LifeStream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from ..config import AppConfig
+from ..engine.client import reply_error
+from ..engine.sse import Batch
+from ..errors import HeadersTooLarge
+from ..tier.call import EngineRoute, TierCall
+from ..tier.policy import TierChoice, TierPolicy
+from ..tracing import RequestTrace, Tracing
+from .accounting import CLIENT_CLOSED, InFlight, Recorder, Usage, prompt_estimate, usage_from
+from .admission import ANONYMOUS, priority
+from .auth import Authenticator, Tenant
+from .body import BodyLimits, read_json
+from .dispatch import Calls, Dispatcher
+from .errors import api_error, rate_limit_headers
+from .fair_queue import Admission, Ticket
+from .openai import Normaliser
+from .quota import Quotas, Reservation
+from .requests import Kind, parse_generate, parse_openai
+from .sse import Tally, openai_events, tgi_events
+from .tgi import reply_usage
+
+logger = logging.getLogger("ray.serve")
+WAIT_HEADER = "x-admission-wait-ms"  # how long the request waited for its turn
+
+
+@dataclass(frozen=True)
+class Services:
+    """What every request's life uses, built once per router replica."""
+
+    config: AppConfig
+    policy: TierPolicy
+    dispatch: Dispatcher
+    keys: Authenticator | None
+    quotas: Quotas | None
+    admissions: Mapping[str, Admission]
+    recorder: Recorder
+    in_flight: InFlight
+    tracing: Tracing
+    limits: BodyLimits
+    background: set[asyncio.Future[None]]  # quota settlements under way
+
+
+class RequestLife:
+    """One request, from its arrival to its settlement."""
+
+    def __init__(self, services: Services, request: Request, *, tgi: bool) -> None:
+        self._s = services
+        self.request = request
+        self.tgi = tgi  # statuses and error bodies as TGI's routes give them
+        self.trace: RequestTrace = services.tracing.start(request)
+        self.tenant: Tenant | None = None
+        self.tier: str | None = None  # once admitted
+        self.status = 200
+        self.answer_headers: dict[str, str] = {}
+        self._reservation: Reservation | None = None
+        self._turn: tuple[Admission, Ticket] | None = None
+        self._prompt_chars = 0
+        self._start = self._last = 0.0
+        self._first: float | None = None
+        self._usage: Usage | None = None
+        self._tally: Tally | None = None  # a streamed answer's
+        self._settled = False
+
+    # -- identify ------------------------------------------------------------------------------
+
+    def identify(self) -> None:
+        """The caller's tenant (none with keys off); raises on oversized headers or a bad key."""
+        limit = self._s.config.router.tuning.max_header_bytes
+        size = sum(len(name) + len(value) for name, value in self.request.scope["headers"])
+        if size > limit:
+            raise HeadersTooLarge(
+                f"the request headers are {size} bytes, over the limit of {limit}"
+            )
+        if self._s.keys is not None:
+            self.tenant = self._s.keys.authenticate(self.request.headers)
+
+    @property
+    def allowed(self) -> frozenset[str] | None:
+        """The tiers the key may use (None: all)."""
+        return None if self.tenant is None else self.tenant.tiers
+
+    # -- the two protocols ---------------------------------------------------------------------
+
+    async def openai(self, kind: Kind) -> Response:
+        parsed = parse_openai(kind, await self._read(), self._s.config.router.tuning.max_messages)
+        self.trace.set(parsed.attributes())
+        headers = {k.lower(): v for k, v in self.request.headers.items()}
+        choice = self._s.policy.for_model(
+            parsed.model, parsed.traits(headers), self._s.in_flight.by_tier, self.allowed
+        )
+        if choice.spilled_from:
+            self._s.recorder.spill_over(choice.spilled_from, choice.tier)
+        call = parsed.call(self._s.config.tier(choice.tier))
+        normaliser = Normaliser(parsed)
+        await self.admit(choice, call)
+        if not call.stream:
+            try:
+                reply = await self._s.dispatch.request(choice.tier, call, self.trace)
+                if reply.status != 200:
+                    raise reply_error(reply.status, reply.body)
+                answer = normaliser.complete(json.loads(reply.body))
+                self.report(usage_from(answer))
+            except BaseException as exc:
+                self.settle(exc)
+                raise
+            self.settle()
+            return JSONResponse(answer, headers=self.answer_headers)
+        first, chunks = await self._stream(choice.tier, call)
+        tally = Tally()
+        return self._streamed(openai_events(normaliser, tally, first, chunks), tally, chunks)
+
+    async def tgi_generate(self, route: EngineRoute) -> Response:
+        """TGI's routes: bodies and answers pass through unchanged but for the tier's limits."""
+        parsed = parse_generate(route, await self._read())
+        self.trace.set(parsed.attributes())
+        choice = self._s.policy.for_header(self.request.headers.get("x-tier"))
+        call = parsed.call(self._s.config.tier(choice.tier))
+        await self.admit(choice, call)
+        if not call.stream:
+            try:
+                reply = await self._s.dispatch.request(choice.tier, call, self.trace)
+                self.status = reply.status
+                if reply.status == 200:
+                    self.report(reply_usage(reply, call.prompt_chars))
+            except BaseException as exc:
+                self.settle(exc)
+                raise
+            self.settle()
+            headers = {**dict(reply.headers), **self.answer_headers}
+            return Response(
+                reply.body, reply.status, media_type="application/json", headers=headers
+            )
+        first, chunks = await self._stream(choice.tier, call)
+        tally = Tally()
+        return self._streamed(tgi_events(tally, first, chunks), tally, chunks)
+
+    async def _read(self) -> dict[str, Any]:
+        request = self.request
+        return await read_json(
+            request.stream(), request.headers.get("content-length"), self._s.limits
+        )
+
+    # -- admit ---------------------------------------------------------------------------------
+
+    async def admit(self, choice: TierChoice, call: TierCall) -> None:
+        """The key may use the tier, its quota holds the call, and (if the tier queues) its
+        turn has come. From here on the request counts in flight and must be settled."""
+        tenant, tier = self.tenant, choice.tier
+        self.trace.tier(self._s.config.tier(tier), tenant.name if tenant else None)
+        self.answer_headers = {"x-tier": tier, "x-tier-reason": choice.reason}
+        if tenant is not None:
+            tenant.check_tier(tier)
+            if self._s.quotas is not None:
+                self._reservation = await self._s.quotas.reserve(tenant, call.token_estimate)
+            self._s.recorder.tenant_request(tenant.name, tier)
+        admission = self._s.admissions.get(tier)
+        if admission is not None:
+            try:
+                ticket = await admission.enter(
+                    tenant.name if tenant is not None else ANONYMOUS,
+                    priority(tenant, self.request.headers.get("x-priority")),
+                    call.token_estimate,
+                    tenant.weight if tenant is not None else 1.0,
+                )
+            except BaseException:
+                self._settle_quota(Usage(0, 0))
+                raise
+            self._turn = (admission, ticket)
+        self.trace.admitted()
+        if self._reservation is not None:
+            self.answer_headers.update(rate_limit_headers(self._reservation.limits))
+        self.tier = tier
+        self._prompt_chars = call.prompt_chars
+        self._start = self._last = time.perf_counter()
+        self._s.in_flight.add(tier, +1)
+        self.trace.hold()  # the span ends once the request has settled
+
+    # -- run -----------------------------------------------------------------------------------
+
+    async def _stream(self, tier: str, call: TierCall) -> tuple[Batch | None, Calls[Batch | None]]:
+        """Start a stream; a failure before its first chunk settles here."""
+        try:
+            return await self._s.dispatch.stream(tier, call, self.trace)
+        except BaseException as exc:
+            self.settle(exc)
+            raise
+
+    def _streamed(
+        self, events: AsyncIterator[bytes], tally: Tally, calls: Calls[Batch | None]
+    ) -> Response:
+        """The streamed answer; should it fail to build, the stream is cancelled and the
+        request settled here, since no answer will ever run to do it."""
+        self._tally = tally
+        try:
+            return LifeStream(self._metered(events, tally), self, calls, self.answer_headers)
+        except BaseException as exc:
+            calls.cancel()
+            self.settle(exc)
+            raise
+
+    async def _metered(self, events: AsyncIterator[bytes], tally: Tally) -> AsyncIterator[bytes]:
+        """The stream's writes, timed: the first token, and the gaps between batches."""
+        seen = writes = 0
+        try:
+            async for write in events:
+                if tally.batches != seen:
+                    seen = tally.batches
+                    self._chunk()
+                writes += 1
+                yield write
+        finally:
+            self.trace.set({"serve_app.stream_chunks": writes})
+
+    def _chunk(self) -> None:
+        now = time.perf_counter()
+        assert self.tier is not None
+        if self._first is None:
+            self._first = now
+            self._s.recorder.first_token(self.tier, now - self._start)
+            self.trace.first_token()
+        else:
+            self._s.recorder.between_tokens(self.tier, now - self._last)
+        self._last = now
+
+    def report(self, usage: Usage | None) -> None:
+        """The engine's own count, which wins over the counted chunks."""
+        if usage is not None:
+            self._usage = usage
+
+    @property
+    def usage(self) -> Usage:
+        """The engine's own count, else the tokens a stream carried (prompt estimated)."""
+        tally = self._tally
+        if tally is not None and tally.usage is not None:
+            return tally.usage
+        if self._usage is not None or tally is None:
+            return self._usage or Usage(0, 0)
+        prompt = prompt_estimate(self._prompt_chars) if tally.tokens else 0
+        return Usage(prompt, tally.tokens)
+
+    # -- settle --------------------------------------------------------------------------------
+
+    def settle(self, exc: BaseException | None = None) -> None:
+        """Record the outcome once, whatever the exit; never raises. A request that was never
+        admitted has nothing to settle."""
+        if self._settled or self.tier is None:
+            return
+        self._settled = True
+        tally = self._tally
+        if tally is not None and tally.status is not None:
+            self.status = tally.status  # an error event inside the stream
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit, ClientDisconnect)):
+            self.status = CLIENT_CLOSED
+        elif exc is not None:
+            error = api_error(exc)
+            self.status = error.tgi_status() if self.tgi else error.status
+        usage, tier = self.usage, self.tier
+        try:
+            self._s.in_flight.add(tier, -1)
+            self._s.recorder.finished(tier, self.status, time.perf_counter() - self._start, usage)
+            self.trace.usage(
+                {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+            )
+            if self._turn is not None:
+                admission, ticket = self._turn
+                admission.leave(ticket, usage.total)
+            if self.tenant is not None:
+                self._s.recorder.tenant_tokens(self.tenant.name, tier, usage.total)
+            self._settle_quota(usage)
+        except Exception:  # bookkeeping must never turn an answer into an error
+            logger.exception("request accounting failed")
+        finally:
+            self.trace.release()
+
+    def _settle_quota(self, usage: Usage) -> None:
+        """Settle the reservation with the tokens used, in the background: the request may be
+        ending by cancellation, where nothing more can be awaited."""
+        reservation, quotas = self._reservation, self._s.quotas
+        if reservation is None or quotas is None:
+            return
+        self._reservation = None
+        task = asyncio.ensure_future(quotas.settle(reservation, usage.total))
+        self._s.background.add(task)
+        task.add_done_callback(self._s.background.discard)
+
+    def streamed(self, error: BaseException | None) -> None:
+        """The streamed answer is over: sent to its end, failed, or cut by the client (a
+        stream that did not reach its end without an error counts as the client's leaving)."""
+        tally = self._tally
+        if error is None and tally is not None and not tally.ended and tally.status is None:
+            self.status = CLIENT_CLOSED
+        self.settle(error)
+
+    def finish(self, response: Response) -> Response:
+        """The answer as sent: its span, and how long the request waited for its turn."""
+        response = self.trace.finish(response)
+        if self._turn is not None:
+            waited_ms = round(self._turn[1].waited_s * 1000)
+            response.raw_headers.append((WAIT_HEADER.encode(), str(waited_ms).encode()))
+        return response
+
+    def failed(self, exc: BaseException) -> None:
+        """The request ends with an exception: settled with it; a cancellation (the client
+        went away before its answer) also ends the span."""
+        self.settle(exc)
+        if not isinstance(exc, Exception):
+            self.trace.abandon()
+
+
+class LifeStream(StreamingResponse):
+    """An SSE answer that settles its request and cancels the tier's stream however it ends:
+    done, failed, or cut by the client before or during the stream."""
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        life: RequestLife,
+        calls: Calls[Batch | None],
+        headers: Mapping[str, str],
+    ) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._life = life
+        self._calls = calls
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error: BaseException | None = None
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._calls.cancel()  # a client that went away stops the engine's generation too
+            self._life.streamed(error)

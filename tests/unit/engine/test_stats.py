@@ -1,0 +1,54 @@
+"""An engine's load from its /metrics text: queue, running batch, KV cache in use."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.engine.stats import EngineLoad, parse_load
+
+TGI_TEXT = """\
+# HELP tgi_queue_size Current queue size
+# TYPE tgi_queue_size gauge
+tgi_queue_size 3
+# TYPE tgi_batch_current_size gauge
+tgi_batch_current_size 5
+# TYPE tgi_batch_current_max_tokens gauge
+tgi_batch_current_max_tokens 1024
+# TYPE tgi_batch_max_total_tokens gauge
+tgi_batch_max_total_tokens 4096
+# TYPE tgi_request_count counter
+tgi_request_count 17
+"""
+
+
+def test_queue_batch_and_kv_pressure_are_read() -> None:
+    assert parse_load(TGI_TEXT) == EngineLoad(queued=3.0, running=5.0, kv_pressure=0.25)
+
+
+def test_an_engine_without_metrics_has_no_load() -> None:
+    assert parse_load("") == EngineLoad(0.0, 0.0, 0.0)
+
+
+def test_samples_of_one_gauge_under_several_labels_add_up() -> None:
+    text = '# TYPE tgi_queue_size gauge\ntgi_queue_size{shard="0"} 2\ntgi_queue_size{shard="1"} 4\n'
+    assert parse_load(text).queued == 6.0
+
+
+@pytest.mark.parametrize(
+    ("used", "total", "pressure"),
+    [
+        ("tgi_batch_current_max_tokens 100\n", "", 0.0),  # capacity unknown
+        ("tgi_batch_current_max_tokens 100\n", "tgi_batch_max_total_tokens 0\n", 0.0),
+        ("tgi_batch_current_max_tokens 5000\n", "tgi_batch_max_total_tokens 4096\n", 1.0),
+        ("", "tgi_batch_max_total_tokens 4096\n", 0.0),
+    ],
+)
+def test_kv_pressure_is_a_fraction_and_zero_when_unknown(
+    used: str, total: str, pressure: float
+) -> None:
+    assert parse_load(used + total).kv_pressure == pressure
+
+
+def test_other_metrics_do_not_count_as_load() -> None:
+    text = "tgi_request_count 40\ntgi_queue_size_other 9\n"
+    assert parse_load(text) == EngineLoad(0.0, 0.0, 0.0)

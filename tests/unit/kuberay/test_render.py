@@ -1,0 +1,256 @@
+"""The KubeRay manifests: rendered from configs/, valid against KubeRay's own CRDs."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import AppConfig
+from serve_app.kuberay import render_file
+from tests.crd import validator
+
+ROOT = Path(__file__).resolve().parents[3]
+OVERLAYS = {"gpu": "configs/gpu.yaml", "local": "configs/local.yaml"}
+
+
+def kustomize(path: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (client) is needed to render the overlays"
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / path)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def rayservice(overlay: str) -> dict[str, Any]:
+    (service,) = [d for d in kustomize(f"kuberay/overlays/{overlay}") if d["kind"] == "RayService"]
+    return service
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_committed_manifest_is_what_the_config_renders(overlay: str) -> None:
+    committed = (ROOT / "kuberay" / "overlays" / overlay / "rayservice.yaml").read_text()
+    assert committed == render_file(Path(OVERLAYS[overlay]), overlay), (
+        f"kuberay/overlays/{overlay}/rayservice.yaml is stale: run "
+        f"python -m serve_app.kuberay render {OVERLAYS[overlay]} --overlay {overlay}"
+    )
+
+
+@pytest.mark.parametrize("path", ["kuberay/overlays/gpu", "kuberay/overlays/local",
+                                  "kuberay/monitoring"])  # fmt: skip
+def test_kustomize_renders(path: str) -> None:
+    kinds = {doc["kind"] for doc in kustomize(path)}
+    assert kinds, path
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_rayservice_is_valid_against_the_crd(overlay: str) -> None:
+    validator().validate(rayservice(overlay))
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_serve_config_v2_passes_serve_and_our_config(overlay: str) -> None:
+    service = rayservice(overlay)
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    (app,) = serve_config["applications"]
+    config = AppConfig.model_validate(app["args"])
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for tier in config.tiers:
+        group = groups[f"tier-{tier.name}"]
+        assert (group["minReplicas"], group["maxReplicas"]) == (
+            tier.replicas.min,
+            tier.replicas.max,
+        )
+        advertised = yaml.safe_load(group["rayStartParams"]["resources"].strip("'"))
+        assert advertised == {k: int(v) for k, v in tier.ray_resources.items()}
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        expected_gpus = tier.gpus_per_replica if overlay == "gpu" else None
+        assert limits.get("nvidia.com/gpu") == expected_gpus
+
+
+def _broken(change: str) -> dict[str, Any]:
+    service = copy.deepcopy(rayservice("local"))
+    cluster = service["spec"]["rayClusterConfig"]
+    if change == "unknown field":
+        service["spec"]["serveConfig"] = "typo for serveConfigV2"
+    elif change == "rayStartParams not strings":
+        cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    elif change == "worker group without template":
+        del cluster["workerGroupSpecs"][0]["template"]
+    elif change == "container without name":
+        del cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["name"]
+    elif change == "replicas as text":
+        cluster["workerGroupSpecs"][0]["maxReplicas"] = "two"
+    return service
+
+
+@pytest.mark.parametrize("change", ["unknown field", "rayStartParams not strings",
+                                    "worker group without template", "container without name",
+                                    "replicas as text"])  # fmt: skip
+def test_broken_manifests_are_rejected(change: str) -> None:
+    with pytest.raises(ValidationError):
+        validator().validate(_broken(change))
+
+
+# -- what a security review reads ----------------------------------------------------------------
+
+
+def pods(overlay: str) -> dict[str, dict[str, Any]]:
+    """Every pod spec an overlay makes: the RayService's head and groups, and Jobs."""
+    docs = kustomize(f"kuberay/overlays/{overlay}")
+    found = {}
+    for doc in docs:
+        if doc["kind"] == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            found["head"] = cluster["headGroupSpec"]["template"]["spec"]
+            for group in cluster["workerGroupSpecs"]:
+                found[group["groupName"]] = group["template"]["spec"]
+        elif doc["kind"] == "Job":
+            found["fill-job"] = doc["spec"]["template"]["spec"]
+    return found
+
+
+def mounts(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mount path -> (mount + its volume) for the pod's main container."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    return {m["mountPath"]: {**m, "volume": volumes[m["name"]]}
+            for m in spec["containers"][0]["volumeMounts"]}  # fmt: skip
+
+
+def secret_mounts(spec: dict[str, Any]) -> set[str]:
+    return {m["volume"]["secret"]["secretName"] for m in mounts(spec).values()
+            if "secret" in m["volume"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_nothing_secret_is_in_any_environment(overlay: str) -> None:
+    for name, spec in pods(overlay).items():
+        for container in spec["containers"] + spec.get("initContainers", []):
+            for env in container.get("env", []):
+                assert "valueFrom" not in env, (name, env)
+                assert (
+                    "TOKEN" not in env["name"]
+                    or env["name"].endswith("_PATH")
+                    or (env["name"] == "RAY_AUTH_TOKEN" and env["value"] == "")
+                ), (name, env)
+            assert "envFrom" not in container
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_each_secret_is_mounted_only_where_it_is_read(overlay: str) -> None:
+    found = pods(overlay)
+    for name, spec in found.items():
+        expected = {"ray-auth-token"} if name != "fill-job" else {"hf-token"}
+        if name == "router":
+            expected.add("serve-app-api-keys")
+        assert secret_mounts(spec) == expected, name
+        for mount in mounts(spec).values():
+            if "secret" in mount["volume"]:
+                assert mount["readOnly"] and mount["volume"]["secret"]["defaultMode"] == 0o440
+
+
+def test_the_router_reads_its_keys_file_where_the_router_group_mounts_it() -> None:
+    service = rayservice("gpu")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    config = AppConfig.model_validate(app["args"])
+    assert config.router.api_keys is not None and config.router.api_keys.file
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    router = groups["router"]
+    assert Path(config.router.api_keys.file).parent.as_posix() in mounts(router["template"]["spec"])
+    advertised = yaml.safe_load(router["rayStartParams"]["resources"].strip("'"))
+    assert advertised == {k: int(v) for k, v in config.router.ray_resources.items()}
+    assert router["rayStartParams"]["num-cpus"] == "0"
+    assert router["minReplicas"] == router["maxReplicas"] == config.router.replicas
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_ray_token_auth_reads_the_token_from_the_mounted_secret(overlay: str) -> None:
+    cluster = rayservice(overlay)["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "ray-auth-token"}
+    for name, spec in pods(overlay).items():
+        if name == "fill-job":
+            continue
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == ""
+        assert Path(env["RAY_AUTH_TOKEN_PATH"]).parent.as_posix() in mounts(spec)
+    sidecar = {e["name"]: e.get("value") for e in cluster["autoscalerOptions"]["env"]}
+    assert sidecar["RAY_AUTH_TOKEN"] == "" and sidecar["RAY_AUTH_TOKEN_PATH"]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_every_container_is_restricted_with_explicit_writable_mounts(overlay: str) -> None:
+    autoscaler = rayservice(overlay)["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    contexts = [autoscaler["securityContext"]]
+    for name, spec in pods(overlay).items():
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is (name == "head")
+        contexts += [
+            c["securityContext"] for c in spec["containers"] + spec.get("initContainers", [])
+        ]
+        writable = {p for p, m in mounts(spec).items() if not m.get("readOnly")}
+        expected = {"/tmp"} if name == "fill-job" else {"/tmp", "/tmp/ray", "/dev/shm"}
+        if name == "fill-job" and overlay == "gpu":
+            expected.add("/models")  # the one writer of the model cache
+        assert writable == expected, name
+    for context in contexts:
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["runAsNonRoot"] is True and context["runAsUser"] >= 10000
+
+
+def test_serving_pods_read_the_model_cache_and_wait_for_the_fill_job() -> None:
+    found = pods("gpu")
+    fill = found.pop("fill-job")["containers"][0]["command"][-1]
+    for name in ("tier-small", "tier-large"):
+        spec = found[name]
+        cache = mounts(spec)["/models"]
+        assert cache["readOnly"] and cache["volume"]["persistentVolumeClaim"]["readOnly"]
+        (wait,) = spec["initContainers"]
+        marker = wait["command"][-1].split()[3]
+        assert f"touch {marker}" in fill, name
+        env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+        assert env["HF_HUB_OFFLINE"] == "1"
+    assert "/models" not in mounts(found["head"]) and "/models" not in mounts(found["router"])
+
+
+def network_policy(overlay: str) -> dict[str, Any]:
+    docs = kustomize(f"kuberay/overlays/{overlay}")
+    (policy,) = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "llm-ray"
+    ]
+    return policy["spec"]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_from_outside_the_cluster_only_serve_metrics_and_the_operator_get_in(overlay: str) -> None:
+    spec = network_policy(overlay)
+    ray_labels = spec["podSelector"]["matchLabels"]
+    cluster = rayservice(overlay)["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert ray_labels.items() <= group["template"]["metadata"]["labels"].items()
+    open_ports = {}
+    for rule in spec["ingress"]:
+        ports = tuple(p["port"] for p in rule.get("ports", []))
+        sources = rule.get("from")
+        if sources == [{"podSelector": {"matchLabels": ray_labels}}]:
+            assert not ports  # the cluster's own pods: every Ray port
+            continue
+        assert ports, rule  # everyone else: named ports only
+        open_ports[ports] = sources
+    monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    operator = {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    assert open_ports == {
+        (8000,): None,
+        (8080,): [{"namespaceSelector": monitoring}],
+        (8265,): [{"namespaceSelector": {}, "podSelector": operator}],
+    }

@@ -1,0 +1,212 @@
+"""The router without Ray: engines answered over real HTTP (`engine_server`), tiers reached in
+process, the real quota ledger in process, outcomes recorded in lists; and an ASGI driver that
+can hang up like a client does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from starlette.requests import Request
+
+from serve_app.config import AppConfig
+from serve_app.engine.client import EngineClient
+from serve_app.router.accounting import Usage
+from serve_app.router.lifecycle import RequestLife
+from serve_app.router.quota import LedgerCalls, QuotaLedger
+from serve_app.router.routes import Router
+from serve_app.tier.call import TierCall
+from serve_app.tier.policy import TierChoice
+
+from .doubles import DirectTransport, InProcessLedger
+from .engine_server import Engine, engine_server
+
+KEYS = {
+    "team-a": {"key": "sk-team-a-0123456789abcdef"},
+    "small-only": {"key": "sk-small-only-0123456789abcdef", "tiers": ["small"]},
+    "metered": {"key": "sk-metered-0123456789abcdef", "requests_per_minute": 3},
+    "tokens": {"key": "sk-tokens-0123456789abcdef", "tokens_per_minute": 300},
+}
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[name]['key']}"}
+
+
+@dataclass
+class ListRecorder:
+    """The router's `Recorder`, into lists."""
+
+    outcomes: list[tuple[str, int, Usage]] = field(default_factory=list)
+    gauges: dict[str, int] = field(default_factory=dict)
+    spills: list[tuple[str, str]] = field(default_factory=list)
+    tokens_by_tenant: dict[str, int] = field(default_factory=dict)
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+
+    def in_flight(self, tier: str, count: int) -> None:
+        self.gauges[tier] = count
+
+    def first_token(self, tier: str, seconds: float) -> None:
+        assert seconds >= 0
+
+    def between_tokens(self, tier: str, seconds: float) -> None:
+        assert seconds >= 0
+
+    def finished(self, tier: str, status: int, seconds: float, usage: Usage) -> None:
+        self.outcomes.append((tier, status, usage))
+
+    def spill_over(self, tier: str, to_tier: str) -> None:
+        self.spills.append((tier, to_tier))
+
+    def tenant_request(self, tenant: str, tier: str) -> None:
+        assert tenant and tier
+
+    def tenant_tokens(self, tenant: str, tier: str, tokens: int) -> None:
+        self.tokens_by_tenant[tenant] = self.tokens_by_tenant.get(tenant, 0) + tokens
+
+    def tenant_rejection(self, tenant: str, reason: str) -> None:
+        self.rejections.append((tenant, reason))
+
+
+def config(tmp: Path, keys: bool = True, **router: Any) -> AppConfig:
+    args: dict[str, Any] = {
+        "router": {"default_tier": "small", **router},
+        "tiers": [
+            {"name": "small", "aliases": ["gpt-4o-mini"], "overflow_tier": "large",
+             "tuning": {"overflow_at_in_flight": 1}, "default_max_tokens": 8,
+             "max_tokens_limit": 64},
+            {"name": "large", "default_max_tokens": 8, "max_tokens_limit": 128},
+        ],
+    }  # fmt: skip
+    if keys:
+        path = tmp / "keys.yaml"
+        path.write_text(yaml.safe_dump([{"name": n, **spec} for n, spec in KEYS.items()]))
+        args["router"].setdefault("api_keys", {"file": str(path)})
+    return AppConfig.model_validate(args)
+
+
+def router(
+    cfg: AppConfig, engine: Engine, ledger: LedgerCalls | None = None
+) -> tuple[Router, ListRecorder, QuotaLedger]:
+    recorder = ListRecorder()
+    quota = QuotaLedger()
+    url = engine_server().serve(engine)
+    clients = {t.name: EngineClient(url, 30) for t in cfg.tiers}
+    ledger = ledger if ledger is not None else InProcessLedger(quota)
+    return Router(cfg, DirectTransport(clients), recorder, ledger), recorder, quota
+
+
+def admitted(recorder: ListRecorder, tier: str = "small", prompt_chars: int = 8) -> RequestLife:
+    """A real `RequestLife` admitted to `tier` (keys off), for the stream and settlement code."""
+    cfg = AppConfig.model_validate({"tiers": [{"name": tier}]})
+    services = Router(cfg, DirectTransport({}), recorder).services
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+    life = RequestLife(services, request, tgi=False)
+    call = TierCall("/v1/chat/completions", {}, True, 8, prompt_chars)
+
+    async def admit() -> None:
+        await life.admit(TierChoice(tier, "model"), call)
+
+    asyncio.run(admit())
+    return life
+
+
+# -- a TGI engine's answers ------------------------------------------------------------------
+
+
+def chat_answer(tokens: int = 3) -> dict[str, Any]:
+    return {
+        "id": "", "object": "chat.completion", "created": 1, "model": "m",
+        "system_fingerprint": "x",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens},
+    }  # fmt: skip
+
+
+def chat_chunk(text: str) -> dict[str, Any]:
+    return {"id": "", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "system_fingerprint": "x",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                         "finish_reason": None}]}  # fmt: skip
+
+
+async def sse_body(
+    events: list[Any], forever: bool = False, item: Any = None
+) -> AsyncIterator[bytes]:
+    """An engine's SSE stream; `forever` repeats `item` (a chat chunk) until closed."""
+    for event in events:
+        yield b"data:" + json.dumps(event).encode() + b"\n\n"
+    while forever:
+        await asyncio.sleep(0.01)
+        yield b"data:" + json.dumps(item or chat_chunk("x")).encode() + b"\n\n"
+
+
+# -- an ASGI client that can hang up ---------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def call(
+    app: Any,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    *,
+    hang_up_after_chunks: int | None = None,
+    raw: bytes | None = None,
+    chunks: list[bytes] | None = None,
+    send_fails_after_chunks: int | None = None,
+) -> Answer:
+    """One request through the ASGI app; `hang_up_after_chunks` sends the client's disconnect
+    once that many body chunks of the answer arrived."""
+    content = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    parts = chunks if chunks is not None else [content]
+    hdrs = [(k.lower().encode(), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    if chunks is None:
+        hdrs.append((b"content-length", str(len(content)).encode()))
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(),
+             "query_string": b"", "headers": hdrs, "http_version": "1.1", "scheme": "http",
+             "server": ("test", 80), "client": ("test", 1), "root_path": "",
+             "asgi": {"spec_version": "2.4" if send_fails_after_chunks else "2.0"}}  # fmt: skip
+    sent: list[dict[str, Any]] = []
+    gone = asyncio.Event()
+    pending = list(parts)
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            part = pending.pop(0)
+            return {"type": "http.request", "body": part, "more_body": bool(pending)}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        streamed = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+        if send_fails_after_chunks is not None and len(streamed) >= send_fails_after_chunks:
+            raise OSError("the client went away")  # how servers of ASGI 2.4 say it
+        sent.append(message)
+        body_chunks = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+        if hang_up_after_chunks is not None and len(body_chunks) >= hang_up_after_chunks:
+            gone.set()
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            gone.set()
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    out_headers = {k.decode(): v.decode("latin-1") for k, v in start["headers"]}
+    data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return Answer(start["status"], out_headers, data)

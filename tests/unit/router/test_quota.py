@@ -1,0 +1,137 @@
+"""The quota ledger on a fake clock: sliding windows, reservations settled, and the refusal
+rates a client sees with 1, 2 and 4 router replicas sharing one ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import pytest
+
+from serve_app.errors import QuotaExceeded, QuotaUnavailable
+from serve_app.router.auth import Tenant
+from serve_app.router.quota import (
+    WINDOW_S,
+    Grant,
+    QuotaLedger,
+    Quotas,
+    Refusal,
+    SlidingWindow,
+)
+
+from .clock import Clock
+from .doubles import InProcessLedger
+
+
+def tenant(rpm: int | None = None, tpm: int | None = None) -> Tenant:
+    return Tenant("t", b"", None, rpm, tpm)
+
+
+def test_a_window_forgets_what_is_older_than_a_minute() -> None:
+    window = SlidingWindow()
+    window.add(0, 5)
+    window.add(30, 5)
+    assert window.used(59.9) == 10
+    assert window.used(60.0) == 5
+    assert window.wait_for(60.0, 10, 12) == pytest.approx(30.0)  # until the entry at 30 goes
+    assert window.wait_for(60.0, 20, 12) == WINDOW_S  # never fits: a whole window
+    assert window.reset_s(60.0) == pytest.approx(30.0)
+
+
+def test_requests_are_admitted_up_to_the_limit_and_retry_after_says_when() -> None:
+    clock = Clock()
+    ledger = QuotaLedger(clock)
+    grants = []
+    for _ in range(3):
+        grants.append(ledger.reserve("k", 3, None, 0))
+        clock.now += 10
+    refused = ledger.reserve("k", 3, None, 0)
+    assert all(isinstance(g, Grant) for g in grants)
+    assert isinstance(refused, Refusal) and refused.kind == "requests"
+    assert refused.retry_after_s == pytest.approx(30.0)  # the first leaves the window at +60
+    (state,) = refused.limits
+    assert (state.kind, state.limit, state.remaining) == ("requests", 3, 0)
+    clock.now += 30
+    assert isinstance(ledger.reserve("k", 3, None, 0), Grant)
+
+
+def test_a_token_reservation_is_settled_to_what_was_used() -> None:
+    clock = Clock()
+    ledger = QuotaLedger(clock)
+    first = ledger.reserve("k", None, 1000, 600)
+    assert isinstance(first, Grant)
+    refused = ledger.reserve("k", None, 1000, 600)  # 600 + 600 > 1000 while the first runs
+    assert isinstance(refused, Refusal) and refused.kind == "tokens"
+    ledger.settle("k", first.id, 50)  # it used 50 of its 600
+    assert isinstance(ledger.reserve("k", None, 1000, 600), Grant)
+    over = ledger.reserve("k", None, 1000, 5000)  # larger than the whole budget
+    assert isinstance(over, Refusal) and over.retry_after_s == WINDOW_S
+
+
+def test_requests_refused_for_tokens_take_no_request() -> None:
+    ledger = QuotaLedger(Clock())
+    assert isinstance(ledger.reserve("k", 2, 100, 80), Grant)
+    assert isinstance(ledger.reserve("k", 2, 100, 80), Refusal)
+    assert isinstance(ledger.reserve("k", 2, 100, 10), Grant)  # the refused one cost nothing
+
+
+def refusals(routers: int, share: float, limit: int = 600, minutes: int = 5) -> dict[str, Any]:
+    """A client at `share` of its requests per minute, Poisson arrivals spread over `routers`
+    replicas that share one ledger; what it is refused, and the most admitted in any minute."""
+    clock = Clock()
+    ledger = InProcessLedger(QuotaLedger(clock))
+    replicas = [Quotas(ledger, 1.0, "deny") for _ in range(routers)]
+    key = tenant(rpm=limit)
+    rng = random.Random(routers * 1000 + int(share * 100))
+    admitted: list[float] = []
+    sent = refused = 0
+
+    async def run() -> None:
+        nonlocal sent, refused
+        end = clock.now + minutes * 60
+        while clock.now < end:
+            clock.now += rng.expovariate(share * limit / 60)
+            sent += 1
+            try:
+                await replicas[sent % routers].reserve(key, 0)
+                admitted.append(clock.now)
+            except QuotaExceeded:
+                refused += 1
+
+    asyncio.run(run())
+    most = max(
+        sum(1 for t in admitted if start <= t < start + 60) for start in admitted
+    )  # the densest minute, any start
+    return {"routers": routers, "share": share, "sent": sent, "refused": refused,
+            "refusal_rate": round(refused / sent, 4), "max_admitted_per_minute": most}  # fmt: skip
+
+
+@pytest.mark.parametrize("routers", [1, 2, 4])
+def test_rpm_holds_with_any_number_of_router_replicas(routers: int) -> None:
+    calm = refusals(routers, 0.5)
+    flood = refusals(routers, 3.0)
+    print(json.dumps({"calm": calm, "flood": flood}))
+    assert calm["refused"] == 0
+    assert flood["max_admitted_per_minute"] <= 600 * 1.05
+    assert flood["max_admitted_per_minute"] >= 600 * 0.95  # and the limit is usable
+
+
+class _Broken:
+    async def reserve(self, *args: Any) -> Grant | Refusal:
+        raise ConnectionError("ledger gone")
+
+    async def settle(self, *args: Any) -> None:
+        raise ConnectionError("ledger gone")
+
+
+def test_a_failing_ledger_denies_or_allows_as_configured() -> None:
+    deny = Quotas(_Broken(), 0.1, "deny")
+    allow = Quotas(_Broken(), 0.1, "allow")
+    with pytest.raises(QuotaUnavailable):
+        asyncio.run(deny.reserve(tenant(rpm=5), 1))
+    reservation = asyncio.run(allow.reserve(tenant(rpm=5), 1))
+    assert reservation is not None and reservation.grant_id is None
+    asyncio.run(allow.settle(reservation, 10))  # nothing to settle, nothing raised
+    assert asyncio.run(deny.reserve(tenant(), 1)) is None  # no quotas: the ledger is not asked

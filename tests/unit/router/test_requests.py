@@ -1,0 +1,120 @@
+"""The typed requests (`serve_app.router.requests`): each protocol's body parsed once, bounds
+checked there, the tier's limits applied when the call is built."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.config import TierConfig
+from serve_app.errors import InvalidRequest
+from serve_app.router.requests import parse_generate, parse_openai
+
+TIER = TierConfig(name="small", default_max_tokens=64, max_tokens_limit=256)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_a_chat_request_keeps_what_the_router_does_not_read_for_the_engine() -> None:
+    body = {"model": "gpt-4o-mini", "messages": QUESTION, "n": 1, "user": "u-1",
+            "response_format": {"type": "json_object"}, "temperature": 0.5, "top_p": 1}  # fmt: skip
+    parsed = parse_openai("chat", body, max_messages=10)
+    assert parsed.model == "gpt-4o-mini" and parsed.max_tokens is None
+    assert parsed.prompt_chars == len(QUESTION[0]["content"])
+    payload = parsed.call(TIER).payload
+    assert payload["user"] == "u-1" and payload["response_format"] == {"type": "json_object"}
+    assert payload["messages"] == QUESTION and payload["temperature"] == 0.5
+    assert "n" not in payload and "top_p" not in payload  # neutral values are not sent on
+    assert payload["model"] == TIER.engine.model_id and payload["max_tokens"] == 64
+
+
+def test_a_stream_always_asks_the_engine_for_usage_and_shows_it_only_when_asked() -> None:
+    body = {"model": "small", "messages": QUESTION, "stream": True}
+    parsed = parse_openai("chat", body, max_messages=10)
+    assert not parsed.include_usage
+    assert parsed.call(TIER).payload["stream_options"] == {"include_usage": True}
+    asked = parse_openai("chat", {**body, "stream_options": {"include_usage": True}}, 10)
+    assert asked.include_usage
+
+
+def test_content_parts_and_a_one_prompt_list_count_their_characters() -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "abc"}, "de"]}]
+    assert parse_openai("chat", {"model": "m", "messages": parts}, 10).prompt_chars == 5
+    completion = parse_openai("completion", {"model": "m", "prompt": ["hello"]}, 10)
+    assert completion.prompt_chars == 5 and completion.call(TIER).payload["prompt"] == "hello"
+
+
+def test_traits_for_the_auto_rules() -> None:
+    body = {"model": "auto", "messages": QUESTION, "max_completion_tokens": 100}
+    traits = parse_openai("chat", body, 10).traits({"x-quality": "high"})
+    assert traits.max_tokens == 100 and traits.prompt_chars == 30
+    assert traits.headers == {"x-quality": "high"}
+
+
+def test_too_many_messages_are_refused_before_their_shape_is_read() -> None:
+    body = {"model": "m", "messages": [{"no": "role"}] * 11}
+    with pytest.raises(InvalidRequest, match="holds 11 messages, over the limit of 10") as info:
+        parse_openai("chat", body, 10)
+    assert info.value.param == "messages"
+
+
+def test_the_tier_limit_names_the_field_the_client_used() -> None:
+    body = {"model": "m", "messages": QUESTION, "max_completion_tokens": 300}
+    parsed = parse_openai("chat", body, 10)  # within the protocol's bounds
+    with pytest.raises(InvalidRequest, match="above this model's limit of 256") as info:
+        parsed.call(TIER)
+    assert info.value.param == "max_completion_tokens"
+
+
+def test_span_attributes_come_from_the_typed_request() -> None:
+    body = {"model": "small", "messages": QUESTION, "max_tokens": 8, "temperature": 0.5,
+            "stream": True}  # fmt: skip
+    assert parse_openai("chat", body, 10).attributes() == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "small",
+        "gen_ai.request.max_tokens": 8,
+        "gen_ai.request.temperature": 0.5,
+        "serve_app.stream": True,
+    }
+    tgi = {"inputs": "x", "parameters": {"max_new_tokens": 3, "top_p": 0.9}}
+    assert parse_generate("/generate", tgi).attributes() == {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.request.max_tokens": 3,
+        "gen_ai.request.top_p": 0.9,
+    }
+
+
+def test_a_generate_body_goes_on_as_it_came_with_the_tiers_default_tokens() -> None:
+    body = {"inputs": "Paris is", "parameters": {"temperature": 0.2}}
+    parsed = parse_generate("/generate", body)
+    assert not parsed.stream and parsed.prompt_chars == 8
+    call = parsed.call(TIER)
+    assert call.payload == {"inputs": "Paris is",
+                            "parameters": {"temperature": 0.2, "max_new_tokens": 64}}  # fmt: skip
+    assert call.max_tokens == 64 and call.route == "/generate"
+    asked = parse_generate("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 5}})
+    assert asked.call(TIER).payload == {"inputs": "x", "parameters": {"max_new_tokens": 5}}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "stream"),
+    [("/", {"inputs": "x", "stream": True}, True), ("/", {"inputs": "x"}, False),
+     ("/generate_stream", {"inputs": "x"}, True)],
+)  # fmt: skip
+def test_which_generate_calls_stream(route: str, body: dict[str, object], stream: bool) -> None:
+    assert parse_generate(route, body).stream is stream  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"inputs": "x", "parameters": []}, "`parameters` must be an object"),
+        ({"inputs": "x", "parameters": {"max_new_tokens": 8.0}}, "not 8.0"),
+        ({"inputs": "x", "parameters": {"max_new_tokens": True}}, "not true"),
+    ],
+)
+def test_bad_generate_bodies_name_the_parameter(body: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message) as info:
+        parse_generate("/generate", body)
+    assert (info.value.param or "").startswith("parameters")
+    too_many = {"inputs": "x", "parameters": {"max_new_tokens": 300}}
+    with pytest.raises(InvalidRequest, match="above this tier's limit of 256"):
+        parse_generate("/generate", too_many).call(TIER)
