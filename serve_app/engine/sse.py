@@ -1,4 +1,5 @@
-"""The one Server-Sent Events parser: bytes as they arrive in, `data` payloads out, in batches.
+"""Server-Sent Events: the one parser (bytes as they arrive in, `data` payloads out, in batches)
+and the one encoder of `data:` events (`event`, `json_event`, `DONE`).
 
 A batch is every event completed by one read of the connection. Under light load that is one
 event; when the reader falls behind the engine, several, and the router then handles and writes
@@ -7,9 +8,21 @@ them together: its cost per event drops as its load grows instead of its queue g
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
 
 Batch = list[str]  # the data payloads of the events one read completed, in order
+DONE = b"data: [DONE]\n\n"
+
+
+def event(data: str) -> bytes:
+    """One `data:` event holding `data` as it is (the engine's own JSON, passed through)."""
+    return b"data: " + data.encode() + b"\n\n"
+
+
+def json_event(payload: Any) -> bytes:
+    return event(json.dumps(payload, separators=(",", ":")))
 
 
 class EventSplitter:

@@ -183,7 +183,8 @@ class RayCalls(Generic[T]):
 
 
 class Dispatcher:
-    def __init__(self, transport: TierTransport, wait_timeout_s: Callable[[str], float]) -> None:
+    def __init__(self, transport: TierTransport, wait_timeout_s: Mapping[str, float]) -> None:
+        """`wait_timeout_s`: each tier's `replica_wait_timeout_s`."""
         self._transport = transport
         self._wait_timeout_s = wait_timeout_s
 
@@ -241,7 +242,7 @@ class Dispatcher:
 
     async def _taken(self, tier: str, calls: Calls[Any], trace: RequestTrace) -> None:
         """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
-        timeout = self._wait_timeout_s(tier)
+        timeout = self._wait_timeout_s[tier]
         try:
             async with asyncio.timeout(timeout):  # passes on a cancellation, always
                 await anext(calls)

@@ -13,8 +13,8 @@ import time
 import uuid
 from typing import Any
 
+from ..engine.sse import DONE, json_event
 from .requests import OpenAIRequest
-from .sse import DONE, json_event
 
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "stop": "stop", "length": "length"}
 

@@ -51,7 +51,9 @@ class Router:
         self._services = Services(
             config=config,
             policy=TierPolicy(config),
-            dispatch=Dispatcher(transport, lambda t: config.tier(t).replica_wait_timeout_s),
+            dispatch=Dispatcher(
+                transport, {t.name: t.replica_wait_timeout_s for t in config.tiers}
+            ),
             keys=key_ring(keys),
             quotas=quotas,
             admissions=admissions(config),  # fair, prioritised queues of tiers that have one

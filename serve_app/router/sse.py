@@ -1,7 +1,6 @@
-"""The router's one SSE encoder, for OpenAI's and TGI's streams alike: the events of a streamed
-answer, one write per batch of engine events, and a `Tally` of what they carried (tokens, the
-engine's usage, an error's status, whether the stream reached its end), which the request's
-settlement reads."""
+"""The router's streamed answers, OpenAI's and TGI's: one write per batch of engine events,
+and a `Tally` of what they carried (tokens, the engine's usage, an error's status, whether the
+stream reached its end), which the request's settlement reads."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..engine.client import stream_error
-from ..engine.sse import Batch
+from ..engine.sse import DONE, Batch, event, json_event
 from .accounting import Usage, usage_from
 from .errors import api_error
 from .tgi import stream_tokens
@@ -19,17 +18,6 @@ from .tgi import stream_tokens
 if TYPE_CHECKING:
     from .dispatch import Calls
     from .openai import Normaliser
-
-DONE = b"data: [DONE]\n\n"
-
-
-def event(data: str) -> bytes:
-    """One `data:` event holding `data` as it is (the engine's own JSON, passed through)."""
-    return b"data: " + data.encode() + b"\n\n"
-
-
-def json_event(payload: Any) -> bytes:
-    return event(json.dumps(payload, separators=(",", ":")))
 
 
 @dataclass

@@ -73,11 +73,11 @@ class Transport:
 
 
 def stream(transport: Transport) -> Any:
-    return asyncio.run(Dispatcher(transport, lambda tier: 1.0).stream("small", CALL, OFF))[0]
+    return asyncio.run(Dispatcher(transport, {"small": 1.0}).stream("small", CALL, OFF))[0]
 
 
 def request(transport: Transport) -> EngineReply:
-    return asyncio.run(Dispatcher(transport, lambda tier: 1.0).request("small", CALL, OFF))
+    return asyncio.run(Dispatcher(transport, {"small": 1.0}).request("small", CALL, OFF))
 
 
 DIED = ReplicaUnavailable("the replica of tier 'small' serving this request died; retry")
