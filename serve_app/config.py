@@ -282,6 +282,36 @@ class TierAdmission(_Tuned):
         return self
 
 
+class GrammarPolicy(_Strict):
+    """What grammars a tier's engine is given to compile; see `serve_app.router.grammar`.
+
+    TGI builds a grammar's state machine inside prefill, on the shard's only loop: one that
+    takes minutes stops the shard, and its replica is restarted with every tenant's requests."""
+
+    allow_regex: bool = Field(
+        True,
+        description="Regex grammars (`response_format` or `parameters.grammar` of type `regex`) "
+        "are accepted, within max_pattern_chars and check_timeout_s; false: refused (400/422). "
+        "Patterns inside JSON schemas are checked the same way either way.",
+    )
+    max_pattern_chars: PositiveInt = Field(
+        512, description="Longest regex, as a grammar or a schema's `pattern`."
+    )
+    max_schema_bytes: PositiveInt = Field(
+        32_768,
+        description="Largest JSON schema (as JSON), of `response_format` or `parameters.grammar`, "
+        "or of one tool's parameters.",
+    )
+    max_schema_depth: PositiveInt = Field(
+        16, description="Deepest nesting of objects and arrays in one such schema."
+    )
+    check_timeout_s: PositiveFloat = Field(
+        0.5,
+        description="A pattern whose state machine the router cannot build within this (in a "
+        "worker process of its own) is refused before any engine sees it.",
+    )
+
+
 class TierTuning(_Strict):
     """How a tier's replicas take requests and how routers reach its engines."""
 
@@ -335,6 +365,9 @@ class TierTuning(_Strict):
         3,
         description="Replica starts that may fail in a row before the deployment is reported "
         "as failed, instead of restarting a broken engine forever.",
+    )
+    grammar: GrammarPolicy = Field(
+        GrammarPolicy(), description="What grammars the tier's engine is given to compile."
     )
 
 
@@ -554,6 +587,12 @@ class RouterTuning(_Strict):
     )
     max_messages: PositiveInt = Field(
         1_000, description="Chat requests with more messages are a 400."
+    )
+    max_tools: PositiveInt = Field(128, description="Chat requests with more tools are a 400.")
+    max_stop_chars: PositiveInt = Field(
+        256,
+        description="Longest stop sequence, on every route (the engine only ever matches the "
+        "last few hundred characters of the text).",
     )
     tgi_any_tier_name: bool = Field(
         True,

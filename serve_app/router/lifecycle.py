@@ -43,9 +43,10 @@ from .body import BodyLimits, read_json
 from .dispatch import Calls, Dispatcher
 from .errors import api_error, rate_limit_headers
 from .fair_queue import Admission, Ticket
+from .grammar import Grammars, PatternCompiler
 from .openai import Normaliser
 from .quota import Quotas, Reservation
-from .requests import Kind, parse_generate, parse_openai
+from .requests import GenerateRequest, Kind, OpenAIRequest, parse_generate, parse_openai
 from .sse import Tally, openai_events, tgi_events
 from .tgi import reply_usage
 
@@ -67,6 +68,7 @@ class Services:
     in_flight: InFlight
     tracing: Tracing
     limits: BodyLimits
+    patterns: PatternCompiler  # grammars' patterns built off the loop, with a deadline
     background: set[asyncio.Future[None]]  # quota settlements under way
 
 
@@ -112,7 +114,7 @@ class RequestLife:
     # -- the two protocols ---------------------------------------------------------------------
 
     async def openai(self, kind: Kind) -> Response:
-        parsed = parse_openai(kind, await self._read(), self._s.config.router.tuning.max_messages)
+        parsed = parse_openai(kind, await self._read(), self._s.config.router.tuning)
         self.trace.set(parsed.attributes())
         headers = {k.lower(): v for k, v in self.request.headers.items()}
         choice = self._s.policy.for_model(
@@ -120,7 +122,7 @@ class RequestLife:
         )
         if choice.spilled_from:
             self._s.recorder.spill_over(choice.spilled_from, choice.tier)
-        call = parsed.call(self._s.config.tier(choice.tier))
+        call = await self._call(parsed, parsed.grammars, choice)
         normaliser = Normaliser(parsed)
         await self.admit(choice, call)
         if not call.stream:
@@ -141,10 +143,10 @@ class RequestLife:
 
     async def tgi_generate(self, route: EngineRoute) -> Response:
         """TGI's routes: bodies and answers pass through unchanged but for the tier's limits."""
-        parsed = parse_generate(route, await self._read())
+        parsed = parse_generate(route, await self._read(), self._s.config.router.tuning)
         self.trace.set(parsed.attributes())
         choice = self._s.policy.for_header(self.request.headers.get("x-tier"))
-        call = parsed.call(self._s.config.tier(choice.tier))
+        call = await self._call(parsed, parsed.grammars, choice)
         await self.admit(choice, call)
         if not call.stream:
             try:
@@ -163,6 +165,16 @@ class RequestLife:
         first, chunks = await self._stream(choice.tier, call)
         tally = Tally()
         return self._streamed(tgi_events(tally, first, chunks), tally, chunks)
+
+    async def _call(self, parsed: OpenAIRequest | GenerateRequest, grammars: Grammars,
+                    choice: TierChoice) -> TierCall:  # fmt: skip
+        """The tier's call, its grammars within the tier's policy (`serve_app.router.grammar`)."""
+        tier = self._s.config.tier(choice.tier)
+        call = parsed.call(tier)
+        if grammars:
+            policy = tier.tuning.grammar
+            await self._s.patterns.check(grammars.checked(policy), policy.check_timeout_s)
+        return call
 
     async def _read(self) -> dict[str, Any]:
         request = self.request

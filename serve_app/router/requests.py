@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import TierConfig
+from ..config import RouterTuning, TierConfig
 from ..errors import InvalidRequest
 from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import RequestTraits
+from .grammar import Grammars, generate_grammars, openai_grammars
 
 Kind = Literal["chat", "completion"]
 ENGINE_PATH: dict[Kind, EngineRoute] = {
@@ -29,6 +30,7 @@ ENGINE_PATH: dict[Kind, EngineRoute] = {
     "completion": "/v1/completions",
 }
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit, and TGI's default `--max-stop-sequences`
+DEFAULT_LIMITS = RouterTuning()
 # `gen_ai.operation.name` of each engine route (the span's request attributes).
 OPERATIONS: dict[str, str] = {
     "/v1/chat/completions": "chat",
@@ -97,6 +99,7 @@ class OpenAIRequest:
     prompt_chars: int  # characters of the prompt or of the messages' contents
     sampling: Mapping[str, Any]  # checked sampling fields in TGI's terms, neutral values dropped
     passthrough: Mapping[str, Any] = field(repr=False)
+    grammars: Grammars = field(default_factory=Grammars)  # `serve_app.router.grammar`
 
     @property
     def engine_path(self) -> EngineRoute:
@@ -136,14 +139,16 @@ class OpenAIRequest:
         return TierCall(self.engine_path, payload, self.stream, max_tokens, self.prompt_chars)
 
 
-def parse_openai(kind: Kind, body: Mapping[str, Any], max_messages: int) -> OpenAIRequest:
+def parse_openai(
+    kind: Kind, body: Mapping[str, Any], limits: RouterTuning = DEFAULT_LIMITS
+) -> OpenAIRequest:
     """Check what the router is responsible for; sampling details are the engine's to check."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("`model` is required and must be a string", param="model")
     passthrough = {k: v for k, v in body.items() if k not in _REPLACED}
     if kind == "chat":
-        prompt_chars = _messages(body.get("messages"), max_messages)
+        prompt_chars = _messages(body.get("messages"), limits.max_messages)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -165,8 +170,8 @@ def parse_openai(kind: Kind, body: Mapping[str, Any], max_messages: int) -> Open
         raise InvalidRequest("`stream_options` must be an object", param="stream_options")
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _positive_int(body, name)
-    sampling = _sampling(kind, body)
-    _check_tools(body.get("tools"))
+    sampling = _sampling(kind, body, limits.max_stop_chars)
+    _check_tools(body.get("tools"), limits.max_tools)
     return OpenAIRequest(
         kind=kind,
         model=model,
@@ -177,6 +182,7 @@ def parse_openai(kind: Kind, body: Mapping[str, Any], max_messages: int) -> Open
         prompt_chars=prompt_chars,
         sampling=sampling,
         passthrough=passthrough,
+        grammars=openai_grammars(body),
     )
 
 
@@ -219,7 +225,7 @@ def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def _sampling(kind: Kind, body: Mapping[str, Any]) -> dict[str, Any]:
+def _sampling(kind: Kind, body: Mapping[str, Any], max_stop_chars: int) -> dict[str, Any]:
     """Check OpenAI's sampling fields; the payload fields TGI should see, in TGI's types
     (a neutral value is left out)."""
     out: dict[str, Any] = {}
@@ -243,11 +249,7 @@ def _sampling(kind: Kind, body: Mapping[str, Any]) -> dict[str, Any]:
             raise InvalidRequest(
                 "`stop` must be a non-empty string or an array of them", param="stop"
             )
-        if len(stop) > MAX_STOP_SEQUENCES:
-            raise InvalidRequest(
-                f"`stop` has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
-                param="stop",
-            )
+        _check_stops(stop, max_stop_chars, "stop")
         out["stop"] = stop
     bias = body.get("logit_bias")
     if bias is not None:
@@ -259,12 +261,30 @@ def _sampling(kind: Kind, body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_tools(tools: Any) -> None:
+def _check_stops(stop: list[str], max_chars: int, param: str) -> None:
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(
+            f"`{param}` has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
+            param=param,
+        )
+    longest = max(len(s) for s in stop) if stop else 0
+    if longest > max_chars:
+        raise InvalidRequest(
+            f"`{param}` holds a sequence of {longest} characters; at most {max_chars} are allowed",
+            param=param,
+        )
+
+
+def _check_tools(tools: Any, limit: int) -> None:
     """The shape of `tools`; choosing among them (and TGI's refusals) is the engine's."""
     if tools is None:
         return
     if not isinstance(tools, list):
         raise InvalidRequest("`tools` must be an array", param="tools")
+    if len(tools) > limit:
+        raise InvalidRequest(
+            f"`tools` holds {len(tools)} tools, over the limit of {limit}", param="tools"
+        )
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if (
@@ -291,6 +311,7 @@ class GenerateRequest:
     max_new_tokens: int | None
     prompt_chars: int
     passthrough: Mapping[str, Any] = field(repr=False)
+    grammars: Grammars = field(default_factory=Grammars)  # `serve_app.router.grammar`
 
     def attributes(self) -> dict[str, Any]:
         parameters = self.passthrough.get("parameters") or {}
@@ -319,7 +340,9 @@ class GenerateRequest:
         return TierCall(self.route, payload, self.stream, max_tokens, self.prompt_chars)
 
 
-def parse_generate(route: EngineRoute, body: Mapping[str, Any]) -> GenerateRequest:
+def parse_generate(
+    route: EngineRoute, body: Mapping[str, Any], limits: RouterTuning = DEFAULT_LIMITS
+) -> GenerateRequest:
     """A TGI body for `route`; `POST /` streams when the body says so."""
     stream = route == "/generate_stream" or (route == "/" and body.get("stream") is True)
     parameters = body.get("parameters")
@@ -331,9 +354,17 @@ def parse_generate(route: EngineRoute, body: Mapping[str, Any]) -> GenerateReque
             f"`max_new_tokens` must be a positive integer, not {json.dumps(asked)[:40]}",
             param="parameters.max_new_tokens",
         )
+    stop = (parameters or {}).get("stop")
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        _check_stops(stop, limits.max_stop_chars, "parameters.stop")  # other shapes: TGI's 422
     inputs = body.get("inputs")
     return GenerateRequest(
-        route, stream, asked, len(inputs) if isinstance(inputs, str) else 0, dict(body)
+        route,
+        stream,
+        asked,
+        len(inputs) if isinstance(inputs, str) else 0,
+        dict(body),
+        generate_grammars(parameters or {}),
     )
 
 

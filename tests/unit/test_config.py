@@ -184,9 +184,21 @@ def test_tuning_keeps_the_old_defaults(old: str, default: Any) -> None:
     assert value_at(config, moved_to(old)) == default
 
 
-def test_the_moved_settings_are_exactly_the_tuning_settings() -> None:
+# Tuning settings that never lived anywhere else: the grammar policy and two request bounds.
+NEW_IN_TUNING = {
+    *(f"tiers[].tuning.grammar.{name}" for name in (
+        "allow_regex", "max_pattern_chars", "max_schema_bytes", "max_schema_depth",
+        "check_timeout_s",
+    )),
+    "router.tuning.max_tools",
+    "router.tuning.max_stop_chars",
+}  # fmt: skip
+
+
+def test_the_moved_settings_and_the_new_ones_are_exactly_the_tuning_settings() -> None:
     moved = {moved_to(old).replace("tiers.0.", "tiers[].") for old in MOVED}
-    assert moved == {s.path for s in tuning_settings()}
+    assert moved | NEW_IN_TUNING == {s.path for s in tuning_settings()}
+    assert not moved & NEW_IN_TUNING
 
 
 def test_a_platform_engineer_decides_at_most_40_settings() -> None:

@@ -42,6 +42,7 @@ def test_user_sections_come_first_then_their_tuning_in_the_same_order() -> None:
     assert all(not s.tuning for s in sections()[:first_tuning])
     assert paths[first_tuning:] == [
         "tiers[].tuning",
+        "tiers[].tuning.grammar",
         "tiers[].engine.tuning",
         "tiers[].routing.tuning",
         "tiers[].admission.tuning",

@@ -18,7 +18,7 @@ TIER = TierConfig(name="small", default_max_tokens=64, max_tokens_limit=256)
 
 def parse(kind: Kind, body: dict[str, object], model: str) -> OpenAIRequest:
     """`body` as the client named `model`."""
-    return parse_openai(kind, {**body, "model": model}, max_messages=1000)
+    return parse_openai(kind, {**body, "model": model})
 
 
 def chat(**fields: object) -> dict[str, object]:

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.config import TierConfig
+from serve_app.config import RouterTuning, TierConfig
 from serve_app.errors import InvalidRequest
 from serve_app.router.requests import parse_generate, parse_openai
 
 TIER = TierConfig(name="small", default_max_tokens=64, max_tokens_limit=256)
+LIMITS = RouterTuning(max_messages=10)
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_a_chat_request_keeps_what_the_router_does_not_read_for_the_engine() -> None:
     body = {"model": "gpt-4o-mini", "messages": QUESTION, "n": 1, "user": "u-1",
             "response_format": {"type": "json_object"}, "temperature": 0.5, "top_p": 1}  # fmt: skip
-    parsed = parse_openai("chat", body, max_messages=10)
+    parsed = parse_openai("chat", body, LIMITS)
     assert parsed.model == "gpt-4o-mini" and parsed.max_tokens is None
     assert parsed.prompt_chars == len(QUESTION[0]["content"])
     payload = parsed.call(TIER).payload
@@ -28,23 +29,23 @@ def test_a_chat_request_keeps_what_the_router_does_not_read_for_the_engine() -> 
 
 def test_a_stream_always_asks_the_engine_for_usage_and_shows_it_only_when_asked() -> None:
     body = {"model": "small", "messages": QUESTION, "stream": True}
-    parsed = parse_openai("chat", body, max_messages=10)
+    parsed = parse_openai("chat", body, LIMITS)
     assert not parsed.include_usage
     assert parsed.call(TIER).payload["stream_options"] == {"include_usage": True}
-    asked = parse_openai("chat", {**body, "stream_options": {"include_usage": True}}, 10)
+    asked = parse_openai("chat", {**body, "stream_options": {"include_usage": True}}, LIMITS)
     assert asked.include_usage
 
 
 def test_content_parts_and_a_one_prompt_list_count_their_characters() -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": "abc"}, "de"]}]
-    assert parse_openai("chat", {"model": "m", "messages": parts}, 10).prompt_chars == 5
-    completion = parse_openai("completion", {"model": "m", "prompt": ["hello"]}, 10)
+    assert parse_openai("chat", {"model": "m", "messages": parts}, LIMITS).prompt_chars == 5
+    completion = parse_openai("completion", {"model": "m", "prompt": ["hello"]}, LIMITS)
     assert completion.prompt_chars == 5 and completion.call(TIER).payload["prompt"] == "hello"
 
 
 def test_traits_for_the_auto_rules() -> None:
     body = {"model": "auto", "messages": QUESTION, "max_completion_tokens": 100}
-    traits = parse_openai("chat", body, 10).traits({"x-quality": "high"})
+    traits = parse_openai("chat", body, LIMITS).traits({"x-quality": "high"})
     assert traits.max_tokens == 100 and traits.prompt_chars == 30
     assert traits.headers == {"x-quality": "high"}
 
@@ -52,13 +53,13 @@ def test_traits_for_the_auto_rules() -> None:
 def test_too_many_messages_are_refused_before_their_shape_is_read() -> None:
     body = {"model": "m", "messages": [{"no": "role"}] * 11}
     with pytest.raises(InvalidRequest, match="holds 11 messages, over the limit of 10") as info:
-        parse_openai("chat", body, 10)
+        parse_openai("chat", body, LIMITS)
     assert info.value.param == "messages"
 
 
 def test_the_tier_limit_names_the_field_the_client_used() -> None:
     body = {"model": "m", "messages": QUESTION, "max_completion_tokens": 300}
-    parsed = parse_openai("chat", body, 10)  # within the protocol's bounds
+    parsed = parse_openai("chat", body, LIMITS)  # within the protocol's bounds
     with pytest.raises(InvalidRequest, match="above this model's limit of 256") as info:
         parsed.call(TIER)
     assert info.value.param == "max_completion_tokens"
@@ -67,7 +68,7 @@ def test_the_tier_limit_names_the_field_the_client_used() -> None:
 def test_span_attributes_come_from_the_typed_request() -> None:
     body = {"model": "small", "messages": QUESTION, "max_tokens": 8, "temperature": 0.5,
             "stream": True}  # fmt: skip
-    assert parse_openai("chat", body, 10).attributes() == {
+    assert parse_openai("chat", body, LIMITS).attributes() == {
         "gen_ai.operation.name": "chat",
         "gen_ai.request.model": "small",
         "gen_ai.request.max_tokens": 8,
@@ -118,3 +119,27 @@ def test_bad_generate_bodies_name_the_parameter(body: dict[str, object], message
     too_many = {"inputs": "x", "parameters": {"max_new_tokens": 300}}
     with pytest.raises(InvalidRequest, match="above this tier's limit of 256"):
         parse_generate("/generate", too_many).call(TIER)
+
+
+def test_stops_are_bounded_in_number_and_length_on_every_route() -> None:
+    long_stop = {"model": "m", "messages": QUESTION, "stop": ["ok", "x" * 257]}
+    with pytest.raises(InvalidRequest, match="a sequence of 257 characters; at most 256") as info:
+        parse_openai("chat", long_stop, LIMITS)
+    assert info.value.param == "stop"
+    five = {"inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}
+    with pytest.raises(InvalidRequest, match="5 sequences; at most 4") as info:
+        parse_generate("/generate", five)
+    assert info.value.param == "parameters.stop"
+    long_tgi = {"inputs": "x", "parameters": {"stop": ["y" * 300]}}
+    with pytest.raises(InvalidRequest, match="300 characters"):
+        parse_generate("/generate_stream", long_tgi)
+    assert parse_generate("/generate", {"inputs": "x", "parameters": {"stop": ["\n"]}})
+
+
+def test_tools_are_bounded_in_number_and_their_schemas_kept_for_the_grammar_check() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"model": "m", "messages": QUESTION, "tools": [tool] * 129}
+    with pytest.raises(InvalidRequest, match="129 tools, over the limit of 128"):
+        parse_openai("chat", body, LIMITS)
+    parsed = parse_openai("chat", {**body, "tools": [tool]}, LIMITS)
+    assert parsed.grammars.schemas == (({"type": "object"}, "tools[0].function.parameters"),)

@@ -65,7 +65,7 @@ def data(write: bytes) -> list[str]:
 
 def openai(first: Batch, rest: Batches) -> tuple[list[bytes], Tally]:
     tally = Tally()
-    normaliser = Normaliser(parse_openai("chat", CHAT, 1000))
+    normaliser = Normaliser(parse_openai("chat", CHAT))
     return writes(openai_events(normaliser, tally, first, rest)), tally
 
 
