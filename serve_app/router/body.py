@@ -13,8 +13,6 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 
-PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
-
 
 @dataclass(frozen=True)
 class BodyLimits:
@@ -95,8 +93,4 @@ async def read_json(
         ) from None
     except ClientDisconnect:
         raise InvalidRequest("the client closed the connection before sending the body") from None
-    if len(raw) > PARSE_ON_LOOP_BYTES:
-        # A large body (60,000 empty messages parse in about half a second) is parsed in a
-        # thread: the loop, and every other request on it, gets its turns meanwhile.
-        return await asyncio.to_thread(parse_json, raw, limits.max_depth)
     return parse_json(raw, limits.max_depth)

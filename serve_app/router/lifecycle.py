@@ -18,10 +18,11 @@ it (`LifeStream`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ from .body import BodyLimits, read_json
 from .dispatch import Calls, Dispatcher
 from .errors import api_error, rate_limit_headers
 from .fair_queue import Admission, Ticket
-from .grammar import Grammars, PatternCompiler
+from .grammar import GrammarCompiler, Grammars
 from .openai import Normaliser
 from .quota import Quotas, Reservation
 from .requests import GenerateRequest, Kind, OpenAIRequest, parse_generate, parse_openai
@@ -68,7 +69,7 @@ class Services:
     in_flight: InFlight
     tracing: Tracing
     limits: BodyLimits
-    patterns: PatternCompiler  # grammars' patterns built off the loop, with a deadline
+    grammars: GrammarCompiler  # grammars compiled off the loop, with a deadline
     background: set[asyncio.Future[None]]  # quota settlements under way
 
 
@@ -172,8 +173,10 @@ class RequestLife:
         tier = self._s.config.tier(choice.tier)
         call = parsed.call(tier)
         if grammars:
+            if self.tenant is not None:
+                self.tenant.check_tier(tier.name)  # nothing is compiled for a key that may not
             policy = tier.tuning.grammar
-            await self._s.patterns.check(grammars.checked(policy), policy.check_timeout_s)
+            await self._s.grammars.check(grammars.checked(policy), policy.check_timeout_s)
         return call
 
     async def _read(self) -> dict[str, Any]:
@@ -297,22 +300,26 @@ class RequestLife:
             error = api_error(exc)
             self.status = error.tgi_status() if self.tgi else error.status
         usage, tier = self.usage, self.tier
-        try:
+        # Each part on its own: one that fails (a metric, say) must not keep the others from
+        # happening, nor turn an answer into an error.
+        with _logged():
             self._s.in_flight.add(tier, -1)
+        with _logged():
             self._s.recorder.finished(tier, self.status, time.perf_counter() - self._start, usage)
+        with _logged():
             self.trace.usage(
                 {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
             )
-            if self._turn is not None:
-                admission, ticket = self._turn
+        if self._turn is not None:
+            admission, ticket = self._turn
+            with _logged():
                 admission.leave(ticket, usage.total)
-            if self.tenant is not None:
+        if self.tenant is not None:
+            with _logged():
                 self._s.recorder.tenant_tokens(self.tenant.name, tier, usage.total)
+        with _logged():
             self._settle_quota(usage)
-        except Exception:  # bookkeeping must never turn an answer into an error
-            logger.exception("request accounting failed")
-        finally:
-            self.trace.release()
+        self.trace.release()
 
     def _settle_quota(self, usage: Usage) -> None:
         """Settle the reservation with the tokens used, in the background: the request may be
@@ -347,6 +354,14 @@ class RequestLife:
         self.settle(exc)
         if not isinstance(exc, Exception):
             self.trace.abandon()
+
+
+@contextlib.contextmanager
+def _logged() -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        logger.exception("request accounting failed")
 
 
 class LifeStream(StreamingResponse):

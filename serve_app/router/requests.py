@@ -182,7 +182,8 @@ def parse_openai(
         prompt_chars=prompt_chars,
         sampling=sampling,
         passthrough=passthrough,
-        grammars=openai_grammars(body),
+        # TGI's completions take no grammar: what they carry is not compiled.
+        grammars=openai_grammars(body) if kind == "chat" else Grammars(),
     )
 
 
@@ -267,6 +268,10 @@ def _check_stops(stop: list[str], max_chars: int, param: str) -> None:
             f"`{param}` has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
             param=param,
         )
+    _check_stop_lengths(stop, max_chars, param)
+
+
+def _check_stop_lengths(stop: list[str], max_chars: int, param: str) -> None:
     longest = max(len(s) for s in stop) if stop else 0
     if longest > max_chars:
         raise InvalidRequest(
@@ -355,8 +360,8 @@ def parse_generate(
             param="parameters.max_new_tokens",
         )
     stop = (parameters or {}).get("stop")
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        _check_stops(stop, limits.max_stop_chars, "parameters.stop")  # other shapes: TGI's 422
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):  # else TGI's 422
+        _check_stop_lengths(stop, limits.max_stop_chars, "parameters.stop")
     inputs = body.get("inputs")
     return GenerateRequest(
         route,

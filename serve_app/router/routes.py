@@ -25,7 +25,7 @@ from .auth import key_ring
 from .body import BodyLimits
 from .dispatch import Dispatcher, TierTransport
 from .errors import api_error
-from .grammar import PatternCompiler
+from .grammar import GrammarCompiler
 from .lifecycle import RequestLife, Services
 from .quota import LedgerCalls, Quotas
 
@@ -61,7 +61,7 @@ class Router:
             recorder=recorder,
             in_flight=InFlight(recorder),
             tracing=Tracing.configure(config.tracing, "router"),
-            patterns=PatternCompiler(),
+            grammars=GrammarCompiler(),
             limits=BodyLimits(limits.max_body_bytes, limits.body_timeout_s, limits.max_json_depth),
             background=set(),
         )

@@ -38,7 +38,7 @@ def test_an_exploding_regex_is_refused_with_openais_error(stack: Stack) -> None:
     error = info.value.body
     assert isinstance(error, dict)
     assert error["param"] == "response_format.value"
-    assert "did not build within 0.5s (grammar.check_timeout_s)" in error["message"]
+    assert "did not compile within 0.5s (grammar.check_timeout_s)" in error["message"]
 
 
 def test_an_exploding_pattern_in_a_tool_schema_is_refused(stack: Stack) -> None:
@@ -51,7 +51,7 @@ def test_an_exploding_pattern_in_a_tool_schema_is_refused(stack: Stack) -> None:
 
 def test_tgi_clients_get_a_validation_error_for_a_grammar_or_a_long_stop(stack: Stack) -> None:
     client = Client(stack.url, headers={"X-Tier": "small"}, timeout=60)
-    with pytest.raises(ValidationError, match="did not build within"):
+    with pytest.raises(ValidationError, match="did not compile within"):
         client.generate("Hi", grammar=Grammar(type=GrammarType.Regex, value=EXPLODING))
     with pytest.raises(ValidationError, match="at most 256 are allowed"):
         client.generate("Hi", stop_sequences=["x" * 5000])
