@@ -34,3 +34,11 @@ INGRESS_GUARDS = {
 def ingress_guards(env: Mapping[str, str]) -> dict[str, str]:
     """`INGRESS_GUARDS`, with the client timeout `env` already sets, if any."""
     return {**INGRESS_GUARDS, **{k: env[k] for k in (CLIENT_TIMEOUT,) if env.get(k)}}
+
+
+def missing_protections(env: Mapping[str, str]) -> dict[str, str]:
+    """What of `SERVE_TUNING` and `INGRESS_GUARDS` `env` (a Ray process's environment) lacks, as
+    the settings that restore it: a Ray cluster started by hand has neither HAProxy's client
+    timeout nor the header screen, and the router says so when it starts."""
+    wanted = {**SERVE_TUNING, **INGRESS_GUARDS}
+    return {k: v for k, v in wanted.items() if not env.get(k)}

@@ -109,7 +109,7 @@ class LlamaBackend:
             "POST", "/tokenize", {"content": text, "add_special": True, "with_pieces": True}
         )
         reply.raise_for_status()
-        return [(t["id"], t["piece"]) for t in reply.json()["tokens"]]
+        return decoded_pieces(reply.json()["tokens"])
 
     async def eos_token(self) -> Token:
         """The end-of-sequence token, which TGI streams last (`special: true`)."""
@@ -189,3 +189,30 @@ def _llama_error_message(reply: httpx.Response) -> str:
         return str(reply.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return reply.text or f"llama.cpp answered {reply.status_code}"
+
+
+def decoded_pieces(tokens: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Token ids and their text. llama.cpp gives a token that holds only part of a character's
+    UTF-8 bytes (emoji, CJK) as a list of byte values: the token that completes the character
+    gets it, the ones before it an empty text."""
+    out: list[tuple[int, str]] = []
+    pending = b""
+    for token in tokens:
+        piece = token["piece"]
+        if isinstance(piece, str):
+            if pending:  # bytes that never made a character
+                out[-1] = (out[-1][0], pending.decode(errors="replace"))
+                pending = b""
+            out.append((token["id"], piece))
+            continue
+        pending += bytes(piece)
+        try:
+            text = pending.decode()
+        except UnicodeDecodeError:
+            out.append((token["id"], ""))
+            continue
+        out.append((token["id"], text))
+        pending = b""
+    if pending and out:
+        out[-1] = (out[-1][0], pending.decode(errors="replace"))
+    return out

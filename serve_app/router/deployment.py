@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Mapping
 
 from ray import serve
@@ -11,9 +13,12 @@ from starlette.applications import Starlette
 
 from ..config import AppConfig
 from ..metrics import MetricsRecorder
+from ..serve_env import missing_protections
 from .dispatch import ServeTransport
 from .ledger import ServeLedger
 from .routes import Router
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment
@@ -35,6 +40,15 @@ class RouterDeployment:
             MetricsRecorder(),
             ServeLedger(ledger) if ledger is not None else None,
         )
+        missing = missing_protections(os.environ)
+        if missing:
+            logger.warning(
+                "this Ray cluster was started without the settings the local stack and the "
+                "KubeRay manifests give every Ray process (serve_app/serve_env.py): HAProxy's "
+                "client timeout, the header screen or the fast ingress may be missing. Set them "
+                "in the environment of `ray start` on every node: %s",
+                " ".join(f"{k}={v}" for k, v in missing.items()),
+            )
         replica = serve.get_replica_context().replica_id.unique_id
         self._reporting = asyncio.create_task(self._router.report_queues(replica))
 

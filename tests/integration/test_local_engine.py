@@ -147,3 +147,15 @@ def test_inference_client_tools(engine: RunningEngine) -> None:
     assert calls[0].function.name == "get_weather"
     arguments = "".join(c.function.arguments for c in calls)
     assert json.loads(arguments) == json.loads(call.function.arguments)
+
+
+@pytest.mark.parametrize("text", ["I love 🍕 and 東京", "😀😀😀", "日本語のテキスト"])
+def test_tokenize_counts_emoji_and_cjk(engine: RunningEngine, text: str) -> None:
+    """Tokens holding part of a character's bytes: the whole text comes back, in order."""
+    chat = {"messages": [{"role": "user", "content": text}]}
+    for route, body in (("/tokenize", {"inputs": text}), ("/chat_tokenize", chat)):
+        answer = httpx.post(f"{engine.url}{route}", json=body, timeout=30)
+        assert answer.status_code == 200, (route, answer.text)
+    tokens = httpx.post(f"{engine.url}/tokenize", json={"inputs": text}, timeout=30).json()
+    assert "".join(t["text"] for t in tokens) == text
+    assert len(tokens) > len(text) // 2  # counted as the model counts them, not per character

@@ -7,7 +7,13 @@ import importlib
 
 from serve_app.kuberay import RAY_ENV
 from serve_app.router.ingress import HeaderScreen, middlewares
-from serve_app.serve_env import CLIENT_TIMEOUT, INGRESS_GUARDS, SERVE_TUNING, ingress_guards
+from serve_app.serve_env import (
+    CLIENT_TIMEOUT,
+    INGRESS_GUARDS,
+    SERVE_TUNING,
+    ingress_guards,
+    missing_protections,
+)
 
 KUBERAY_ENV = {e["name"]: e["value"] for e in RAY_ENV}
 
@@ -30,3 +36,11 @@ def test_haproxys_client_timeout_is_bounded_and_can_be_set() -> None:
 
 def test_kuberay_pods_get_the_tuning_and_the_guards_as_they_are() -> None:
     assert {**SERVE_TUNING, **INGRESS_GUARDS}.items() <= KUBERAY_ENV.items()
+
+
+def test_a_cluster_started_by_hand_is_told_what_it_lacks() -> None:
+    assert missing_protections({**SERVE_TUNING, **INGRESS_GUARDS}) == {}
+    assert missing_protections({**SERVE_TUNING, **INGRESS_GUARDS, CLIENT_TIMEOUT: "12"}) == {}
+    bare = missing_protections({})
+    assert bare == {**SERVE_TUNING, **INGRESS_GUARDS}
+    assert missing_protections({**SERVE_TUNING})[CLIENT_TIMEOUT] == "30"

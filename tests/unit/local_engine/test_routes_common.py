@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from serve_app.local_engine.backend import Token
+from serve_app.local_engine.backend import Token, decoded_pieces
 from serve_app.local_engine.routes_common import field, required, simple_tokens, sse, token_json
 from serve_app.local_engine.validation import EngineError
 
@@ -79,3 +79,15 @@ def test_a_piece_not_found_in_the_text_starts_at_the_cursor() -> None:
     assert [(t["start"], t["stop"]) for t in simple_tokens("ab\u20ac", tokens)] == [
         (0, 2), (2, 3), (3, 3),
     ]  # fmt: skip
+
+
+def test_tokens_holding_part_of_a_character_give_it_to_the_one_that_completes_it() -> None:
+    pizza = list("🍕".encode())  # four bytes, here over two tokens
+    tokens = [{"id": 1, "piece": "I"}, {"id": 2, "piece": pizza[:2]},
+              {"id": 3, "piece": pizza[2:]}, {"id": 4, "piece": " 東"}]  # fmt: skip
+    pieces = decoded_pieces(tokens)
+    assert pieces == [(1, "I"), (2, ""), (3, "🍕"), (4, " 東")]
+    text = "I🍕 東"
+    spans = [(t["start"], t["stop"]) for t in simple_tokens(text, pieces)]
+    assert spans == [(0, 1), (1, 1), (1, 2), (2, 4)]
+    assert decoded_pieces([{"id": 5, "piece": [0xF0]}]) == [(5, "\ufffd")]  # never completed
