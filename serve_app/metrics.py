@@ -20,6 +20,11 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_tenant_tokens_total{tenant, tier}      prompt + completion tokens per tenant
     ray_serve_app_tenant_rejections_total{tenant, reason}  403s and 429s per tenant
     ray_serve_app_admission_queue{tier, priority}        waiting in a tier's admission queue
+    ray_serve_app_api_keys_reloads_total{result}         API-keys file reloads: ok, invalid,
+                                                         unreadable
+    ray_serve_app_api_keys_stale                         1 while the keys file on disk is invalid
+                                                         or unreadable and the last good keys
+                                                         are still in use
 """
 
 from __future__ import annotations
@@ -90,12 +95,27 @@ class _Metrics:
         self.spill_overs = metrics.Counter(
             "serve_app_spill_overs", "Requests sent on to an overflow tier.", ("tier", "to_tier")
         )
+        self.keys_reloads = metrics.Counter(
+            "serve_app_api_keys_reloads", "API-keys file reloads, by outcome.", ("result",)
+        )
+        self.keys_stale = metrics.Gauge(
+            "serve_app_api_keys_stale",
+            "1 while the API-keys file on disk is invalid and the last good keys are in use.",
+        )
 
 
 @cache
 def app_metrics() -> _Metrics:
     """The process's metrics, created on first use (inside a Ray worker, not at import)."""
     return _Metrics()
+
+
+def keys_reloaded(outcome: str) -> None:
+    """An API-keys file was (re)loaded: `ok`, `invalid` or `unreadable` (the last good keys
+    stay in use, and the stale gauge says so until a good version is loaded)."""
+    m = app_metrics()
+    m.keys_reloads.inc(1, {"result": outcome})
+    m.keys_stale.set(0 if outcome == "ok" else 1)
 
 
 class MetricsRecorder:

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import ApiKeysConfig
 from ..errors import Forbidden, Unauthorized
-from .keyfile import ReloadingFile
+from ..metrics import keys_reloaded
+from .keyfile import Outcome, ReloadingFile
 
 
 class _KeySpec(BaseModel):
@@ -137,10 +138,14 @@ class FileKeyRing:
     """The keys of a file, re-read when it changes (at most `reload_interval_s` old)."""
 
     def __init__(
-        self, path: Path, interval_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        path: Path,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_reload: Callable[[Outcome], None] = lambda outcome: None,
     ) -> None:
         self._source = str(path)
-        self._file = ReloadingFile(path, self._parse, interval_s, clock)
+        self._file = ReloadingFile(path, self._parse, interval_s, clock, on_reload)
 
     def _parse(self, text: str) -> KeyRing:
         return KeyRing(parse_tenants(text, self._source))
@@ -153,5 +158,7 @@ def key_ring(config: ApiKeysConfig | None) -> Authenticator | None:
     if config is None:
         return None
     if config.file is not None:
-        return FileKeyRing(Path(config.file), config.tuning.reload_interval_s)
+        return FileKeyRing(
+            Path(config.file), config.tuning.reload_interval_s, on_reload=keys_reloaded
+        )
     return KeyRing(load_tenants(config, os.environ))

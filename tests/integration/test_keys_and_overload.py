@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from devstack.hosts import router_addresses
-from tests.helpers import lease_grants, settled_value, wait_for
+from tests.helpers import lease_grants, metric_samples, settled_value, wait_for
 
 from .conftest import Stack, local_config
 
@@ -27,6 +27,7 @@ KEYS = {
     "token-metered": "sk-tokens-0123456789abcdef",
 }
 REQUESTS_PER_MINUTE = 6
+KEYS_FILE: list[Path] = []  # where the module's stack reads its keys
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     ]
     path = tmp_path_factory.mktemp("keys") / "keys.yaml"
     path.write_text(yaml.safe_dump(keys))
+    KEYS_FILE.append(path)
     config = local_config()
     args = config["applications"][0]["args"]
     args["router"].update({"replicas": 2, "api_keys": {"file": str(path)}})
@@ -178,3 +180,23 @@ def test_a_full_replica_takes_its_leases_back_from_the_routers(stack: Stack) -> 
     together = settled_value(grants) - alone
     assert 4 <= together <= 8, together  # a request that finds the other client between two
     # requests leaves the replica one short of full, and its lease may be kept
+
+
+def test_a_broken_keys_file_keeps_the_last_good_keys_and_says_so(stack: Stack) -> None:
+    """Last: the file is broken, then restored. Both router replicas keep answering with the
+    last good keys, and `ray_serve_app_api_keys_stale` is 1 until the file is good again."""
+    path = KEYS_FILE[0]
+    good = path.read_text()
+
+    def stale() -> float:
+        """The gauge, once a request has made the replica it reached look at the file."""
+        assert call(stack, KEYS["team-a"]).status_code == 200  # the last good keys answer
+        samples = metric_samples(stack.head.metrics_port, "ray_serve_app_api_keys_stale")
+        return max(samples.values(), default=-1.0)
+
+    try:
+        path.write_text("- name: [unclosed")
+        wait_for(lambda: stale() == 1, 90, "the stale-keys gauge to rise")
+    finally:
+        path.write_text(good)
+    wait_for(lambda: stale() == 0, 90, "the stale-keys gauge to fall")

@@ -49,3 +49,19 @@ def test_a_secret_volume_update_is_seen(tmp_path: Path) -> None:
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
     clock.now += 1
     assert watched.current() == 2
+
+
+def test_every_reload_says_how_it_went(tmp_path: Path) -> None:
+    """What the keys' metrics count: a stale file is reported, not silently kept."""
+    path, clock = tmp_path / "value", Clock()
+    path.write_text("1")
+    outcomes: list[str] = []
+    watched = ReloadingFile(path, int, interval_s=1, clock=clock, on_reload=outcomes.append)
+    for text in ("", "2", "2"):  # an empty file, a good one, the same one again
+        path.write_text(text)
+        clock.now += 1
+        watched.current()
+    path.unlink()
+    clock.now += 1
+    assert watched.current() == 2
+    assert outcomes == ["ok", "invalid", "ok", "unreadable"]
