@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from starlette.requests import Request
 
@@ -210,3 +211,48 @@ async def call(
     out_headers = {k.decode(): v.decode("latin-1") for k, v in start["headers"]}
     data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return Answer(start["status"], out_headers, data)
+
+
+# -- engines for the router's tests ----------------------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+CHAT = {"model": "small", "messages": QUESTION, "max_tokens": 8}
+
+
+def engine(request: httpx.Request) -> httpx.Response:
+    """A TGI engine: answers at once, streams three tokens and usage."""
+    body = json.loads(request.content)
+    if request.url.path == "/v1/chat/completions" and not body.get("stream"):
+        return httpx.Response(200, json=chat_answer())
+    if request.url.path == "/v1/chat/completions":
+        usage = {**chat_chunk(""), "choices": [], "usage": {"prompt_tokens": 10,
+                 "completion_tokens": 3, "total_tokens": 13}}  # fmt: skip
+        events = [chat_chunk("Pa"), chat_chunk("r"), chat_chunk("is"), usage]
+        return httpx.Response(200, content=sse_body(events))
+    if request.url.path == "/generate":
+        return httpx.Response(
+            200, json={"generated_text": "Paris"},
+            headers={"x-prompt-tokens": "7", "x-generated-tokens": "2", "x-compute-time": "0.1",
+                     "x-time-per-token": "0.05", "x-request-id": "engine-own"},
+        )  # fmt: skip
+    if request.url.path == "/generate_stream":
+        events = [{"index": i, "token": {"id": i, "text": "a", "logprob": 0, "special": False},
+                   "generated_text": None, "details": None} for i in range(4)]  # fmt: skip
+        return httpx.Response(200, content=sse_body(events))
+    raise AssertionError(request.url.path)
+
+
+async def slow_engine(request: httpx.Request) -> httpx.Response:
+    """An engine that never finishes: whole answers never come, streams never end."""
+    body = json.loads(request.content)
+    if request.url.path == "/generate_stream":
+        token = {"index": 0, "token": {"id": 1, "text": "a", "logprob": 0, "special": False}}
+        return httpx.Response(200, content=sse_body([token], forever=True, item=token))
+    if body.get("stream"):
+        return httpx.Response(200, content=sse_body([chat_chunk("a")], forever=True))
+    await asyncio.sleep(3600)
+    raise AssertionError("unreachable")
+
+
+def settled(recorder: Any, tiers: tuple[str, ...] = ("small",)) -> bool:
+    return all(recorder.gauges.get(t, 0) == 0 for t in tiers)

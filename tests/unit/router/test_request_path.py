@@ -8,8 +8,7 @@ import sys
 from types import FrameType
 from typing import Any
 
-from .router_kit import call, config, router
-from .test_routes import CHAT, engine
+from .router_kit import CHAT, call, config, engine, router
 
 
 def _module(frame: FrameType | None) -> str | None:
