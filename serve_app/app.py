@@ -89,12 +89,11 @@ def build_app(args: dict[str, Any]) -> Application:
     ledger = None
     if config.router.api_keys is not None:
         # One replica holds every key's quota windows; Serve restarts it when it dies and
-        # replaces it on every redeploy. Its windows start empty again then. It runs where the
-        # routers run (their Ray resources): never on a tier's node, which may scale to zero.
+        # replaces it on every redeploy. Its windows start empty again then.
         ledger = LedgerDeployment.options(
             name="quota-ledger",
             num_replicas=1,
-            ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
+            ray_actor_options={"num_cpus": 0},
             max_ongoing_requests=10_000,
             health_check_period_s=2,
             health_check_timeout_s=5,

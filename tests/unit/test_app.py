@@ -28,15 +28,6 @@ def test_keys_on_add_the_quota_ledger_to_the_application() -> None:
     assert "quota-ledger" in _deployments(build_app(args))
 
 
-def test_the_quota_ledger_runs_where_the_routers_run() -> None:
-    args = local_args()
-    args["router"]["api_keys"] = {"env": "KEYS"}
-    set_path(args, "router.ray_resources", {"serve_app_router": 1})
-    ledger = next(d for d in flatten(build_app(args), name="llm").deployments
-                  if d.name == "quota-ledger")  # fmt: skip
-    assert ledger.ray_actor_options["resources"] == {"serve_app_router": 1}
-
-
 def _deployments(app: Any) -> set[str]:
     return {d.name for d in flatten(app, name="llm").deployments}
 
