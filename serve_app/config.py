@@ -524,7 +524,7 @@ class AutoRule(_Strict):
 
 
 class ApiKeysTuning(_Strict):
-    """How often the keys file is read, and how long the quota ledger may take."""
+    """How often the keys file is read; how long the quota ledger and prompt counting may take."""
 
     reload_interval_s: float = Field(
         10,
@@ -534,6 +534,11 @@ class ApiKeysTuning(_Strict):
     )
     ledger_timeout_s: PositiveFloat = Field(
         1.0, description="How long admission waits for the quota ledger before it counts as failed."
+    )
+    tokenize_timeout_s: PositiveFloat = Field(
+        2.0,
+        description="How long the tier's engine may take to count a prompt's tokens for a key "
+        "with a token quota; past it the prompt's characters are reserved instead.",
     )
 
 
@@ -553,7 +558,9 @@ class ApiKeysConfig(_Tuned):
         "quotas never wait on the ledger.",
     )
     tuning: ApiKeysTuning = Field(
-        ApiKeysTuning(), description="How often the keys file is read; the quota ledger's timeout."
+        ApiKeysTuning(),
+        description="How often the keys file is read; time bounds of the quota ledger and of "
+        "prompt counting.",
     )
 
     @model_validator(mode="before")
@@ -575,6 +582,12 @@ class RouterTuning(_Strict):
 
     max_body_bytes: PositiveInt = Field(
         2_000_000, description="Larger bodies are a 413, chunked ones included (read no further)."
+    )
+    body_bytes_per_input_token: PositiveInt = Field(
+        32,
+        description="A body is also a 413 above this many bytes per input token of the largest "
+        "`max_input_tokens` among the tiers the caller may use (plus 64 KiB), before it is "
+        "parsed: what no tier could take is never parsed.",
     )
     body_timeout_s: PositiveFloat = Field(
         30.0, description="The whole body must arrive within this (else 408)."

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +34,10 @@ from ..config import ApiKeysConfig
 from ..errors import Forbidden, Unauthorized
 from ..metrics import keys_reloaded
 from .keyfile import Outcome, ReloadingFile
+
+if TYPE_CHECKING:
+    from ..engine.sse import Batch
+    from .dispatch import Calls
 
 
 class _KeySpec(BaseModel):
@@ -110,6 +114,7 @@ def _safe(exc: Exception) -> str:
 
 class Authenticator(Protocol):
     def authenticate(self, headers: Mapping[str, str]) -> Tenant: ...
+    def holds(self, tenant: Tenant) -> bool: ...
 
 
 class KeyRing:
@@ -133,6 +138,10 @@ class KeyRing:
             raise Unauthorized("the API key is not valid")
         return found
 
+    def holds(self, tenant: Tenant) -> bool:
+        """Whether `tenant`'s key is still one of these (not revoked since it was presented)."""
+        return any(hmac.compare_digest(tenant.key_sha256, t.key_sha256) for t in self._tenants)
+
 
 class FileKeyRing:
     """The keys of a file, re-read when it changes (at most `reload_interval_s` old)."""
@@ -152,6 +161,45 @@ class FileKeyRing:
 
     def authenticate(self, headers: Mapping[str, str]) -> Tenant:
         return self._file.current().authenticate(headers)
+
+    def holds(self, tenant: Tenant) -> bool:
+        return self._file.current().holds(tenant)
+
+
+class KeyedCalls:
+    """A stream's batches while its key stays valid: looked at once a second at most, so that
+    a revoked key's streams end (with an error event; the engine's work is cancelled) within
+    the keys' reload interval and a second, at no cost per chunk worth counting."""
+
+    CHECK_S = 1.0
+
+    def __init__(
+        self,
+        calls: Calls[Batch | None],
+        keys: Authenticator,
+        tenant: Tenant,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._calls = calls
+        self._keys = keys
+        self._tenant = tenant
+        self._clock = clock
+        self._next = clock() + self.CHECK_S
+
+    def __aiter__(self) -> KeyedCalls:
+        return self
+
+    async def __anext__(self) -> Batch | None:
+        batch = await anext(self._calls)
+        now = self._clock()
+        if now >= self._next:
+            self._next = now + self.CHECK_S
+            if not self._keys.holds(self._tenant):
+                raise Unauthorized("the API key was revoked during this stream")
+        return batch
+
+    def cancel(self) -> None:
+        self._calls.cancel()
 
 
 def key_ring(config: ApiKeysConfig | None) -> Authenticator | None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import ClientDisconnect
 
 from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+
+BODY_ALLOWANCE = 65_536  # bytes of a body beyond its prompt's: sampling fields, tool schemas
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,20 @@ class BodyLimits:
     max_bytes: int
     timeout_s: float
     max_depth: int
+    # The most bytes a body for each tier may hold, from its `max_input_tokens`: what no tier
+    # the caller may use could take is refused before it is parsed.
+    tier_bytes: Mapping[str, int] = field(default_factory=dict)
+
+    def max_bytes_for(self, tiers: frozenset[str] | None) -> int:
+        """The limit for a caller that may use `tiers` (None: all)."""
+        caps = [b for t, b in self.tier_bytes.items() if tiers is None or t in tiers]
+        return min(self.max_bytes, max(caps)) if caps else self.max_bytes
+
+
+def tier_body_bytes(max_input_tokens: int, bytes_per_token: int) -> int:
+    """A generous bound on the body of a request whose prompt fits `max_input_tokens`: JSON's
+    escapes and the fields around the prompt included."""
+    return max_input_tokens * bytes_per_token + BODY_ALLOWANCE
 
 
 async def read_bounded(chunks: AsyncIterator[bytes], declared: str | None, max_bytes: int) -> bytes:
@@ -82,11 +98,11 @@ def _reject_constant(name: str) -> Any:
 
 
 async def read_json(
-    chunks: AsyncIterator[bytes], declared: str | None, limits: BodyLimits
+    chunks: AsyncIterator[bytes], declared: str | None, limits: BodyLimits, max_bytes: int
 ) -> dict[str, Any]:
     try:
         async with asyncio.timeout(limits.timeout_s):  # passes on a cancellation, always
-            raw = await read_bounded(chunks, declared, limits.max_bytes)
+            raw = await read_bounded(chunks, declared, max_bytes)
     except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {limits.timeout_s:g}s"

@@ -39,13 +39,14 @@ from ..tier.policy import TierChoice, TierPolicy
 from ..tracing import RequestTrace, Tracing
 from .accounting import CLIENT_CLOSED, InFlight, Recorder, Usage, prompt_estimate, usage_from
 from .admission import ANONYMOUS, priority
-from .auth import Authenticator, Tenant
+from .auth import Authenticator, KeyedCalls, Tenant
 from .body import BodyLimits, read_json
 from .dispatch import Calls, Dispatcher
 from .errors import api_error, rate_limit_headers
 from .fair_queue import Admission, Ticket
 from .grammar import GrammarCompiler, Grammars
 from .openai import Normaliser
+from .prompt_tokens import PromptTokens
 from .quota import Quotas, Reservation
 from .requests import GenerateRequest, Kind, OpenAIRequest, parse_generate, parse_openai
 from .sse import Tally, openai_events, tgi_events
@@ -70,6 +71,7 @@ class Services:
     tracing: Tracing
     limits: BodyLimits
     grammars: GrammarCompiler  # grammars compiled off the loop, with a deadline
+    prompts: PromptTokens  # prompts counted by the tier's engine, for token quotas
     background: set[asyncio.Future[None]]  # quota settlements under way
 
 
@@ -87,10 +89,11 @@ class RequestLife:
         self.answer_headers: dict[str, str] = {}
         self._reservation: Reservation | None = None
         self._turn: tuple[Admission, Ticket] | None = None
-        self._prompt_chars = 0
+        self._prompt_tokens = 0  # counted by the engine for a token quota, else estimated
         self._start = self._last = 0.0
         self._first: float | None = None
         self._usage: Usage | None = None
+        self._sent = False  # the call went to the tier: the engine may be reading the prompt
         self._tally: Tally | None = None  # a streamed answer's
         self._settled = False
 
@@ -128,6 +131,7 @@ class RequestLife:
         await self.admit(choice, call)
         if not call.stream:
             try:
+                self._sent = True
                 reply = await self._s.dispatch.request(choice.tier, call, self.trace)
                 if reply.status != 200:
                     raise reply_error(reply.status, reply.body)
@@ -151,10 +155,11 @@ class RequestLife:
         await self.admit(choice, call)
         if not call.stream:
             try:
+                self._sent = True
                 reply = await self._s.dispatch.request(choice.tier, call, self.trace)
                 self.status = reply.status
                 if reply.status == 200:
-                    self.report(reply_usage(reply, call.prompt_chars))
+                    self.report(reply_usage(reply, self._prompt_tokens))
             except BaseException as exc:
                 self.settle(exc)
                 raise
@@ -180,9 +185,16 @@ class RequestLife:
         return call
 
     async def _read(self) -> dict[str, Any]:
-        request = self.request
+        """The body, for a key that may send one now: a key over its requests per minute is
+        refused unread, and no body is read past what the tiers the key may use could take."""
+        request, limits = self.request, self._s.limits
+        if self.tenant is not None and self._s.quotas is not None:
+            self._s.quotas.check_open(self.tenant)
         return await read_json(
-            request.stream(), request.headers.get("content-length"), self._s.limits
+            request.stream(),
+            request.headers.get("content-length"),
+            limits,
+            limits.max_bytes_for(self.allowed),
         )
 
     # -- admit ---------------------------------------------------------------------------------
@@ -193,10 +205,16 @@ class RequestLife:
         tenant, tier = self.tenant, choice.tier
         self.trace.tier(self._s.config.tier(tier), tenant.name if tenant else None)
         self.answer_headers = {"x-tier": tier, "x-tier-reason": choice.reason}
+        prompt_tokens = prompt_estimate(call.prompt_chars)
         if tenant is not None:
             tenant.check_tier(tier)
+            reserved = call.token_estimate
+            if self._s.quotas is not None and tenant.tokens_per_minute:
+                prompt_tokens = await self._s.prompts.count(tier, call)
+                reserved = prompt_tokens + call.max_tokens
+                self.trace.set({"serve_app.prompt_tokens_reserved": prompt_tokens})
             if self._s.quotas is not None:
-                self._reservation = await self._s.quotas.reserve(tenant, call.token_estimate)
+                self._reservation = await self._s.quotas.reserve(tenant, reserved)
             self._s.recorder.tenant_request(tenant.name, tier)
         admission = self._s.admissions.get(tier)
         if admission is not None:
@@ -215,7 +233,7 @@ class RequestLife:
         if self._reservation is not None:
             self.answer_headers.update(rate_limit_headers(self._reservation.limits))
         self.tier = tier
-        self._prompt_chars = call.prompt_chars
+        self._prompt_tokens = prompt_tokens
         self._start = self._last = time.perf_counter()
         self._s.in_flight.add(tier, +1)
         self.trace.hold()  # the span ends once the request has settled
@@ -223,12 +241,18 @@ class RequestLife:
     # -- run -----------------------------------------------------------------------------------
 
     async def _stream(self, tier: str, call: TierCall) -> tuple[Batch | None, Calls[Batch | None]]:
-        """Start a stream; a failure before its first chunk settles here."""
+        """Start a stream; a failure before its first chunk settles here. A keyed stream ends
+        with an error event once its key is revoked (`KeyedCalls`)."""
         try:
-            return await self._s.dispatch.stream(tier, call, self.trace)
+            self._sent = True
+            first, chunks = await self._s.dispatch.stream(tier, call, self.trace)
         except BaseException as exc:
             self.settle(exc)
             raise
+        keys, tenant = self._s.keys, self.tenant
+        if keys is not None and tenant is not None:
+            return first, KeyedCalls(chunks, keys, tenant)
+        return first, chunks
 
     def _streamed(
         self, events: AsyncIterator[bytes], tally: Tally, calls: Calls[Batch | None]
@@ -274,14 +298,19 @@ class RequestLife:
 
     @property
     def usage(self) -> Usage:
-        """The engine's own count, else the tokens a stream carried (prompt estimated)."""
+        """The engine's own count, else the tokens a stream carried. A request the client
+        left once it was sent to the tier is charged its prompt (and what its stream carried),
+        even before the first token: the engine read the prompt."""
         tally = self._tally
         if tally is not None and tally.usage is not None:
             return tally.usage
-        if self._usage is not None or tally is None:
-            return self._usage or Usage(0, 0)
-        prompt = prompt_estimate(self._prompt_chars) if tally.tokens else 0
-        return Usage(prompt, tally.tokens)
+        if self._usage is not None:
+            return self._usage
+        if tally is not None:
+            return Usage(self._prompt_tokens, tally.tokens)
+        if self._sent and self.status == CLIENT_CLOSED:
+            return Usage(self._prompt_tokens, 0)
+        return Usage(0, 0)
 
     # -- settle --------------------------------------------------------------------------------
 

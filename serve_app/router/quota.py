@@ -21,7 +21,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 from ..errors import QuotaExceeded, QuotaKind, QuotaUnavailable, RateLimit
@@ -171,15 +171,47 @@ class Reservation:
     limits: tuple[RateLimit, ...]
 
 
+@dataclass(frozen=True)
+class _Closed:
+    """A key whose requests per minute were all used, as the ledger said: until `until`, at
+    that limit, nothing of it can be admitted."""
+
+    until: float
+    requests_per_minute: int
+    refusal: Refusal
+
+
 class Quotas:
-    """A router replica's admission against the ledger, bounded by `timeout_s`."""
+    """A router replica's admission against the ledger, bounded by `timeout_s`.
+
+    A key the ledger refused for its requests per minute is refused here, without the ledger
+    and before its body is read, until the ledger said a request would fit again (`check_open`):
+    a key over its rate makes the router neither parse nor ask anything."""
 
     def __init__(
-        self, ledger: LedgerCalls, timeout_s: float, on_failure: Literal["allow", "deny"]
+        self,
+        ledger: LedgerCalls,
+        timeout_s: float,
+        on_failure: Literal["allow", "deny"],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ledger = ledger
         self._timeout_s = timeout_s
         self._on_failure = on_failure
+        self._clock = clock
+        self._closed: dict[str, _Closed] = {}
+
+    def check_open(self, tenant: Tenant) -> None:
+        """Raises `QuotaExceeded` while the key's requests per minute are known to be used."""
+        closed = self._closed.get(tenant.name)
+        if closed is None:
+            return
+        now = self._clock()
+        if now >= closed.until or closed.requests_per_minute != tenant.requests_per_minute:
+            del self._closed[tenant.name]  # over, or the key's limit changed since
+            return
+        left = closed.until - now
+        raise exceeded(replace(closed.refusal, retry_after_s=left))
 
     async def reserve(self, tenant: Tenant, tokens: int) -> Reservation | None:
         """None for a key without quotas; raises `QuotaExceeded` or `QuotaUnavailable`."""
@@ -196,6 +228,9 @@ class Quotas:
                 return Reservation(tenant.name, None, ())
             raise QuotaUnavailable("the quota service is not answering; retry shortly") from None
         if isinstance(answer, Refusal):
+            if answer.kind == "requests" and tenant.requests_per_minute:
+                until = self._clock() + answer.retry_after_s
+                self._closed[tenant.name] = _Closed(until, tenant.requests_per_minute, answer)
             raise exceeded(answer)
         return Reservation(tenant.name, answer.id, answer.limits)
 

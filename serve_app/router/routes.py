@@ -22,11 +22,12 @@ from ..tracing import Tracing
 from .accounting import InFlight, Recorder
 from .admission import admissions, report_queues
 from .auth import key_ring
-from .body import BodyLimits
+from .body import BodyLimits, tier_body_bytes
 from .dispatch import Dispatcher, TierTransport
 from .errors import api_error
 from .grammar import GrammarCompiler
 from .lifecycle import RequestLife, Services
+from .prompt_tokens import PromptTokens
 from .quota import LedgerCalls, Quotas
 
 Handler = Callable[[RequestLife], Awaitable[Response]]
@@ -49,12 +50,15 @@ class Router:
             if keys is not None and ledger is not None
             else None
         )
+        dispatch = Dispatcher(transport, {t.name: t.replica_wait_timeout_s for t in config.tiers})
+        tier_bytes = {
+            t.name: tier_body_bytes(t.engine.max_input_tokens, limits.body_bytes_per_input_token)
+            for t in config.tiers
+        }
         self._services = Services(
             config=config,
             policy=TierPolicy(config),
-            dispatch=Dispatcher(
-                transport, {t.name: t.replica_wait_timeout_s for t in config.tiers}
-            ),
+            dispatch=dispatch,
             keys=key_ring(keys),
             quotas=quotas,
             admissions=admissions(config),  # fair, prioritised queues of tiers that have one
@@ -62,7 +66,12 @@ class Router:
             in_flight=InFlight(recorder),
             tracing=Tracing.configure(config.tracing, "router"),
             grammars=GrammarCompiler(),
-            limits=BodyLimits(limits.max_body_bytes, limits.body_timeout_s, limits.max_json_depth),
+            limits=BodyLimits(
+                limits.max_body_bytes, limits.body_timeout_s, limits.max_json_depth, tier_bytes
+            ),
+            prompts=PromptTokens(
+                dispatch, keys.tuning.tokenize_timeout_s if keys is not None else 2.0
+            ),
             background=set(),
         )
         self._created = int(time.time())

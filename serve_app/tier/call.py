@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 EngineRoute = Literal[
-    "/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream", "/"
-]
+    "/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream", "/",
+    "/tokenize", "/chat_tokenize",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,8 @@ def test_tuning_keeps_the_old_defaults(old: str, default: Any) -> None:
     assert value_at(config, moved_to(old)) == default
 
 
-# Tuning settings that never lived anywhere else: the grammar policy and two request bounds.
+# Tuning settings that never lived anywhere else: the grammar policy, request bounds and the
+# time bound of counting a prompt's tokens.
 NEW_IN_TUNING = {
     *(f"tiers[].tuning.grammar.{name}" for name in (
         "allow_regex", "max_pattern_chars", "max_schema_bytes", "max_schema_depth",
@@ -192,6 +193,8 @@ NEW_IN_TUNING = {
     )),
     "router.tuning.max_tools",
     "router.tuning.max_stop_chars",
+    "router.tuning.body_bytes_per_input_token",
+    "router.api_keys.tuning.tokenize_timeout_s",
 }  # fmt: skip
 
 

@@ -219,9 +219,32 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CHAT = {"model": "small", "messages": QUESTION, "max_tokens": 8}
 
 
+TEMPLATE_TOKENS = 4  # what the engines' chat template adds per message
+
+
+def tokenized(path: str, body: Any) -> httpx.Response:
+    """TGI's `/tokenize` and `/chat_tokenize`: a token per word, and the template's per message
+    (tools, as TGI adds them to the prompt, a token per word of their JSON)."""
+    if path == "/tokenize":
+        words = body["inputs"].split()
+    else:
+        words = [
+            t
+            for m in body["messages"]
+            for t in [*["<t>"] * TEMPLATE_TOKENS, *str(m.get("content", "")).split()]
+        ]
+        words += json.dumps(body.get("tools", [])).split() if body.get("tools") else []
+    tokens = [{"id": i, "text": w, "start": 0, "stop": 0} for i, w in enumerate(words)]
+    return httpx.Response(
+        200, json=tokens if path == "/tokenize" else {"tokenize_response": tokens}
+    )
+
+
 def engine(request: httpx.Request) -> httpx.Response:
     """A TGI engine: answers at once, streams three tokens and usage."""
     body = json.loads(request.content)
+    if request.url.path in ("/tokenize", "/chat_tokenize"):
+        return tokenized(request.url.path, body)
     if request.url.path == "/v1/chat/completions" and not body.get("stream"):
         return httpx.Response(200, json=chat_answer())
     if request.url.path == "/v1/chat/completions":
@@ -245,6 +268,8 @@ def engine(request: httpx.Request) -> httpx.Response:
 async def slow_engine(request: httpx.Request) -> httpx.Response:
     """An engine that never finishes: whole answers never come, streams never end."""
     body = json.loads(request.content)
+    if request.url.path in ("/tokenize", "/chat_tokenize"):
+        return tokenized(request.url.path, body)
     if request.url.path == "/generate_stream":
         token = {"index": 0, "token": {"id": 1, "text": "a", "logprob": 0, "special": False}}
         return httpx.Response(200, content=sse_body([token], forever=True, item=token))

@@ -72,3 +72,15 @@ def test_keys_from_the_environment_are_read_once() -> None:
         del os.environ["SERVE_APP_TEST_KEYS"]
     assert isinstance(ring, KeyRing)
     assert ring.authenticate(bearer(KEY_A)).name == "team-a"
+
+
+def test_a_revoked_key_is_no_longer_held(tmp_path: Path) -> None:
+    path, clock = tmp_path / "keys.yaml", Clock()
+    path.write_text(keys(("team-a", KEY_A), ("team-b", KEY_B)))
+    ring = FileKeyRing(path, interval_s=10, clock=clock)
+    team_a = ring.authenticate(bearer(KEY_A))
+    assert ring.holds(team_a)
+    path.write_text(keys(("team-b", KEY_B)))
+    clock.now += 10
+    assert not ring.holds(team_a)
+    assert ring.holds(ring.authenticate(bearer(KEY_B)))

@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from serve_app.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
-from serve_app.router.body import BodyLimits, parse_json, read_bounded, read_json
+from serve_app.router.body import (
+    BODY_ALLOWANCE,
+    BodyLimits,
+    parse_json,
+    read_bounded,
+    read_json,
+    tier_body_bytes,
+)
 
 
 async def parts(*chunks: bytes, pause_s: float = 0.0) -> AsyncIterator[bytes]:
@@ -59,4 +66,28 @@ def test_a_declared_or_arriving_body_over_the_limit_is_refused() -> None:
 def test_a_slow_body_times_out() -> None:
     limits = BodyLimits(1000, 0.1, 64)
     with pytest.raises(RequestTimeout):
-        asyncio.run(read_json(parts(b"{", b"}", pause_s=1), None, limits))
+        asyncio.run(read_json(parts(b"{", b"}", pause_s=1), None, limits, 1000))
+
+
+def test_a_body_is_bounded_by_the_largest_tier_the_caller_may_use() -> None:
+    limits = BodyLimits(2_000_000, 1.0, 64, {"small": 100_000, "large": 300_000})
+    assert limits.max_bytes_for(None) == 300_000
+    assert limits.max_bytes_for(frozenset({"small"})) == 100_000
+    assert limits.max_bytes_for(frozenset({"small", "large"})) == 300_000
+    assert limits.max_bytes_for(frozenset({"gone"})) == 2_000_000  # no known tier: the router's
+    assert BodyLimits(50_000, 1.0, 64, {"large": 300_000}).max_bytes_for(None) == 50_000
+
+
+def test_a_tier_body_bound_grows_with_its_input_tokens() -> None:
+    assert tier_body_bytes(1536, 32) == 1536 * 32 + BODY_ALLOWANCE
+    assert tier_body_bytes(3072, 32) > tier_body_bytes(1536, 32)
+
+
+def test_sixty_thousand_messages_are_refused_unread_for_a_local_tier() -> None:
+    """The body the hostile tenant sent: 60,000 empty messages (1.8 MB) never reaches the
+    parser when the largest tier takes 3,072 input tokens."""
+    message = b'{"role":"user","content":""},'
+    body = b'{"model":"m","messages":[' + message * 60_000 + b"]}"
+    limit = tier_body_bytes(3072, 32)
+    with pytest.raises(PayloadTooLarge, match=f"limit of {limit} bytes"):
+        asyncio.run(read_bounded(parts(body), str(len(body)), limit))

@@ -4,12 +4,14 @@ exit settles in-flight, metrics, quota and the admission turn once; quotas reser
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from starlette.requests import ClientDisconnect
 
 from serve_app.config import AppConfig
@@ -18,6 +20,7 @@ from serve_app.router.sse import Tally
 
 from .router_kit import (
     CHAT,
+    KEYS,
     ListRecorder,
     admitted,
     bearer,
@@ -78,6 +81,10 @@ def test_a_client_gone_while_waiting_settles_and_cancels(tmp_path: Path, path: s
     asyncio.run(hang_up())
     assert r.in_flight == {"small": 0} and settled(recorder)
     assert [s for _, s, _ in recorder.outcomes] == [499]
+    # the engine had the prompt: it is charged (as the engine counts it for a token quota,
+    # estimated otherwise), nothing more
+    assert [u.completion_tokens for _, _, u in recorder.outcomes] == [0]
+    assert recorder.tokens_by_tenant["team-a"] > 0
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/generate_stream"])
@@ -174,15 +181,16 @@ def test_tokens_are_reserved_up_front_and_reconciled(tmp_path: Path) -> None:
             "max_tokens": 64, "stream": True}  # fmt: skip
 
     async def concurrent() -> int:
-        # each reserves 30 + 64 = 94 of 300 tokens: three fit, the fourth is refused at once
+        # each reserves the engine's count of its prompt (a word and the template's 4 tokens)
+        # + 64 = 69 of 300 tokens: four fit, the fifth is refused at once
         tasks = [asyncio.ensure_future(call(app, "POST", "/v1/chat/completions", body,
                                             bearer("tokens")))
-                 for _ in range(3)]  # fmt: skip
+                 for _ in range(4)]  # fmt: skip
         await asyncio.sleep(0.1)
         fourth = await call(app, "POST", "/v1/chat/completions", body, bearer("tokens"))
         assert fourth.json()["error"]["code"] == "tokens_exceeded"
         assert fourth.headers["x-ratelimit-limit-tokens"] == "300"
-        for task in tasks:  # the three clients hang up
+        for task in tasks:  # the four clients hang up
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(0.05)  # settlement runs in the background
@@ -190,9 +198,11 @@ def test_tokens_are_reserved_up_front_and_reconciled(tmp_path: Path) -> None:
 
     assert asyncio.run(concurrent()) == 429
     assert set(r.in_flight.values()) == {0}  # on `small`, or spilled over to `large`
-    # the three cut streams were charged what they produced; the rest of each came back
+    # the four cut streams were charged their prompts and what they produced; the rest of each
+    # came back
     used = sum(u.total for _, _, u in recorder.outcomes)
-    assert 0 < used < 3 * 94
+    assert all(u.prompt_tokens == 5 for _, _, u in recorder.outcomes)
+    assert 4 * 5 < used < 4 * 69
     assert isinstance(ledger.reserve("tokens", None, 300, 300 - used), Grant)
 
 
@@ -273,3 +283,63 @@ def test_every_exit_gives_the_turn_back() -> None:
 
     asyncio.run(run())
     assert [s for _, s, _ in recorder.outcomes] == [200, 200, 502]
+
+
+def test_a_key_over_its_rate_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    r, _, _ = router(config(tmp_path), engine)
+    app = r.asgi_app()
+    statuses = [
+        asyncio.run(call(app, "POST", "/v1/chat/completions", CHAT, bearer("metered"))).status
+        for _ in range(4)
+    ]
+    assert statuses == [200, 200, 200, 429]  # the key is over its rate from here
+    # 1.2 MB that is not JSON: read, it would be a 413; parsed, a 400
+    junk = asyncio.run(call(app, "POST", "/v1/chat/completions", None, bearer("metered"),
+                            chunks=[b"x" * 100_000] * 12))  # fmt: skip
+    assert junk.status == 429, junk.body
+    assert junk.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(junk.headers["retry-after"]) <= 60
+
+
+def test_a_tool_heavy_prompt_reserves_what_the_engine_counts(tmp_path: Path) -> None:
+    r, _, ledger = router(config(tmp_path), engine)
+    tool = {"type": "function", "function": {"name": "lookup", "description": "a b c d e f",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}  # fmt: skip
+    body = {**CHAT, "tools": [tool] * 3, "max_tokens": 10}
+    answer = asyncio.run(call(r.asgi_app(), "POST", "/v1/chat/completions", body, bearer("tokens")))
+    assert answer.status == 200
+    # the engine counted the question, its template and the tools' words: held while it ran,
+    # then settled to the engine's own usage (10 + 3), so 300 - 13 remain
+    assert int(answer.headers["x-ratelimit-remaining-tokens"]) == 300 - (
+        4 + 6 + 3 * len(json.dumps(tool).split()) + 10
+    )
+    assert isinstance(ledger.reserve("tokens", None, 300, 300 - 13), Grant)
+
+
+def test_a_revoked_keys_stream_ends_with_an_error_event(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    keys_file = tmp_path / "keys.yaml"
+    cfg = AppConfig.model_validate(
+        {**cfg.model_dump(), "router": {**cfg.router.model_dump(),
+         "api_keys": {"file": str(keys_file), "tuning": {"reload_interval_s": 0.05}}}}
+    )  # fmt: skip
+    r, recorder, _ = router(cfg, slow_engine)
+    body = {**CHAT, "stream": True}
+
+    async def revoke() -> Any:
+        task = asyncio.ensure_future(call(r.asgi_app(), "POST", "/v1/chat/completions", body,
+                                          bearer("team-a")))  # fmt: skip
+        await asyncio.sleep(0.3)
+        kept = [{"name": n, **spec} for n, spec in KEYS.items() if n != "team-a"]
+        keys_file.write_text(yaml.safe_dump(kept))
+        return await asyncio.wait_for(task, 5)
+
+    answer = asyncio.run(revoke())
+    assert answer.status == 200
+    events = [e for e in answer.body.decode().split("\n\n") if e]
+    assert json.loads(events[-2].removeprefix("data:"))["error"]["message"] == (
+        "the API key was revoked during this stream"
+    )
+    assert events[-1] == "data: [DONE]"
+    assert r.in_flight == {"small": 0}
+    assert [s for _, s, _ in recorder.outcomes] == [401]

@@ -135,3 +135,47 @@ def test_a_failing_ledger_denies_or_allows_as_configured() -> None:
     assert reservation is not None and reservation.grant_id is None
     asyncio.run(allow.settle(reservation, 10))  # nothing to settle, nothing raised
     assert asyncio.run(deny.reserve(tenant(), 1)) is None  # no quotas: the ledger is not asked
+
+
+class _Counting:
+    """The in-process ledger, counting the calls that reach it."""
+
+    def __init__(self, ledger: QuotaLedger) -> None:
+        self.inner = InProcessLedger(ledger)
+        self.calls = 0
+
+    async def reserve(self, *args: Any) -> Grant | Refusal:
+        self.calls += 1
+        return await self.inner.reserve(*args)
+
+    async def settle(self, *args: Any) -> None:
+        await self.inner.settle(*args)
+
+
+def test_a_key_over_its_rate_is_refused_without_the_ledger_until_a_request_fits() -> None:
+    clock = Clock()
+    ledger = _Counting(QuotaLedger(clock))
+    quotas = Quotas(ledger, 1.0, "deny", clock)
+    key = tenant(rpm=2)
+    for _ in range(2):
+        asyncio.run(quotas.reserve(key, 1))
+    with pytest.raises(QuotaExceeded):
+        asyncio.run(quotas.reserve(key, 1))
+    assert ledger.calls == 3
+    clock.now += 30
+    with pytest.raises(QuotaExceeded) as refused:
+        quotas.check_open(key)  # known to be full: the ledger is not asked
+    assert refused.value.kind == "requests" and 29 <= refused.value.retry_after_s <= 30
+    assert ledger.calls == 3
+    quotas.check_open(tenant(rpm=10))  # the key's limit was raised since: asked again
+    clock.now += 31
+    quotas.check_open(key)  # the window has room again
+    assert asyncio.run(quotas.reserve(key, 1)) is not None
+
+
+def test_a_key_refused_for_tokens_is_not_closed() -> None:
+    quotas = Quotas(InProcessLedger(QuotaLedger(Clock())), 1.0, "deny")
+    key = tenant(tpm=10)
+    with pytest.raises(QuotaExceeded):
+        asyncio.run(quotas.reserve(key, 11))
+    quotas.check_open(key)  # a smaller request may still fit

@@ -105,7 +105,9 @@ MALFORMED = [
     ("/generate", b'{"inputs": "hi", "parameters": {"max_new_tokens": true}}', {}, 422),
     ("/generate", b'{"inputs": "hi", "parameters": []}', {}, 422),
     ("/", b'{"inputs": "hi", "parameters": {"max_new_tokens": 10000}, "stream": true}', {}, 422),
-    ("/v1/chat/completions", json.dumps({"model": "small", "messages": QUESTION * 2000}).encode(), {}, 400),
+    ("/v1/chat/completions", json.dumps({"model": "small", "messages": [{"role": "user", "content": "x"}] * 1001}).encode(), {}, 400),
+    # over what the largest tier's input tokens could fill: refused before it is parsed
+    ("/v1/chat/completions", json.dumps({"model": "small", "messages": QUESTION * 2000}).encode(), {}, 413),
     ("/v1/chat/completions", b"\xff\xfe{}", {}, 400),
     ("/v1/chat/completions", b'{"x": NaN}', {}, 400),
     ("/v1/chat/completions", b"[]", {}, 400),
