@@ -12,6 +12,9 @@ from .router.deployment import RouterDeployment
 from .router.ledger import LedgerDeployment
 from .tier.deployment import TierDeployment
 
+# Ray's own resource of the head node (Ray places its state actors there the same way).
+HEAD_NODE = "node:__internal_head__"
+
 
 def tier_deployment(tier: TierConfig, routers: int = 1) -> Deployment:
     """A tier's Serve deployment; its Ray resources come from the same config as the engine's
@@ -89,11 +92,12 @@ def build_app(args: dict[str, Any]) -> Application:
     ledger = None
     if config.router.api_keys is not None:
         # One replica holds every key's quota windows; Serve restarts it when it dies and
-        # replaces it on every redeploy. Its windows start empty again then.
+        # replaces it on every redeploy. Its windows start empty again then. It runs on the
+        # head node, the one node of a cluster that never scales to zero (a tier's GPU pod may).
         ledger = LedgerDeployment.options(
             name="quota-ledger",
             num_replicas=1,
-            ray_actor_options={"num_cpus": 0},
+            ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}},
             max_ongoing_requests=10_000,
             health_check_period_s=2,
             health_check_timeout_s=5,

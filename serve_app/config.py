@@ -369,6 +369,12 @@ class TierTuning(_Strict):
     grammar: GrammarPolicy = Field(
         GrammarPolicy(), description="What grammars the tier's engine is given to compile."
     )
+    require_max_tokens: bool = Field(
+        False,
+        description="Refuse requests that do not set `max_tokens` (`max_new_tokens` on TGI's "
+        "routes) with a 400/422, instead of giving them default_max_tokens: a guard against "
+        "runaway generations billed to a team.",
+    )
 
 
 class TierConfig(_Tuned):

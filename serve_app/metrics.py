@@ -49,11 +49,15 @@ class _Metrics:
     def __init__(self) -> None:
         tier = ("tier",)
         self.requests = metrics.Counter(
-            "serve_app_requests", "Requests answered, by tier and status.", ("tier", "status")
+            "serve_app_requests",
+            "Requests answered, by tier and status; those refused before a tier was chosen "
+            "under tier `none`.",
+            ("tier", "status"),
         )
         self.in_flight = metrics.Gauge("serve_app_in_flight_requests", "Requests in flight.", tier)
         self.ttft = metrics.Histogram(
-            "serve_app_time_to_first_token_seconds", "Time to the first streamed token.",
+            "serve_app_time_to_first_token_seconds",
+            "Time to the first token (to the whole answer when not streamed).",
             LATENCY_BUCKETS_S, tier,
         )  # fmt: skip
         self.itl = metrics.Histogram(
@@ -138,6 +142,10 @@ class MetricsRecorder:
             m.prompt_tokens.inc(usage.prompt_tokens, tags)
         if usage.completion_tokens:
             m.completion_tokens.inc(usage.completion_tokens, tags)
+
+    def refused(self, tier: str, status: int) -> None:
+        """A request answered before admission (`tier`: the one it asked for, or `none`)."""
+        app_metrics().requests.inc(1, {"tier": tier, "status": str(status)})
 
     def spill_over(self, tier: str, to_tier: str) -> None:
         app_metrics().spill_overs.inc(1, {"tier": tier, "to_tier": to_tier})

@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from ..config import AppConfig
 from ..metrics import MetricsRecorder
 from ..serve_env import missing_protections
+from . import usage_log
 from .dispatch import ServeTransport
 from .ledger import ServeLedger
 from .routes import Router
@@ -40,6 +41,7 @@ class RouterDeployment:
             MetricsRecorder(),
             ServeLedger(ledger) if ledger is not None else None,
         )
+        usage_log.to_stdout()
         missing = missing_protections(os.environ)
         if missing:
             logger.warning(

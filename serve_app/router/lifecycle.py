@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ray.serve.context import _get_serve_request_context
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -37,6 +38,7 @@ from ..errors import HeadersTooLarge
 from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import TierChoice, TierPolicy
 from ..tracing import RequestTrace, Tracing
+from . import usage_log
 from .accounting import CLIENT_CLOSED, InFlight, Recorder, Usage, prompt_estimate, usage_from
 from .admission import ANONYMOUS, priority
 from .auth import Authenticator, KeyedCalls, Tenant
@@ -84,12 +86,15 @@ class RequestLife:
         self.tgi = tgi  # statuses and error bodies as TGI's routes give them
         self.trace: RequestTrace = services.tracing.start(request)
         self.tenant: Tenant | None = None
+        self.model: str | None = None  # the model name asked for
+        self.chosen: str | None = None  # the tier chosen, admitted or not
         self.tier: str | None = None  # once admitted
         self.status = 200
         self.answer_headers: dict[str, str] = {}
         self._reservation: Reservation | None = None
         self._turn: tuple[Admission, Ticket] | None = None
         self._prompt_tokens = 0  # counted by the engine for a token quota, else estimated
+        self._arrived = time.perf_counter()
         self._start = self._last = 0.0
         self._first: float | None = None
         self._usage: Usage | None = None
@@ -119,11 +124,13 @@ class RequestLife:
 
     async def openai(self, kind: Kind) -> Response:
         parsed = parse_openai(kind, await self._read(), self._s.config.router.tuning)
+        self.model = parsed.model
         self.trace.set(parsed.attributes())
         headers = {k.lower(): v for k, v in self.request.headers.items()}
         choice = self._s.policy.for_model(
             parsed.model, parsed.traits(headers), self._s.in_flight.by_tier, self.allowed
         )
+        self.chosen = choice.tier
         if choice.spilled_from:
             self._s.recorder.spill_over(choice.spilled_from, choice.tier)
         call = await self._call(parsed, parsed.grammars, choice)
@@ -135,6 +142,7 @@ class RequestLife:
                 reply = await self._s.dispatch.request(choice.tier, call, self.trace)
                 if reply.status != 200:
                     raise reply_error(reply.status, reply.body)
+                self._chunk()  # a whole answer's first token comes with its last
                 answer = normaliser.complete(json.loads(reply.body))
                 self.report(usage_from(answer))
             except BaseException as exc:
@@ -151,6 +159,7 @@ class RequestLife:
         parsed = parse_generate(route, await self._read(), self._s.config.router.tuning)
         self.trace.set(parsed.attributes())
         choice = self._s.policy.for_header(self.request.headers.get("x-tier"))
+        self.chosen = choice.tier
         call = await self._call(parsed, parsed.grammars, choice)
         await self.admit(choice, call)
         if not call.stream:
@@ -159,6 +168,7 @@ class RequestLife:
                 reply = await self._s.dispatch.request(choice.tier, call, self.trace)
                 self.status = reply.status
                 if reply.status == 200:
+                    self._chunk()  # a whole answer's first token comes with its last
                     self.report(reply_usage(reply, self._prompt_tokens))
             except BaseException as exc:
                 self.settle(exc)
@@ -348,6 +358,8 @@ class RequestLife:
                 self._s.recorder.tenant_tokens(self.tenant.name, tier, usage.total)
         with _logged():
             self._settle_quota(usage)
+        with _logged():
+            self._write_usage(usage)
         self.trace.release()
 
     def _settle_quota(self, usage: Usage) -> None:
@@ -378,11 +390,56 @@ class RequestLife:
         return response
 
     def failed(self, exc: BaseException) -> None:
-        """The request ends with an exception: settled with it; a cancellation (the client
-        went away before its answer) also ends the span."""
-        self.settle(exc)
+        """The request ends with an exception: settled with it, or (never admitted) counted as
+        refused; a cancellation (the client went away before its answer) also ends the span."""
+        if self.tier is None:
+            self._refused(exc)
+        else:
+            self.settle(exc)
         if not isinstance(exc, Exception):
             self.trace.abandon()
+
+    def _refused(self, exc: BaseException) -> None:
+        """A request that ended before admission: counted under the tier it asked for (`none`
+        before one was chosen), so that every request is on the dashboards and in the log."""
+        if self._settled:
+            return
+        self._settled = True
+        if isinstance(exc, Exception):
+            error = api_error(exc)
+            self.status = error.tgi_status() if self.tgi else error.status
+        else:
+            self.status = CLIENT_CLOSED
+        with _logged():
+            self._s.recorder.refused(self.chosen or "none", self.status)
+        with _logged():
+            self._write_usage(Usage(0, 0))
+
+    def _write_usage(self, usage: Usage) -> None:
+        """The request's line in the usage log (`serve_app.router.usage_log`)."""
+        tenant, headers, now = self.tenant, self.request.headers, time.perf_counter()
+        usage_log.write(
+            usage_log.UsageRecord(
+                time=usage_log.now(),
+                request_id=headers.get("x-request-id") or request_id(),
+                key_id=usage_log.key_id(tenant.key_sha256) if tenant is not None else None,
+                tenant=tenant.name if tenant is not None else None,
+                feature=usage_log.feature(headers.get(usage_log.FEATURE_HEADER)),
+                route=self.request.url.path,
+                model=self.model,
+                tier=self.tier or self.chosen,
+                status=self.status,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                ttft_s=None if self._first is None else round(self._first - self._start, 6),
+                duration_s=round(now - self._arrived, 6),
+            )
+        )
+
+
+def request_id() -> str | None:
+    """The id Serve's proxy gave the request (the answer's `x-request-id`)."""
+    return _get_serve_request_context().request_id or None
 
 
 @contextlib.contextmanager

@@ -124,6 +124,8 @@ class OpenAIRequest:
     def call(self, tier: TierConfig) -> TierCall:
         """The engine's payload for `tier`: its default and limit of tokens, its model id, and
         usage always asked of a stream (the router shows it only when the client asked)."""
+        if self.max_tokens is None:
+            _require_max_tokens(tier, self.max_tokens_param)
         max_tokens = self.max_tokens or tier.default_max_tokens
         if max_tokens > tier.max_tokens_limit:
             raise InvalidRequest(
@@ -337,12 +339,23 @@ class GenerateRequest:
                 f"`max_new_tokens` is {asked}, above this tier's limit of {tier.max_tokens_limit}",
                 param="parameters.max_new_tokens",
             )
+        if asked is None:
+            _require_max_tokens(tier, "parameters.max_new_tokens")
         payload = self.passthrough
         max_tokens = asked if asked is not None else tier.default_max_tokens
         if asked is None:
             parameters = {**(payload.get("parameters") or {}), "max_new_tokens": max_tokens}
             payload = {**payload, "parameters": parameters}
         return TierCall(self.route, payload, self.stream, max_tokens, self.prompt_chars)
+
+
+def _require_max_tokens(tier: TierConfig, param: str) -> None:
+    if tier.tuning.require_max_tokens:
+        raise InvalidRequest(
+            f"`{param}` is required on this model (require_max_tokens): set it, at most "
+            f"{tier.max_tokens_limit}",
+            param=param,
+        )
 
 
 def parse_generate(

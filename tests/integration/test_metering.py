@@ -17,6 +17,8 @@ import yaml
 from text_generation import Client
 from text_generation.errors import OverloadedError
 
+from tests.helpers import wait_for
+
 from .conftest import Stack, local_config
 
 BIG = 100_000  # tokens per minute of the keys whose reservations are read back
@@ -191,3 +193,39 @@ def test_a_revoked_keys_stream_ends_with_an_error(stack: Stack) -> None:
     with pytest.raises(openai.AuthenticationError):
         sdk.chat.completions.create(model="small", messages=PROMPTS["cjk"]["messages"],
                                     max_tokens=1)  # fmt: skip
+
+
+def usage_lines(stack: Stack) -> dict[str, dict[str, Any]]:
+    """The usage log's lines in the router replicas' stdout logs, by request id."""
+    assert stack.head.temp_dir
+    found: dict[str, dict[str, Any]] = {}
+    for path in Path(stack.head.temp_dir, "session_latest", "logs").glob("worker-*.out"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith('{"time":'):
+                record = json.loads(line)
+                found[record["request_id"]] = record
+    return found
+
+
+def test_every_request_has_one_usage_line_with_the_engines_counts(stack: Stack) -> None:
+    headers = {"authorization": f"Bearer {key('english')}", "x-feature": "search"}
+    answer = httpx.post(f"{stack.url}/v1/chat/completions", timeout=60,
+                        json={"model": "small", "messages": PROMPTS["cjk"]["messages"],
+                              "max_tokens": 3},
+                        headers={**headers, "x-request-id": "usage-answered"})  # fmt: skip
+    refused = httpx.post(f"{stack.url}/v1/chat/completions", timeout=60,
+                         json={"model": "nope", "messages": PROMPTS["cjk"]["messages"]},
+                         headers={**headers, "x-request-id": "usage-refused"})  # fmt: skip
+    assert (answer.status_code, refused.status_code) == (200, 404)
+    wait_for(lambda: {"usage-answered", "usage-refused"} <= set(usage_lines(stack)), 30,
+             "the usage lines")  # fmt: skip
+    lines = usage_lines(stack)
+    served, no_model = lines["usage-answered"], lines["usage-refused"]
+    usage = answer.json()["usage"]
+    assert (served["prompt_tokens"], served["completion_tokens"]) == (
+        usage["prompt_tokens"], usage["completion_tokens"]
+    )  # fmt: skip
+    assert served["tenant"] == "english" and served["feature"] == "search"
+    assert served["tier"] == "small" and served["status"] == 200 and served["ttft_s"] > 0
+    assert (no_model["tier"], no_model["status"], no_model["model"]) == (None, 404, "nope")
+    assert key("english") not in json.dumps(lines)

@@ -28,6 +28,16 @@ def test_keys_on_add_the_quota_ledger_to_the_application() -> None:
     assert "quota-ledger" in _deployments(build_app(args))
 
 
+def test_the_quota_ledger_runs_on_the_head_node() -> None:
+    """Never on a tier's node, which may scale to zero and take every key's windows with it."""
+    args = local_args()
+    args["router"]["api_keys"] = {"env": "KEYS"}
+    ledger = next(d for d in flatten(build_app(args), name="llm").deployments
+                  if d.name == "quota-ledger")  # fmt: skip
+    assert ledger.ray_actor_options["resources"] == {"node:__internal_head__": 0.001}
+    assert ledger.ray_actor_options["num_cpus"] == 0  # a head that takes no work still has room
+
+
 def _deployments(app: Any) -> set[str]:
     return {d.name for d in flatten(app, name="llm").deployments}
 

@@ -195,6 +195,7 @@ NEW_IN_TUNING = {
     "router.tuning.max_stop_chars",
     "router.tuning.body_bytes_per_input_token",
     "router.api_keys.tuning.tokenize_timeout_s",
+    "tiers[].tuning.require_max_tokens",
 }  # fmt: skip
 
 

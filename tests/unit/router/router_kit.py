@@ -48,18 +48,24 @@ class ListRecorder:
     spills: list[tuple[str, str]] = field(default_factory=list)
     tokens_by_tenant: dict[str, int] = field(default_factory=dict)
     rejections: list[tuple[str, str]] = field(default_factory=list)
+    refusals: list[tuple[str, int]] = field(default_factory=list)
+    first_tokens: int = 0
 
     def in_flight(self, tier: str, count: int) -> None:
         self.gauges[tier] = count
 
     def first_token(self, tier: str, seconds: float) -> None:
         assert seconds >= 0
+        self.first_tokens += 1
 
     def between_tokens(self, tier: str, seconds: float) -> None:
         assert seconds >= 0
 
     def finished(self, tier: str, status: int, seconds: float, usage: Usage) -> None:
         self.outcomes.append((tier, status, usage))
+
+    def refused(self, tier: str, status: int) -> None:
+        self.refusals.append((tier, status))
 
     def spill_over(self, tier: str, to_tier: str) -> None:
         self.spills.append((tier, to_tier))

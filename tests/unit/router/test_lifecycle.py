@@ -343,3 +343,74 @@ def test_a_revoked_keys_stream_ends_with_an_error_event(tmp_path: Path) -> None:
     assert events[-1] == "data: [DONE]"
     assert r.in_flight == {"small": 0}
     assert [s for _, s, _ in recorder.outcomes] == [401]
+
+
+# -- every request on the dashboards and in the usage log -----------------------------------
+
+
+def usage_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "serve_app.usage"]
+
+
+def test_refusals_before_admission_are_counted_under_the_tier_asked_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="serve_app.usage")
+    r, recorder, _ = router(config(tmp_path), engine)
+    app = r.asgi_app()
+    unknown = asyncio.run(call(app, "POST", "/v1/chat/completions", {**CHAT, "model": "nope"},
+                               bearer("team-a")))  # fmt: skip
+    no_key = asyncio.run(call(app, "POST", "/v1/chat/completions", CHAT))
+    not_allowed = asyncio.run(call(app, "POST", "/v1/chat/completions", {**CHAT, "model": "large"},
+                                   bearer("small-only")))  # fmt: skip
+    too_many = asyncio.run(call(app, "POST", "/generate",
+                                {"inputs": "hi", "parameters": {"max_new_tokens": 1000}},
+                                bearer("team-a")))  # fmt: skip
+    assert [unknown.status, no_key.status, not_allowed.status, too_many.status] == [
+        404, 401, 403, 422
+    ]  # fmt: skip
+    assert recorder.refusals == [("none", 404), ("none", 401), ("large", 403), ("small", 422)]
+    assert recorder.outcomes == []  # nothing was admitted
+    lines = usage_lines(caplog)
+    assert [(u["tier"], u["status"], u["tenant"]) for u in lines] == [
+        (None, 404, "team-a"), (None, 401, None), ("large", 403, "small-only"),
+        ("small", 422, "team-a"),
+    ]  # fmt: skip
+    assert all(u["prompt_tokens"] == 0 == u["completion_tokens"] for u in lines)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/generate"])
+def test_a_whole_answer_has_a_first_token_time_and_one_usage_line(
+    tmp_path: Path, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="serve_app.usage")
+    r, recorder, _ = router(config(tmp_path), engine)
+    body = CHAT if path.startswith("/v1") else {"inputs": "hi"}
+    headers = {**bearer("team-a"), "x-feature": "search", "x-request-id": "req-1"}
+    answer = asyncio.run(call(r.asgi_app(), "POST", path, body, headers))
+    assert answer.status == 200
+    assert recorder.first_tokens == 1
+    (line,) = usage_lines(caplog)
+    ((_, _, usage),) = recorder.outcomes
+    assert line["tenant"] == "team-a" and line["feature"] == "search"
+    assert line["request_id"] == "req-1" and line["route"] == path and line["tier"] == "small"
+    assert (
+        (line["prompt_tokens"], line["completion_tokens"])
+        == (usage.prompt_tokens, usage.completion_tokens)
+        == ((10, 3) if path.startswith("/v1") else (7, 2))
+    )  # the engine's own counts
+    assert len(line["key_id"]) == 12 and KEYS["team-a"]["key"] not in json.dumps(line)
+    assert 0 <= line["ttft_s"] <= line["duration_s"]
+
+
+def test_a_cut_stream_has_its_usage_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="serve_app.usage")
+    r, recorder, _ = router(config(tmp_path), slow_engine)
+    answer = asyncio.run(call(r.asgi_app(), "POST", "/v1/chat/completions",
+                              {**CHAT, "stream": True}, bearer("team-a"),
+                              hang_up_after_chunks=3))  # fmt: skip
+    assert answer.status == 200
+    (line,) = usage_lines(caplog)
+    ((_, status, usage),) = recorder.outcomes
+    assert line["status"] == status == 499
+    assert line["completion_tokens"] == usage.completion_tokens >= 2

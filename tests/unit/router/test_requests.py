@@ -144,3 +144,29 @@ def test_tools_are_bounded_in_number_and_their_schemas_kept_for_the_grammar_chec
         parse_openai("chat", body, LIMITS)
     parsed = parse_openai("chat", {**body, "tools": [tool]}, LIMITS)
     assert parsed.grammars.schemas == (({"type": "object"}, "tools[0].function.parameters"),)
+
+
+def test_a_tier_may_require_max_tokens_on_every_route() -> None:
+    strict = TierConfig.model_validate(
+        {
+            "name": "small",
+            "default_max_tokens": 8,
+            "max_tokens_limit": 64,
+            "tuning": {"require_max_tokens": True},
+        }
+    )
+    chat = {"model": "small", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(InvalidRequest, match=r"`max_tokens` is required .* at most 64") as err:
+        parse_openai("chat", chat).call(strict)
+    assert err.value.param == "max_tokens"
+    with pytest.raises(InvalidRequest, match="`max_completion_tokens` is required"):
+        parse_openai("chat", {**chat, "max_completion_tokens": None}).call(strict)
+    with pytest.raises(InvalidRequest, match=r"`parameters\.max_new_tokens` is required"):
+        parse_generate("/generate", {"inputs": "hi"}).call(strict)
+    assert parse_openai("chat", {**chat, "max_tokens": 5}).call(strict).max_tokens == 5
+    assert (
+        parse_generate("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 5}})
+        .call(strict)
+        .max_tokens
+        == 5
+    )
