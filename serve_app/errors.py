@@ -7,7 +7,8 @@
     │   ├── PayloadTooLarge   the body is over the router's limit
     │   ├── Unauthorized      no API key, or an unknown one
     │   ├── Forbidden         the key may not use that tier
-    │   ├── QuotaExceeded     the key's requests or tokens per minute are spent (which, in `kind`)
+    │   ├── QuotaExceeded     the key's requests or tokens per minute, or its daily budget, are
+    │   │                     spent (which, in `kind`)
     │   ├── HeadersTooLarge   the request's headers are over the router's limit
     │   └── RequestTimeout    the body did not arrive within the router's time limit
     ├── EngineReplyError      the engine answered with an error status and body
@@ -28,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-QuotaKind = Literal["requests", "tokens"]
+QuotaKind = Literal["requests", "tokens", "budget"]
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,11 @@ class EngineMetrics:
         self.generated_tokens = Histogram(
             "tgi_request_generated_tokens", "Generated tokens", buckets=LENGTH_BUCKETS, registry=r
         )
+        # Not one of TGI's: every token generated, those of requests cut short included (TGI's
+        # histogram above counts finished requests only), so billing can be checked against it.
+        self.tokens_generated = Counter(
+            "local_engine_tokens_generated", "Tokens generated, cut requests included", registry=r
+        )
 
 
 def exposition(registry: CollectorRegistry) -> bytes:
@@ -200,6 +205,8 @@ class Scheduler:
             try:
                 count = 0
                 async for item in self._items(prompt, sampling):
+                    if item.index > count:
+                        m.tokens_generated.inc(item.index - count)
                     count = item.index
                     if item.finished is not None:
                         done = time.perf_counter()

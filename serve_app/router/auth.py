@@ -9,6 +9,7 @@ list:
       tiers: [small]               # optional: tiers this key may use (default: all)
       requests_per_minute: 60      # optional quotas, enforced across router replicas
       tokens_per_minute: 100000
+      tokens_per_day: 5000000      # optional budget, from 00:00 UTC (429 insufficient_quota)
       priority: interactive        # optional: or `batch` (runs after interactive in a full tier)
       weight: 1                    # optional: share of a full tier's tokens against other keys
 
@@ -48,6 +49,7 @@ class _KeySpec(BaseModel):
     tiers: tuple[str, ...] | None = None
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)
+    tokens_per_day: int | None = Field(None, gt=0)
     priority: Literal["interactive", "batch"] = "interactive"
     weight: float = Field(1.0, gt=0)
 
@@ -61,6 +63,7 @@ class Tenant:
     tokens_per_minute: int | None
     priority: Literal["interactive", "batch"] = "interactive"
     weight: float = 1.0
+    tokens_per_day: int | None = None
 
     def check_tier(self, tier: str) -> None:
         if self.tiers is not None and tier not in self.tiers:
@@ -101,6 +104,7 @@ def parse_tenants(text: str, source: str) -> list[Tenant]:
             tokens_per_minute=s.tokens_per_minute,
             priority=s.priority,
             weight=s.weight,
+            tokens_per_day=s.tokens_per_day,
         )
         for s in specs
     ]

@@ -135,6 +135,9 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(401, exc.message, "invalid_request_error", "invalid_api_key")
     if isinstance(exc, Forbidden):
         return APIError(403, exc.message, "invalid_request_error", "tier_not_allowed", exc.param)
+    if isinstance(exc, QuotaExceeded) and exc.kind == "budget":
+        return APIError(429, exc.message, "insufficient_quota", "insufficient_quota",
+                        retry_after_s=int(exc.retry_after_s))  # fmt: skip
     if isinstance(exc, QuotaExceeded):
         code = "rate_limit_exceeded" if exc.kind == "requests" else "tokens_exceeded"
         return APIError(429, exc.message, exc.kind, code, retry_after_s=int(exc.retry_after_s),

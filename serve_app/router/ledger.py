@@ -16,9 +16,16 @@ class LedgerDeployment:
         self._ledger = QuotaLedger()
 
     def reserve(
-        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
+        self,
+        key: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        tokens: int,
+        tokens_per_day: int | None = None,
     ) -> Grant | Refusal:
-        return self._ledger.reserve(key, requests_per_minute, tokens_per_minute, tokens)
+        return self._ledger.reserve(
+            key, requests_per_minute, tokens_per_minute, tokens, tokens_per_day
+        )
 
     def settle(self, key: str, grant_id: int, tokens_used: int) -> None:
         self._ledger.settle(key, grant_id, tokens_used)
@@ -31,10 +38,15 @@ class ServeLedger:
         self._handle = handle
 
     async def reserve(
-        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
+        self,
+        key: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        tokens: int,
+        tokens_per_day: int | None = None,
     ) -> Grant | Refusal:
         answer: Grant | Refusal = await self._handle.reserve.remote(
-            key, requests_per_minute, tokens_per_minute, tokens
+            key, requests_per_minute, tokens_per_minute, tokens, tokens_per_day
         )
         return answer
 

@@ -1,4 +1,5 @@
-"""Per-key quotas: requests and tokens per minute, one ledger for every router replica.
+"""Per-key quotas: requests and tokens per minute, and a daily token budget, one ledger for every
+router replica.
 
 The ledger keeps, per key, what was admitted in the last 60 seconds (a sliding window): a request
 is admitted only if the requests, and the tokens it may use, still fit under the key's limits.
@@ -84,6 +85,44 @@ class SlidingWindow:
         return max(0.0, self._entries[-1].at + WINDOW_S - now) if self._entries else 0.0
 
 
+DAY_S = 86_400.0
+
+
+class DailyTotal:
+    """What one key used since 00:00 UTC (`at` of its entries: the day they belong to)."""
+
+    def __init__(self) -> None:
+        self._day = -1
+        self._used = 0.0
+
+    def _roll(self, wall: float) -> None:
+        day = int(wall // DAY_S)
+        if day != self._day:
+            self._day, self._used = day, 0.0
+
+    def used(self, wall: float) -> float:
+        self._roll(wall)
+        return self._used
+
+    def add(self, wall: float, amount: float) -> _Entry:
+        self._roll(wall)
+        self._used += amount
+        return _Entry(self._day, amount)
+
+    def adjust(self, entry: _Entry, amount: float) -> None:
+        """Settle a reservation to what was used (if it is of the current day)."""
+        if entry.at == self._day:
+            self._used += amount - entry.amount
+            entry.amount = amount
+
+    def wait_for(self, wall: float, amount: float, limit: int) -> float:
+        """Seconds until the next day, when the budget starts again."""
+        return (int(wall // DAY_S) + 1) * DAY_S - wall
+
+    def reset_s(self, wall: float) -> float:
+        return self.wait_for(wall, 0, 0)
+
+
 @dataclass(frozen=True)
 class Grant:
     id: int
@@ -98,67 +137,120 @@ class Refusal:
 
 
 class QuotaLedger:
-    """The shared windows. Limits travel with each call, so a key's new limits apply at once."""
+    """The shared windows. Limits travel with each call, so a key's new limits apply at once.
+    `clock` times the minute windows; `wall` (seconds since the epoch) tells the UTC day of the
+    daily budget."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self._clock = clock
+        self._wall = wall
         self._requests: dict[str, SlidingWindow] = {}
         self._tokens: dict[str, SlidingWindow] = {}
-        self._pending: OrderedDict[int, tuple[str, _Entry]] = OrderedDict()
+        self._days: dict[str, DailyTotal] = {}
+        # grant -> key, when, and the token entries to settle (minute window, day)
+        self._pending: OrderedDict[int, tuple[str, float, list[tuple[_Window, _Entry]]]] = (
+            OrderedDict()
+        )
         self._ids = itertools.count(1)
 
     def reserve(
-        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
+        self,
+        key: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        tokens: int,
+        tokens_per_day: int | None = None,
     ) -> Grant | Refusal:
-        now = self._clock()
+        now, wall = self._clock(), self._wall()
         self._forget_stale(now)
-        checks: list[tuple[QuotaKind, SlidingWindow, int, float]] = []
+        checks: list[_Check] = []
         if requests_per_minute:
-            checks.append(("requests", self._window(self._requests, key), requests_per_minute, 1))
+            checks.append(_Check("requests", _window(self._requests, key), requests_per_minute,
+                                 1, now))  # fmt: skip
         if tokens_per_minute:
-            checks.append(("tokens", self._window(self._tokens, key), tokens_per_minute, tokens))
-        for kind, window, limit, amount in checks:
-            if window.used(now) + amount > limit:
-                wait = window.wait_for(now, amount, limit)
-                return Refusal(kind, wait, self._state(checks, now))
+            checks.append(_Check("tokens", _window(self._tokens, key), tokens_per_minute,
+                                 tokens, now))  # fmt: skip
+        if tokens_per_day:
+            day = self._days.setdefault(key, DailyTotal())
+            checks.append(_Check("budget", day, tokens_per_day, tokens, wall))
+        for check in checks:
+            if check.window.used(check.at) + check.amount > check.limit:
+                wait = check.window.wait_for(check.at, check.amount, check.limit)
+                return Refusal(check.kind, wait, _state(checks))
         grant_id = next(self._ids)
-        for kind, window, _, amount in checks:
-            entry = window.add(now, amount)
-            if kind == "tokens":
-                self._pending[grant_id] = (key, entry)
-        return Grant(grant_id, self._state(checks, now))
+        settled = []
+        for check in checks:
+            entry = check.window.add(check.at, check.amount)
+            if check.kind != "requests":
+                settled.append((check.window, entry))
+        if settled:
+            self._pending[grant_id] = (key, now, settled)
+        return Grant(grant_id, _state(checks))
 
     def settle(self, key: str, grant_id: int, tokens_used: int) -> None:
         found = self._pending.pop(grant_id, None)
         if found is not None and found[0] == key:
-            self._tokens[key].adjust(found[1], max(0, tokens_used))
-
-    def _window(self, windows: dict[str, SlidingWindow], key: str) -> SlidingWindow:
-        return windows.setdefault(key, SlidingWindow())
+            for window, entry in found[2]:
+                window.adjust(entry, max(0, tokens_used))
 
     def _forget_stale(self, now: float) -> None:
         """Reservations never settled (their router died) are left as reserved."""
         while self._pending:
-            grant_id, (_, entry) = next(iter(self._pending.items()))
-            if entry.at > now - WINDOW_S:
+            grant_id, (_, at, _) = next(iter(self._pending.items()))
+            if at > now - WINDOW_S:
                 break
             del self._pending[grant_id]
 
-    @staticmethod
-    def _state(
-        checks: list[tuple[QuotaKind, SlidingWindow, int, float]], now: float
-    ) -> tuple[RateLimit, ...]:
-        return tuple(
-            RateLimit(kind, limit, max(0, math.floor(limit - w.used(now))), w.reset_s(now))
-            for kind, w, limit, _ in checks
+
+class _Window(Protocol):
+    def used(self, at: float) -> float: ...
+    def add(self, at: float, amount: float) -> _Entry: ...
+    def adjust(self, entry: _Entry, amount: float) -> None: ...
+    def wait_for(self, at: float, amount: float, limit: int) -> float: ...
+    def reset_s(self, at: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class _Check:
+    kind: QuotaKind
+    window: _Window
+    limit: int
+    amount: float
+    at: float  # the clock the window keeps: monotonic for minutes, the wall for days
+
+
+def _window(windows: dict[str, SlidingWindow], key: str) -> SlidingWindow:
+    return windows.setdefault(key, SlidingWindow())
+
+
+def _state(checks: list[_Check]) -> tuple[RateLimit, ...]:
+    """Where the per-minute limits stand (OpenAI's headers; the daily budget has none)."""
+    return tuple(
+        RateLimit(
+            c.kind,
+            c.limit,
+            max(0, math.floor(c.limit - c.window.used(c.at))),
+            c.window.reset_s(c.at),
         )
+        for c in checks
+        if c.kind != "budget"
+    )
 
 
 class LedgerCalls(Protocol):
     """How a router replica reaches the ledger (a Serve handle)."""
 
     async def reserve(
-        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
+        self,
+        key: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        tokens: int,
+        tokens_per_day: int | None = None,
     ) -> Grant | Refusal: ...
 
     async def settle(self, key: str, grant_id: int, tokens_used: int) -> None: ...
@@ -215,12 +307,16 @@ class Quotas:
 
     async def reserve(self, tenant: Tenant, tokens: int) -> Reservation | None:
         """None for a key without quotas; raises `QuotaExceeded` or `QuotaUnavailable`."""
-        if not tenant.requests_per_minute and not tenant.tokens_per_minute:
+        if not (tenant.requests_per_minute or tenant.tokens_per_minute or tenant.tokens_per_day):
             return None
         try:
             async with asyncio.timeout(self._timeout_s):  # passes on a cancellation, always
                 answer = await self._ledger.reserve(
-                    tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute, tokens
+                    tenant.name,
+                    tenant.requests_per_minute,
+                    tenant.tokens_per_minute,
+                    tokens,
+                    tenant.tokens_per_day,
                 )
         except Exception as exc:  # the ledger's own failure, whatever Ray calls it
             logger.warning("quota ledger failed (%s): %s", self._on_failure, type(exc).__name__)
@@ -246,6 +342,14 @@ class Quotas:
 
 def exceeded(refusal: Refusal) -> QuotaExceeded:
     seconds = max(1, math.ceil(refusal.retry_after_s))
+    if refusal.kind == "budget":
+        hours, minutes = divmod(math.ceil(seconds / 60), 60)
+        return QuotaExceeded(
+            f"this API key has used its daily token budget; it starts again at 00:00 UTC "
+            f"(in {hours}h{minutes:02d}m)",
+            retry_after_s=seconds,
+            kind="budget",
+        )
     return QuotaExceeded(
         f"this API key has used its {refusal.kind} per minute; retry in {seconds}s",
         retry_after_s=seconds,

@@ -71,9 +71,16 @@ class InProcessLedger:
         self.ledger = ledger
 
     async def reserve(
-        self, key: str, requests_per_minute: int | None, tokens_per_minute: int | None, tokens: int
+        self,
+        key: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        tokens: int,
+        tokens_per_day: int | None = None,
     ) -> Grant | Refusal:
-        return self.ledger.reserve(key, requests_per_minute, tokens_per_minute, tokens)
+        return self.ledger.reserve(
+            key, requests_per_minute, tokens_per_minute, tokens, tokens_per_day
+        )
 
     async def settle(self, key: str, grant_id: int, tokens_used: int) -> None:
         self.ledger.settle(key, grant_id, tokens_used)

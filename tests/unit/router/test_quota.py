@@ -19,6 +19,7 @@ from serve_app.router.quota import (
     Quotas,
     Refusal,
     SlidingWindow,
+    exceeded,
 )
 
 from .clock import Clock
@@ -179,3 +180,35 @@ def test_a_key_refused_for_tokens_is_not_closed() -> None:
     with pytest.raises(QuotaExceeded):
         asyncio.run(quotas.reserve(key, 11))
     quotas.check_open(key)  # a smaller request may still fit
+
+
+def test_a_daily_budget_refuses_once_spent_and_starts_again_at_midnight_utc() -> None:
+    clock, wall = Clock(), Clock(now=1_796_601_600.0 + 15 * 3600)  # 15:00 UTC
+    ledger = QuotaLedger(clock, wall)
+    first = ledger.reserve("k", None, None, 600, tokens_per_day=1000)
+    assert isinstance(first, Grant) and first.limits == ()  # no per-minute headers
+    ledger.settle("k", first.id, 400)  # 400 used: 600 of the day left
+    clock.now += 3600  # minute windows are long gone; the day is not
+    wall.now += 3600
+    assert isinstance(ledger.reserve("k", None, None, 600, tokens_per_day=1000), Grant)
+    refused = ledger.reserve("k", None, None, 1, tokens_per_day=1000)
+    assert isinstance(refused, Refusal) and refused.kind == "budget"
+    assert refused.retry_after_s == 8 * 3600  # 16:00 -> midnight
+    wall.now += 8 * 3600
+    assert isinstance(ledger.reserve("k", None, None, 1000, tokens_per_day=1000), Grant)
+
+
+def test_a_reservation_of_yesterday_settles_nothing_into_today() -> None:
+    clock, wall = Clock(), Clock(now=1_796_601_600.0 - 10)  # ten seconds to midnight
+    ledger = QuotaLedger(clock, wall)
+    grant = ledger.reserve("k", None, None, 900, tokens_per_day=1000)
+    assert isinstance(grant, Grant)
+    wall.now += 20
+    ledger.settle("k", grant.id, 900)
+    assert isinstance(ledger.reserve("k", None, None, 1000, tokens_per_day=1000), Grant)
+
+
+def test_a_spent_budget_is_insufficient_quota_and_says_when_it_returns() -> None:
+    error = exceeded(Refusal("budget", 3 * 3600 + 61, ()))
+    assert error.kind == "budget" and error.retry_after_s == 3 * 3600 + 61
+    assert error.message.endswith("starts again at 00:00 UTC (in 3h02m)")
