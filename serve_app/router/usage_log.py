@@ -4,8 +4,8 @@ them. Written to the `serve_app.usage` logger at INFO, once per request on every
 (answered, refused, failed, client gone), so that lines and requests are one to one.
 
 Route it like any Python logger. Unless it was given handlers of its own, the router replica
-writes the bare lines to its stdout (`to_stdout`): Ray keeps them in the replica's
-`worker-*.out` log, beside Serve's own log lines but never mixed into them.
+writes the lines to its stdout (`to_stdout`), which Serve keeps in the replica's log, each line
+after Serve's own prefix and ` -- `.
 """
 
 from __future__ import annotations

@@ -212,14 +212,16 @@ def test_a_revoked_keys_stream_ends_with_an_error(stack: Stack) -> None:
 
 
 def usage_lines(stack: Stack) -> dict[str, dict[str, Any]]:
-    """The usage log's lines in the router replicas' stdout logs, by request id."""
+    """The usage log's lines in the router replicas' Serve logs (Serve keeps a replica's stdout
+    there, each line after its own ` -- ` prefix), by request id."""
     assert stack.head.temp_dir
     found: dict[str, dict[str, Any]] = {}
-    for path in Path(stack.head.temp_dir, "session_latest", "logs").glob("worker-*.out"):
+    for path in Path(stack.head.temp_dir, "session_latest", "logs", "serve").glob("replica_*"):
         for line in path.read_text(errors="replace").splitlines():
-            if line.startswith('{"time":'):
-                record = json.loads(line)
-                found[record["request_id"]] = record
+            _, marker, record = line.partition(' -- {"time":')
+            if marker:
+                parsed = json.loads('{"time":' + record)
+                found[parsed["request_id"]] = parsed
     return found
 
 
@@ -233,12 +235,8 @@ def test_every_request_has_one_usage_line_with_the_engines_counts(stack: Stack) 
                          json={"model": "nope", "messages": PROMPTS["cjk"]["messages"]},
                          headers={**headers, "x-request-id": "usage-refused"})  # fmt: skip
     assert (answer.status_code, refused.status_code) == (200, 404)
-    try:
-        wait_for(lambda: {"usage-answered", "usage-refused"} <= set(usage_lines(stack)), 30,
-                 "the usage lines")  # fmt: skip
-    except AssertionError:
-        import sys; sys.path.insert(0, "/tmp"); import debug_usage; debug_usage.dump(stack)
-        raise
+    wait_for(lambda: {"usage-answered", "usage-refused"} <= set(usage_lines(stack)), 30,
+             "the usage lines")  # fmt: skip
     lines = usage_lines(stack)
     served, no_model = lines["usage-answered"], lines["usage-refused"]
     usage = answer.json()["usage"]
