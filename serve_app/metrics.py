@@ -3,9 +3,10 @@
 Exported through Ray's metrics agent: each Ray pod serves them on its metrics port (8080) with a
 `ray_` prefix, next to Serve's own metrics, so one PodMonitor scrapes everything. Names:
 
-    ray_serve_app_requests_total{tier, status}           requests answered by the router
+    ray_serve_app_requests_total{tier, status}           requests answered by the router (those
+                                                         refused before a tier: tier `none`)
     ray_serve_app_in_flight_requests{tier}               requests the router is serving now
-    ray_serve_app_time_to_first_token_seconds{tier}      histogram, streamed requests
+    ray_serve_app_time_to_first_token_seconds{tier}      histogram (whole answers: their end)
     ray_serve_app_inter_token_latency_seconds{tier}      histogram, between streamed chunks
     ray_serve_app_request_duration_seconds{tier}         histogram, end to end
     ray_serve_app_prompt_tokens_total{tier}
@@ -17,7 +18,8 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_engine_lease_grants_total{tier}        leases granted; kept leases take none
     ray_serve_app_spill_overs_total{tier, to_tier}       requests sent on to an overflow tier
     ray_serve_app_tenant_requests_total{tenant, tier}    admitted requests per API key's tenant
-    ray_serve_app_tenant_tokens_total{tenant, tier}      prompt + completion tokens per tenant
+    ray_serve_app_tenant_tokens_total{tenant, tier, feature}  prompt + completion tokens per
+                                                         tenant and feature (`x-feature`)
     ray_serve_app_tenant_rejections_total{tenant, reason}  403s and 429s per tenant
     ray_serve_app_admission_queue{tier, priority}        waiting in a tier's admission queue
     ray_serve_app_api_keys_reloads_total{result}         API-keys file reloads: ok, invalid,
@@ -88,7 +90,9 @@ class _Metrics:
             "serve_app_tenant_requests", "Admitted requests per tenant.", ("tenant", "tier")
         )
         self.tenant_tokens = metrics.Counter(
-            "serve_app_tenant_tokens", "Tokens per tenant.", ("tenant", "tier")
+            "serve_app_tenant_tokens",
+            "Tokens per tenant, and per feature (the x-feature header; `none` without one).",
+            ("tenant", "tier", "feature"),
         )
         self.tenant_rejections = metrics.Counter(
             "serve_app_tenant_rejections", "Refused requests per tenant.", ("tenant", "reason")
@@ -122,8 +126,30 @@ def keys_reloaded(outcome: str) -> None:
     m.keys_stale.set(0 if outcome == "ok" else 1)
 
 
+class FeatureLabels:
+    """A caller-set feature as a metric label: the first `limit` distinct ones by name, the rest
+    as `other`, so that no caller can grow the metric without bound."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def label(self, feature: str | None) -> str:
+        if feature is None:
+            return "none"
+        if feature in self._seen:
+            return feature
+        if len(self._seen) < self._limit:
+            self._seen.add(feature)
+            return feature
+        return "other"
+
+
 class MetricsRecorder:
     """Request outcomes into the application's metrics (the router's `Recorder`)."""
+
+    def __init__(self) -> None:
+        self._features = FeatureLabels()
 
     def in_flight(self, tier: str, count: int) -> None:
         app_metrics().in_flight.set(count, {"tier": tier})
@@ -153,9 +179,12 @@ class MetricsRecorder:
     def tenant_request(self, tenant: str, tier: str) -> None:
         app_metrics().tenant_requests.inc(1, {"tenant": tenant, "tier": tier})
 
-    def tenant_tokens(self, tenant: str, tier: str, tokens: int) -> None:
+    def tenant_tokens(self, tenant: str, tier: str, tokens: int, feature: str | None) -> None:
         if tokens > 0:
-            app_metrics().tenant_tokens.inc(tokens, {"tenant": tenant, "tier": tier})
+            label = self._features.label(feature)
+            app_metrics().tenant_tokens.inc(
+                tokens, {"tenant": tenant, "tier": tier, "feature": label}
+            )
 
     def tenant_rejection(self, tenant: str, reason: str) -> None:
         app_metrics().tenant_rejections.inc(1, {"tenant": tenant, "reason": reason})

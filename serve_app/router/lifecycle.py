@@ -355,7 +355,7 @@ class RequestLife:
                 admission.leave(ticket, usage.total)
         if self.tenant is not None:
             with _logged():
-                self._s.recorder.tenant_tokens(self.tenant.name, tier, usage.total)
+                self._s.recorder.tenant_tokens(self.tenant.name, tier, usage.total, self.feature)
         with _logged():
             self._settle_quota(usage)
         with _logged():
@@ -415,6 +415,11 @@ class RequestLife:
         with _logged():
             self._write_usage(Usage(0, 0))
 
+    @property
+    def feature(self) -> str | None:
+        """What the caller says the request is for (`x-feature`), if a plain name."""
+        return usage_log.feature(self.request.headers.get(usage_log.FEATURE_HEADER))
+
     def _write_usage(self, usage: Usage) -> None:
         """The request's line in the usage log (`serve_app.router.usage_log`)."""
         tenant, headers, now = self.tenant, self.request.headers, time.perf_counter()
@@ -424,7 +429,7 @@ class RequestLife:
                 request_id=headers.get("x-request-id") or request_id(),
                 key_id=usage_log.key_id(tenant.key_sha256) if tenant is not None else None,
                 tenant=tenant.name if tenant is not None else None,
-                feature=usage_log.feature(headers.get(usage_log.FEATURE_HEADER)),
+                feature=self.feature,
                 route=self.request.url.path,
                 model=self.model,
                 tier=self.tier or self.chosen,

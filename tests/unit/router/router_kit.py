@@ -73,7 +73,7 @@ class ListRecorder:
     def tenant_request(self, tenant: str, tier: str) -> None:
         assert tenant and tier
 
-    def tenant_tokens(self, tenant: str, tier: str, tokens: int) -> None:
+    def tenant_tokens(self, tenant: str, tier: str, tokens: int, feature: str | None) -> None:
         self.tokens_by_tenant[tenant] = self.tokens_by_tenant.get(tenant, 0) + tokens
 
     def tenant_rejection(self, tenant: str, reason: str) -> None:
