@@ -369,6 +369,11 @@ class TierTuning(_Strict):
     grammar: GrammarPolicy = Field(
         GrammarPolicy(), description="What grammars the tier's engine is given to compile."
     )
+    gpu_hour_price_usd: NonNegativeFloat | None = Field(
+        None,
+        description="What one of this tier's GPUs costs per hour, for the cost rules (exported "
+        "as serve_app_gpu_hour_price_usd); unset: no dollar figures for the tier.",
+    )
     require_max_tokens: bool = Field(
         False,
         description="Refuse requests that do not set `max_tokens` (`max_new_tokens` on TGI's "

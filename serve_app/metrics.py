@@ -14,6 +14,8 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_engine_queue{tier}                     engine's waiting queue, per replica
     ray_serve_app_engine_running{tier}                   engine's running batch, per replica
     ray_serve_app_engine_starts_total{tier}              engines started (replica starts)
+    ray_serve_app_gpu_seconds_total{tier}                GPU-seconds held: GPUs x replica lifetime
+    ray_serve_app_gpu_hour_price_usd{tier}               the tier's `tuning.gpu_hour_price_usd`
     ray_serve_app_engine_leases{tier}                    engine leases routers hold (direct path)
     ray_serve_app_engine_lease_grants_total{tier}        leases granted; kept leases take none
     ray_serve_app_spill_overs_total{tier, to_tier}       requests sent on to an overflow tier
@@ -78,6 +80,12 @@ class _Metrics:
         self.engine_queue = metrics.Gauge("serve_app_engine_queue", "Engine queue.", tier)
         self.engine_running = metrics.Gauge("serve_app_engine_running", "Engine batch.", tier)
         self.engine_starts = metrics.Counter("serve_app_engine_starts", "Engines started.", tier)
+        self.gpu_seconds = metrics.Counter(
+            "serve_app_gpu_seconds", "GPU-seconds the tier's replicas held (GPUs x lifetime).", tier
+        )
+        self.gpu_hour_price = metrics.Gauge(
+            "serve_app_gpu_hour_price_usd", "What one GPU of the tier costs per hour.", tier
+        )
         self.engine_leases = metrics.Gauge(
             "serve_app_engine_leases", "Engine leases held by routers (direct data path).", tier
         )

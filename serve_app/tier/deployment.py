@@ -41,6 +41,8 @@ class TierDeployment:
     """Forwards requests for one tier to this replica's engine, and lives and dies with it."""
 
     async def __init__(self, tier: TierConfig, tracing: TracingConfig | None = None) -> None:
+        self._gpus = tier.gpus_per_replica
+        self._metered_at = time.monotonic()  # the GPUs are held from here: GPU-seconds count
         replica = serve.get_replica_context().replica_id.unique_id
         log = ReplicaLog(logger, {"tier": tier.name, "replica": replica})
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
@@ -64,6 +66,8 @@ class TierDeployment:
             on_count=lambda held: app_metrics().engine_leases.set(held, self._tags),
         )
         app_metrics().engine_starts.inc(1, self._tags)
+        if tier.tuning.gpu_hour_price_usd is not None:
+            app_metrics().gpu_hour_price.set(tier.tuning.gpu_hour_price_usd, self._tags)
         await self._supervisor.start()
         self._log = log
         self._watch = asyncio.create_task(self._end_with_engine())
@@ -159,7 +163,24 @@ class TierDeployment:
         return state.as_stats()
 
     async def check_health(self) -> None:
+        """Serve asks every replica this every few seconds: the engine must answer. Also when
+        the replica's GPU-seconds and its engine's queue are brought up to date, so that every
+        tier has them, autoscaled or not."""
         await self._supervisor.check()
+        self._meter()
+        try:
+            load = parse_load(await self._supervisor.client.metrics())
+        except Exception:  # a gauge left as it was is not worth failing the health check
+            return
+        app_metrics().engine_queue.set(load.queued, self._tags)
+        app_metrics().engine_running.set(load.running, self._tags)
+
+    def _meter(self) -> None:
+        now = time.monotonic()
+        if self._gpus:
+            app_metrics().gpu_seconds.inc(self._gpus * (now - self._metered_at), self._tags)
+        self._metered_at = now
 
     async def __del__(self) -> None:
+        self._meter()
         await self._supervisor.stop()

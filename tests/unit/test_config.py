@@ -196,6 +196,7 @@ NEW_IN_TUNING = {
     "router.tuning.body_bytes_per_input_token",
     "router.api_keys.tuning.tokenize_timeout_s",
     "tiers[].tuning.require_max_tokens",
+    "tiers[].tuning.gpu_hour_price_usd",
 }  # fmt: skip
 
 
