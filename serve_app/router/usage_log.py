@@ -4,16 +4,17 @@ them. Written to the `serve_app.usage` logger at INFO, once per request on every
 (answered, refused, failed, client gone), so that lines and requests are one to one.
 
 Route it like any Python logger. Unless it was given handlers of its own, the router replica
-writes the lines to its stdout (`to_stdout`), which Serve keeps in the replica's log, each line
-after Serve's own prefix and ` -- `.
+writes the bare lines to its process's standard output file (`to_stdout`): Ray keeps it as the
+replica's `worker-*.out` log. Not through `sys.stdout`, which Serve turns into its own log
+records, prefixed and held in a buffer of up to 1,000 records before they reach the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -55,10 +56,13 @@ def key_id(key_sha256: bytes) -> str:
 
 
 def to_stdout() -> None:
-    """Write the lines, bare, to this process's stdout, unless the logger has handlers already."""
+    """Write the lines, bare and at once, to this process's standard output file (descriptor 1,
+    whatever `sys.stdout` was made into), unless the logger has handlers already."""
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stdout)
+    # the handler holds the stream for the life of the process
+    stream = open(os.dup(1), "w", buffering=1, encoding="utf-8")  # noqa: SIM115
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

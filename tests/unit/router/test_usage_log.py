@@ -39,7 +39,7 @@ def test_a_key_id_tells_keys_apart_without_the_key() -> None:
 
 
 def test_lines_go_bare_to_stdout_unless_the_logger_is_routed_already(
-    capsys: pytest.CaptureFixture[str],
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     from serve_app.router import usage_log
 
@@ -52,8 +52,10 @@ def test_lines_go_bare_to_stdout_unless_the_logger_is_routed_already(
         record = UsageRecord(1.0, None, None, None, None, "/generate", None, "small", 200, 1, 2,
                              0.1, 0.2)  # fmt: skip
         usage_log.write(record)
-        assert capsys.readouterr().out == record.line() + "\n"
+        assert capfd.readouterr().out == record.line() + "\n"
     finally:
+        for handler in usage_log.logger.handlers:
+            handler.close()
         usage_log.logger.handlers[:] = saved[0]
         usage_log.logger.setLevel(saved[1])
         usage_log.logger.propagate = saved[2]
