@@ -2,9 +2,11 @@
 
 Debian's Prometheus scrapes a local stack's Ray metrics port (what the PodMonitor scrapes on
 KubeRay) while requests of two tenants on both tiers, streamed and not, some failing and some
-refused, run through it. Then every dashboard query (its variables substituted as Grafana would)
-and every alert expression must return series, and Prometheus must evaluate every rule without
-error. GPU panels need a GPU: without one, Prometheus must still accept their queries.
+refused, run through it. Then every dashboard query (its variables substituted as Grafana would),
+every alert expression and every recording rule must return series, and Prometheus must evaluate
+every rule without error. GPU panels need a GPU: without one, Prometheus must still accept their
+queries. (tests/integration/test_rules.py checks the values and alerts of the SLO rules with
+`promtool test rules`.)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def test_promtool_accepts_the_rule_groups(promtool: None, tmp_path: Path) -> Non
     path.write_text(yaml.safe_dump(monitoring.rule_groups()))
     checked = prometheus.check_rules(path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"SUCCESS: {len(monitoring.alert_queries(monitoring.rule_groups()))} rules found" in (
+    assert f"SUCCESS: {monitoring.rule_count(monitoring.rule_groups())} rules found" in (
         checked.stdout
     )
 
@@ -148,10 +150,22 @@ def test_alert_expression_returns_series(scraped: prometheus.Prometheus, alert: 
     assert {s["value"][1] for s in series} <= {"0", "1"}, series
 
 
+RECORDS = monitoring.record_queries(monitoring.rule_groups())
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=[r.name for r in RECORDS])
+def test_recording_rule_records_series(scraped: prometheus.Prometheus, record: Query) -> None:
+    """What Prometheus recorded from the real series: a share between 0 and 1 for the SLOs."""
+    series = returns_series(scraped, Query(record.name, record.name))
+    if "ratio" in record.name:
+        assert all(0 <= float(s["value"][1]) <= 1 for s in series), series
+        assert {s["metric"]["tier"] for s in series} >= {"small", "large"}
+
+
 def test_prometheus_evaluates_every_rule(scraped: prometheus.Prometheus) -> None:
     def evaluated() -> bool:
         rules = [r for g in scraped.api("rules")["groups"] for r in g["rules"]]
-        return len(rules) == len(ALERTS) and all(
+        return len(rules) == monitoring.rule_count(monitoring.rule_groups()) and all(
             r["health"] == "ok" and r["lastEvaluation"] > "2000" for r in rules
         )
 
