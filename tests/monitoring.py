@@ -25,6 +25,13 @@ GRAFANA_VALUES = {"__rate_interval": "1m", "__range": "10m", "__interval": "15s"
 # Ray exports these only for the GPUs it sees on a node.
 GPU_METRICS = ("ray_node_gpus_utilization", "ray_node_gram_used", "ray_node_gram_available")
 
+# What a stack exports only where its tiers have GPUs (the GPU time tier replicas count) and a
+# price of a GPU-hour, each with the names of the series recorded from it.
+OPTIONAL_METRICS = {
+    "ray_serve_app_gpu_seconds_total": (":serve_app_gpu_seconds:", ":serve_app_gpu_usd_per_hour:"),
+    "ray_serve_app_gpu_hour_price_usd": (":serve_app_gpu_usd_per_hour:",),
+}
+
 
 @dataclass(frozen=True)
 class Query:
@@ -34,6 +41,15 @@ class Query:
     @property
     def needs_gpu(self) -> bool:
         return any(metric in self.expr for metric in GPU_METRICS)
+
+    @property
+    def optional_inputs(self) -> list[str]:
+        """The metrics of OPTIONAL_METRICS without which it returns nothing."""
+        return [
+            metric
+            for metric, recorded in OPTIONAL_METRICS.items()
+            if any(name in self.expr for name in (metric, *recorded))
+        ]
 
 
 @cache

@@ -1,9 +1,9 @@
-"""The SLO alerts and their recording rules, evaluated by Prometheus's own rule engine.
+"""The SLO alerts and the cost recording rules, evaluated by Prometheus's own rule engine.
 
 `promtool test rules` runs kuberay/monitoring/rules-test.yaml: series as Ray's exporter names them
 go in, and the recorded values and the alerts that fire (or do not) at given times must be the
 ones the file expects: a fast burn pages and a short blip does not, the first-token page fires
-above 14.4 x its 5 % budget.
+above 14.4 x its 5 % budget, tenants' and features' GPU-seconds add up to their tier's total.
 """
 
 from __future__ import annotations

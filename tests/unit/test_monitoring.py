@@ -1,7 +1,7 @@
 """The dashboard, the alerts and the recording rules, read statically: the seeds' panels and
 alerts are there, each alert has a runbook, every metric they use is one the application or Ray
 defines or a rule records, every recorded series is used, the SLO alerts agree on their budgets,
-every SLO rule has a `promtool test rules` case, and docs/operations.md lists them all.
+every SLO and cost rule has a `promtool test rules` case, and docs/operations.md lists them all.
 (tests/integration/test_monitoring.py runs them against a real Prometheus, test_rules.py runs
 the promtool cases.)"""
 
@@ -181,7 +181,7 @@ def _promtool_cases() -> list[dict[str, Any]]:
     return list(yaml.safe_load(monitoring.RULE_TESTS.read_text())["tests"])
 
 
-def test_every_slo_rule_has_a_promtool_case() -> None:
+def test_every_slo_and_cost_rule_has_a_promtool_case() -> None:
     """kuberay/monitoring/rules-test.yaml fires (or holds back) every SLO alert and reads every
     recorded series, directly or through the alert that uses it."""
     cases = _promtool_cases()
