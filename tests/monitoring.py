@@ -19,8 +19,14 @@ RULES = ROOT / "kuberay" / "monitoring" / "prometheusrule.yaml"
 RULE_TESTS = ROOT / "kuberay" / "monitoring" / "rules-test.yaml"  # `promtool test rules`
 
 # What Grafana puts in place of its variables: the rate window it would pick for a short scrape
-# interval, a dashboard range, and the `All` value of the tier variable.
-GRAFANA_VALUES = {"__rate_interval": "1m", "__range": "10m", "__interval": "15s", "tier": ".*"}
+# interval, a dashboard range (and in seconds), and the `All` value of the tier variable.
+GRAFANA_VALUES = {
+    "__rate_interval": "1m",
+    "__range": "10m",
+    "__range_s": "600",
+    "__interval": "15s",
+    "tier": ".*",
+}
 
 # Ray exports these only for the GPUs it sees on a node.
 GPU_METRICS = ("ray_node_gpus_utilization", "ray_node_gram_used", "ray_node_gram_available")

@@ -28,7 +28,8 @@ RECORDS = monitoring.record_queries(monitoring.rule_groups())
 QUERIES = [*PANEL_QUERIES, *ALERTS, *RECORDS]
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "by", "on", "and", "or", "unless", "group_left", "rate",
-    "increase", "histogram_quantile", "sum_over_time", "topk", "abs", "label_replace", "bool",
+    "increase", "histogram_quantile", "sum_over_time", "count_over_time", "topk", "abs",
+    "label_replace", "scalar", "vector", "bool",
     "le", "tier", "status", "tenant", "feature", "reason", "deployment", "ip", "GpuIndex",
     "GpuDeviceName",
 }  # fmt: skip
