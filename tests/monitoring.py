@@ -1,5 +1,6 @@
-"""The queries an operator's Grafana and Prometheus will run: every dashboard panel target and
-every alert expression, read from the shipped manifests, ready to send to a real Prometheus."""
+"""The queries an operator's Grafana and Prometheus will run: every dashboard panel target, every
+alert expression and every recording rule, read from the shipped manifests, ready to send to a
+real Prometheus."""
 
 from __future__ import annotations
 
@@ -15,13 +16,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "kuberay" / "base" / "grafana-dashboard.json"
 RULES = ROOT / "kuberay" / "monitoring" / "prometheusrule.yaml"
+RULE_TESTS = ROOT / "kuberay" / "monitoring" / "rules-test.yaml"  # `promtool test rules`
 
 # What Grafana puts in place of its variables: the rate window it would pick for a short scrape
-# interval, a dashboard range, and the `All` value of the tier variable.
-GRAFANA_VALUES = {"__rate_interval": "1m", "__range": "10m", "__interval": "15s", "tier": ".*"}
+# interval, a dashboard range (and in seconds), and the `All` value of the tier variable.
+GRAFANA_VALUES = {
+    "__rate_interval": "1m",
+    "__range": "10m",
+    "__range_s": "600",
+    "__interval": "15s",
+    "tier": ".*",
+}
 
 # Ray exports these only for the GPUs it sees on a node.
 GPU_METRICS = ("ray_node_gpus_utilization", "ray_node_gram_used", "ray_node_gram_available")
+
+# What a stack exports only where its tiers have GPUs (the GPU time tier replicas count) and a
+# price of a GPU-hour, each with the names of the series recorded from it.
+OPTIONAL_METRICS = {
+    "ray_serve_app_gpu_seconds_total": (":serve_app_gpu_seconds:", ":serve_app_gpu_usd_per_hour:"),
+    "ray_serve_app_gpu_hour_price_usd": (":serve_app_gpu_usd_per_hour:",),
+}
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,15 @@ class Query:
     @property
     def needs_gpu(self) -> bool:
         return any(metric in self.expr for metric in GPU_METRICS)
+
+    @property
+    def optional_inputs(self) -> list[str]:
+        """The metrics of OPTIONAL_METRICS without which it returns nothing."""
+        return [
+            metric
+            for metric, recorded in OPTIONAL_METRICS.items()
+            if any(name in self.expr for name in (metric, *recorded))
+        ]
 
 
 @cache
@@ -58,10 +82,15 @@ def substitute(expr: str, values: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)|\[\[(\w+)\]\]", value, expr)
 
 
+def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """The panels with queries (not the rows that title them)."""
+    return [panel for panel in board["panels"] if panel["type"] != "row"]
+
+
 def panel_queries(board: dict[str, Any], values: dict[str, str]) -> list[Query]:
     return [
         Query(f"{panel['title']} [{target['refId']}]", substitute(target["expr"], values))
-        for panel in board["panels"]
+        for panel in panels(board)
         for target in panel["targets"]
     ]
 
@@ -105,3 +134,17 @@ def alert_queries(groups: dict[str, Any]) -> list[Query]:
         for rule in group["rules"]
         if "alert" in rule
     ]
+
+
+def record_queries(groups: dict[str, Any]) -> list[Query]:
+    """Each recording rule's expression, named for the series it records."""
+    return [
+        Query(rule["record"], rule["expr"].strip())
+        for group in groups["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    ]
+
+
+def rule_count(groups: dict[str, Any]) -> int:
+    return sum(len(group["rules"]) for group in groups["groups"])

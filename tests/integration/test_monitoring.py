@@ -2,9 +2,11 @@
 
 Debian's Prometheus scrapes a local stack's Ray metrics port (what the PodMonitor scrapes on
 KubeRay) while requests of two tenants on both tiers, streamed and not, some failing and some
-refused, run through it. Then every dashboard query (its variables substituted as Grafana would)
-and every alert expression must return series, and Prometheus must evaluate every rule without
-error. GPU panels need a GPU: without one, Prometheus must still accept their queries.
+refused, run through it. Then every dashboard query (its variables substituted as Grafana would),
+every alert expression and every recording rule must return series, and Prometheus must evaluate
+every rule without error. GPU panels need a GPU, cost panels GPU time: without them, Prometheus
+must still accept their queries. (tests/integration/test_rules.py checks the values and alerts
+of the SLO and cost rules with `promtool test rules`.)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def test_promtool_accepts_the_rule_groups(promtool: None, tmp_path: Path) -> Non
     path.write_text(yaml.safe_dump(monitoring.rule_groups()))
     checked = prometheus.check_rules(path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"SUCCESS: {len(monitoring.alert_queries(monitoring.rule_groups()))} rules found" in (
+    assert f"SUCCESS: {monitoring.rule_count(monitoring.rule_groups())} rules found" in (
         checked.stdout
     )
 
@@ -120,6 +122,15 @@ def returns_series(server: prometheus.Prometheus, query: Query) -> list[dict[str
     return found
 
 
+def skip_without_optional_inputs(server: prometheus.Prometheus, query: Query) -> None:
+    """Skips, once Prometheus has run the query, where it needs GPU time or a price of a GPU-hour
+    and the stack exports none."""
+    for metric in query.optional_inputs:
+        if not server.query(metric):
+            server.query(query.expr)  # Prometheus parses and runs it
+            pytest.skip(f"this stack exports no {metric} (its tiers have no GPU, or no price)")
+
+
 DASHBOARD_QUERIES = monitoring.panel_queries(monitoring.dashboard(), GRAFANA_VALUES)
 
 
@@ -128,6 +139,7 @@ def test_dashboard_query_returns_series(scraped: prometheus.Prometheus, query: Q
     if query.needs_gpu and not HAS_GPU:
         scraped.query(query.expr)  # Prometheus parses and runs it
         pytest.skip("no GPU here: Ray exports its node GPU metrics only for GPUs it sees")
+    skip_without_optional_inputs(scraped, query)
     assert returns_series(scraped, query)
 
 
@@ -148,10 +160,23 @@ def test_alert_expression_returns_series(scraped: prometheus.Prometheus, alert: 
     assert {s["value"][1] for s in series} <= {"0", "1"}, series
 
 
+RECORDS = monitoring.record_queries(monitoring.rule_groups())
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=[r.name for r in RECORDS])
+def test_recording_rule_records_series(scraped: prometheus.Prometheus, record: Query) -> None:
+    """What Prometheus recorded from the real series: a share between 0 and 1 for the SLOs."""
+    skip_without_optional_inputs(scraped, record)
+    series = returns_series(scraped, Query(record.name, record.name))
+    if "ratio" in record.name:
+        assert all(0 <= float(s["value"][1]) <= 1 for s in series), series
+        assert {s["metric"]["tier"] for s in series} >= {"small", "large"}
+
+
 def test_prometheus_evaluates_every_rule(scraped: prometheus.Prometheus) -> None:
     def evaluated() -> bool:
         rules = [r for g in scraped.api("rules")["groups"] for r in g["rules"]]
-        return len(rules) == len(ALERTS) and all(
+        return len(rules) == monitoring.rule_count(monitoring.rule_groups()) and all(
             r["health"] == "ok" and r["lastEvaluation"] > "2000" for r in rules
         )
 
