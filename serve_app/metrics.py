@@ -29,10 +29,6 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_api_keys_stale                         1 while the keys file on disk is invalid
                                                          or unreadable and the last good keys
                                                          are still in use
-    ray_serve_app_gpu_seconds_total{tier}                GPU-seconds the tier's replicas held
-                                                         (GPUs per replica x lifetime)
-    ray_serve_app_gpu_hour_price_usd{tier}               the price of one of the tier's GPUs for
-                                                         an hour, from the config
 """
 
 from __future__ import annotations
@@ -121,12 +117,6 @@ class _Metrics:
         self.keys_stale = metrics.Gauge(
             "serve_app_api_keys_stale",
             "1 while the API-keys file on disk is invalid and the last good keys are in use.",
-        )
-        self.gpu_seconds = metrics.Counter(
-            "serve_app_gpu_seconds", "GPU-seconds held: GPUs per replica x lifetime.", tier
-        )
-        self.gpu_hour_price = metrics.Gauge(
-            "serve_app_gpu_hour_price_usd", "Price of one of the tier's GPUs for an hour.", tier
         )
 
 
