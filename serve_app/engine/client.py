@@ -68,10 +68,14 @@ def passed_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 def reply_error(status: int, body: bytes) -> EngineReplyError:
-    """TGI's `{"error", "error_type"}` body as an exception; any other body kept as text."""
+    """TGI's `{"error", "error_type"}` body as an exception, or OpenAI's (vLLM's)
+    `{"error": {"message", "type", ...}}`; any other body kept as text."""
     try:
         data = json.loads(body)
-        return EngineReplyError(status, str(data["error"]), str(data.get("error_type", "")))
+        error = data["error"]
+        if isinstance(error, dict):  # OpenAI's shape: its `type` is not one of TGI's
+            return EngineReplyError(status, str(error["message"]), "")
+        return EngineReplyError(status, str(error), str(data.get("error_type", "")))
     except (ValueError, KeyError, TypeError):
         return EngineReplyError(status, body.decode(errors="replace")[:500], "")
 

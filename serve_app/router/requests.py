@@ -8,7 +8,9 @@ its engine gets (`call(tier)`), with the tier's token limits applied.
 
 Fields the router does not interpret (`messages`' contents, `tools`, `response_format`, TGI's
 `parameters` besides `max_new_tokens`, ...) travel in `passthrough`, untouched, to the engine,
-which checks them as TGI does.
+which checks them as TGI does. A TGI request for a tier whose engine speaks OpenAI only (vLLM)
+is translated instead, and a parameter with no equivalent refused, here, before admission
+(`serve_app.engine.tgi_over_openai`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..config import RouterTuning, TierConfig
+from ..engine.tgi_over_openai import completion
 from ..errors import InvalidRequest
 from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import RequestTraits
@@ -339,6 +342,10 @@ class GenerateRequest:
             )
         payload = self.passthrough
         max_tokens = asked if asked is not None else tier.default_max_tokens
+        if tier.engine.protocol == "openai":  # TGI's API by translation: refused here, if at all
+            sent = completion(self.route, payload, tier.engine.model_id, max_tokens)
+            return TierCall("/v1/completions", sent.payload, self.stream, max_tokens,
+                            self.prompt_chars, answer=sent.answer)  # fmt: skip
         if asked is None:
             parameters = {**(payload.get("parameters") or {}), "max_new_tokens": max_tokens}
             payload = {**payload, "parameters": parameters}
