@@ -8,6 +8,8 @@
                         with the `x-prompt-tokens` and `x-generated-tokens` headers
     TgiAnswer.events    a stream's translator: completion chunks in, TGI's token events out
     TgiAnswer.error     an engine's refusal in TGI's words (422 `validation`, ...)
+    tokenize(body, model) TGI's `/tokenize` as a completion that echoes the prompt and generates
+                        nothing; its answer (`TgiAnswer.reply`) is TGI's list of `SimpleToken`s
     tgi_info(tier)      TGI's `/info` for such a tier, from its configuration
 
 Values in, values out: `serve_app.router.requests` makes the call for a tier whose engine speaks
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
 TGI_API_VERSION = "3.3.7"  # the TGI release whose API this translation follows
 MAX_STOP_SEQUENCES = 4  # TGI's default `--max-stop-sequences`
-Shape = Literal["object", "list", "stream"]
+Shape = Literal["object", "list", "stream", "tokens"]
 # TGI's finish reasons by vLLM's: a `stop` is TGI's `stop_sequence` when vLLM names the string
 # that stopped it (`stop_reason`), else the end-of-sequence token (or a stop token id).
 LENGTH, EOS, STOP_SEQUENCE = "length", "eos_token", "stop_sequence"
@@ -90,6 +92,8 @@ class TgiAnswer:
             return EngineReply(error.status, _dumps(body).encode(), reply.headers)
         data = _object(reply.body)
         choice = _choice(data)
+        if self.shape == "tokens":
+            return EngineReply(200, _dumps(simple_tokens(self.prefix, choice)).encode())
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         prompt_tokens, generated = usage.get("prompt_tokens"), usage.get("completion_tokens")
         answer: dict[str, Any] = {"generated_text": self.prefix + _text(choice)}
@@ -187,6 +191,19 @@ def completion(route: str, body: Mapping[str, Any], model: str, max_tokens: int)
     shape: Shape = "stream" if stream else "list" if route == "/" else "object"
     prefix = inputs if _flag(params, "return_full_text") else ""
     return Completion(payload, TgiAnswer(shape, prefix, details or prefill, prefill, seed))
+
+
+def tokenize(body: Mapping[str, Any], model: str) -> Completion:
+    """TGI's `/tokenize` body (`{"inputs", "parameters"}`, the parameters unused as TGI leaves
+    them) for the engine: the prompt echoed without generating (`echo`, `max_tokens: 0`), whose
+    log-probabilities carry each of its tokens' text beside the ids. vLLM's own `/tokenize`
+    gives the tokenizer's raw pieces, which only the tokenizer could turn back into text."""
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs:
+        raise InvalidRequest("`inputs` must be a non-empty string", param="inputs")
+    payload = {"model": model, "prompt": inputs, "echo": True, "max_tokens": 0, "logprobs": 0,
+               "return_token_ids": True, "temperature": 0.0}  # fmt: skip
+    return Completion(payload, TgiAnswer("tokens", prefix=inputs))
 
 
 def _refuse_untranslatable(params: Mapping[str, Any]) -> None:
@@ -331,6 +348,33 @@ def _tokens(
     ]
     generated = [token(i, t, v) for i, t, v in zip(ids, texts[skip:], values[skip:], strict=False)]
     return prefill_tokens, generated
+
+
+def simple_tokens(inputs: str, choice: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """TGI's `SimpleToken`s of the echoed prompt: id, text and character offsets in `inputs`.
+    Tokens that each hold part of a character (decoded alone as U+FFFD) all span that
+    character, as a tokenizer's own offsets do."""
+    ids = _ints(choice.get("prompt_token_ids"))
+    logprobs = choice.get("logprobs") if isinstance(choice.get("logprobs"), dict) else {}
+    texts = [t if isinstance(t, str) else "" for t in logprobs.get("tokens") or []]
+    out: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []  # parts of a character, spanned once it is passed
+    cursor = 0
+    for token_id, piece in zip(ids, texts, strict=False):
+        item = {"id": token_id, "text": piece, "start": cursor, "stop": cursor}
+        out.append(item)
+        start = -1 if not piece or "\ufffd" in piece else inputs.find(piece, cursor)
+        if start < 0:
+            pending.append(item)
+            continue
+        for part in pending:
+            part["stop"] = start
+        pending = []
+        item["start"], item["stop"] = start, start + len(piece)
+        cursor = start + len(piece)
+    for part in pending:
+        part["stop"] = len(inputs)
+    return out
 
 
 def token(token_id: int, text: str, logprob: Any, special: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..config import RouterTuning, TierConfig
-from ..engine.tgi_over_openai import completion
+from ..engine.tgi_over_openai import completion, tokenize
 from ..errors import InvalidRequest
 from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import RequestTraits
@@ -378,6 +378,31 @@ def parse_generate(
         dict(body),
         generate_grammars(parameters or {}),
     )
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """TGI's `/tokenize`: the prompt to split, and the body as it came (TGI's engines take
+    it as it is)."""
+
+    inputs: str
+    passthrough: Mapping[str, Any] = field(repr=False)
+
+    def call(self, tier: TierConfig) -> TierCall:
+        """The engine's call: TGI's `/tokenize`, or for an engine that speaks OpenAI only, its
+        translation (`serve_app.engine.tgi_over_openai.tokenize`)."""
+        if tier.engine.protocol == "openai":
+            sent = tokenize(self.passthrough, tier.engine.model_id)
+            return TierCall("/v1/completions", sent.payload, False, 0, len(self.inputs),
+                            answer=sent.answer)  # fmt: skip
+        return TierCall("/tokenize", self.passthrough, False, 0, len(self.inputs))
+
+
+def parse_tokenize(body: Mapping[str, Any]) -> TokenizeRequest:
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs:
+        raise InvalidRequest("`inputs` must be a non-empty string", param="inputs")
+    return TokenizeRequest(inputs, dict(body))
 
 
 def _attributes(operation: str, **asked: Any) -> dict[str, Any]:

@@ -16,18 +16,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..config import AppConfig
+from ..engine.client import reply_error
 from ..errors import ModelNotFound
 from ..tier.policy import TierPolicy
 from ..tracing import Tracing
 from .accounting import InFlight, Recorder
 from .admission import admissions, report_queues
 from .auth import key_ring
-from .body import BodyLimits
+from .body import BodyLimits, read_json
 from .dispatch import Dispatcher, TierTransport
 from .errors import api_error
 from .grammar import GrammarCompiler
 from .lifecycle import RequestLife, Services
 from .quota import LedgerCalls, Quotas
+from .requests import parse_tokenize
 
 Handler = Callable[[RequestLife], Awaitable[Response]]
 
@@ -98,6 +100,7 @@ class Router:
                 Route("/generate_stream", tgi(self.generate_stream), methods=["POST"]),
                 Route("/", tgi(self.compat_generate), methods=["POST"]),
                 Route("/info", tgi(self.info), methods=["GET"]),
+                Route("/tokenize", tgi(self.tokenize), methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
             ],
         )
@@ -140,6 +143,23 @@ class Router:
             life.tenant.check_tier(choice.tier)
         info = await self._services.dispatch.info(choice.tier)
         return JSONResponse(info, headers={"x-tier": choice.tier, "x-tier-reason": choice.reason})
+
+    async def tokenize(self, life: RequestLife) -> Response:
+        """TGI's `/tokenize` on the tier `X-Tier` names: no generation, so neither admitted
+        nor charged; the key must still be allowed the tier."""
+        request, services = life.request, self._services
+        body = await read_json(request.stream(), request.headers.get("content-length"),
+                               services.limits)  # fmt: skip
+        parsed = parse_tokenize(body)
+        choice = services.policy.for_header(request.headers.get("x-tier"))
+        if life.tenant is not None:
+            life.tenant.check_tier(choice.tier)
+        call = parsed.call(services.config.tier(choice.tier))
+        reply = await services.dispatch.request(choice.tier, call, life.trace)
+        if reply.status != 200:
+            raise reply_error(reply.status, reply.body)
+        headers = {"x-tier": choice.tier, "x-tier-reason": choice.reason}
+        return Response(reply.body, media_type="application/json", headers=headers)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from ..engine.tgi_over_openai import TgiAnswer
 
 EngineRoute = Literal[
-    "/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream", "/"
+    "/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream", "/", "/tokenize"
 ]
 
 

@@ -12,7 +12,14 @@ import pytest
 
 from serve_app.config import TierConfig
 from serve_app.engine.client import EngineReply, reply_error
-from serve_app.engine.tgi_over_openai import TgiAnswer, TgiStream, completion, tgi_info
+from serve_app.engine.tgi_over_openai import (
+    TgiAnswer,
+    TgiStream,
+    completion,
+    simple_tokens,
+    tgi_info,
+    tokenize,
+)
 from serve_app.errors import EngineReplyError, InvalidRequest
 
 MODEL = "smollm2"
@@ -422,3 +429,45 @@ def test_info_is_made_of_the_tiers_settings() -> None:
     info = tgi_info(tier)
     assert (info["model_id"], info["max_input_tokens"], info["max_total_tokens"]) == ("m", 100, 200)
     assert info["max_best_of"] == 1 and info["max_stop_sequences"] == 4
+
+
+# -- /tokenize -----------------------------------------------------------------------------------
+
+# vLLM's answer to the echoed prompt (`echo`, `max_tokens: 0`), as recorded
+ECHOED = choice(PROMPT, ["What", " is", " the", " capital", " of", " France", "?", " The",
+                         " capital", " of", " France", " is"],
+                [None, -3.87, -0.78, -4.68, -0.24, -1.93, -0.18, -3.07, -4.36, -0.08, -0.24,
+                 -0.08], [], "length", prompt_ids=PROMPT_IDS)  # fmt: skip
+
+
+def test_tokenize_echoes_the_prompt_without_generating() -> None:
+    sent = tokenize({"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}, MODEL)
+    expected = {"model": MODEL, "prompt": PROMPT, "echo": True, "max_tokens": 0, "logprobs": 0,
+                "return_token_ids": True, "temperature": 0.0}  # fmt: skip
+    assert sent.payload == expected
+    with pytest.raises(InvalidRequest):
+        tokenize({"inputs": ""}, MODEL)
+
+
+def test_tokenize_answers_tgis_simple_tokens_with_their_offsets() -> None:
+    reply = tokenize({"inputs": PROMPT}, MODEL).answer.reply(whole(ECHOED))
+    tokens = json.loads(reply.body)
+    assert [t["id"] for t in tokens] == PROMPT_IDS
+    assert tokens[:2] == [
+        {"id": 1780, "text": "What", "start": 0, "stop": 4},
+        {"id": 314, "text": " is", "start": 4, "stop": 7},
+    ]
+    assert all(PROMPT[t["start"] : t["stop"]] == t["text"] for t in tokens)
+    assert tokens[-1]["stop"] == len(PROMPT)
+
+
+def test_tokens_holding_parts_of_a_character_all_span_it() -> None:
+    inputs = "Hi 🙂!"
+    split = choice(inputs, ["Hi", " \ufffd", "\ufffd", "!"], [None, -1.0, -1.0, -1.0], [],
+                   "length", prompt_ids=[1, 2, 3, 4])  # fmt: skip
+    assert simple_tokens(inputs, split) == [
+        {"id": 1, "text": "Hi", "start": 0, "stop": 2},
+        {"id": 2, "text": " \ufffd", "start": 2, "stop": 4},
+        {"id": 3, "text": "\ufffd", "start": 2, "stop": 4},
+        {"id": 4, "text": "!", "start": 4, "stop": 5},
+    ]

@@ -200,6 +200,15 @@ def vllm_engine(request: httpx.Request) -> httpx.Response:
     assert request.url.path == "/v1/completions", request.url.path
     body = json.loads(request.content)
     VLLM_SEEN.append(body)
+    if body.get("echo") and body["max_tokens"] == 0:  # the prompt's tokens: /tokenize
+        echoed = _vllm_choice(body["prompt"], "", 0, "length")
+        echoed.update(token_ids=[], prompt_token_ids=[9, 10])
+        echoed["logprobs"] = {"text_offset": [0, 2], "token_logprobs": [None, -1.0],
+                              "tokens": ["hi", " there"], "top_logprobs": [None, {}]}  # fmt: skip
+        return httpx.Response(200, json={"id": "c", "object": "text_completion", "created": 1,
+                                         "model": body["model"], "choices": [echoed],
+                                         "usage": {"prompt_tokens": 2, "completion_tokens": 0,
+                                                   "total_tokens": 2}})  # fmt: skip
     if body["max_tokens"] > 32:  # stands for vLLM's own limit
         error = {"message": "max_tokens is too large", "type": "BadRequestError", "code": 400}
         return httpx.Response(400, json={"error": error})
@@ -294,3 +303,33 @@ def test_a_vllm_refusal_is_tgis_422_whole_or_streamed(tmp_path: Path) -> None:
         assert answer.json() == {"error": "max_tokens is too large", "error_type": "validation"}
     assert [s for _, s, _ in recorder.outcomes] == [422, 422]
     assert settled(recorder, ("vllm",))
+
+
+def test_tokenize_on_either_kind_of_tier_without_a_quota_charge(tmp_path: Path) -> None:
+    def engines(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/tokenize":  # TGI's own route, passed through
+            body = json.loads(request.content)
+            return httpx.Response(200, json=[{"id": 1, "text": body["inputs"], "start": 0,
+                                              "stop": len(body["inputs"])}])  # fmt: skip
+        return vllm_engine(request)
+
+    r, recorder, _ = router(vllm_config(tmp_path), engines)
+    app = r.asgi_app()
+    body = {"inputs": "hi there"}
+    on_vllm = [asyncio.run(call(app, "POST", "/tokenize", body,
+                                {**bearer("metered"), "x-tier": "vllm"}))
+               for _ in range(4)]  # fmt: skip
+    assert [a.status for a in on_vllm] == [200] * 4  # past the key's 3 requests a minute
+    assert on_vllm[0].json() == [
+        {"id": 9, "text": "hi", "start": 0, "stop": 2},
+        {"id": 10, "text": " there", "start": 2, "stop": 8},
+    ]
+    assert on_vllm[0].headers["x-tier"] == "vllm"
+    on_tgi = asyncio.run(call(app, "POST", "/tokenize", body, bearer("team-a")))
+    assert on_tgi.json() == [{"id": 1, "text": "hi there", "start": 0, "stop": 8}]
+    refused = asyncio.run(call(app, "POST", "/tokenize", {"inputs": ""}, bearer("team-a")))
+    assert refused.status == 422 and refused.json()["error_type"] == "validation"
+    forbidden = asyncio.run(call(app, "POST", "/tokenize", body,
+                                 {**bearer("small-only"), "x-tier": "vllm"}))  # fmt: skip
+    assert forbidden.status == 403
+    assert recorder.outcomes == []  # nothing generated, nothing admitted
