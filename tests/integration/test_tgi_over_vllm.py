@@ -146,6 +146,20 @@ def test_info_is_tgis_made_of_the_tiers_settings(stack: Stack) -> None:
     assert (info["max_input_tokens"], info["max_total_tokens"]) == (1536, 2048)
 
 
+def test_tokenize_on_the_vllm_tier_gives_the_local_engines_tokens(stack: Stack) -> None:
+    # both engines serve the same weights with the same tokenizer
+    answers = [
+        httpx.post(f"{stack.url}/tokenize", json={"inputs": PROMPT}, headers={"X-Tier": tier},
+                   timeout=60)
+        for tier in (TIER, "small")
+    ]  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200]
+    on_vllm, on_local = (a.json() for a in answers)
+    assert [t["id"] for t in on_vllm] == [t["id"] for t in on_local]
+    assert all(PROMPT[t["start"] : t["stop"]] == t["text"] for t in on_vllm)
+    assert on_vllm[-1]["stop"] == len(PROMPT)
+
+
 def curl(url: str, body: object) -> tuple[int, Any]:
     out = subprocess.run(
         ["curl", "-s", "-w", "\n%{http_code}", "-H", "content-type: application/json",
