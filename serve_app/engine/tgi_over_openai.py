@@ -479,9 +479,11 @@ class TgiEvents:
             events.append({"index": self.index, "token": item, "generated_text": None,
                            "details": None})  # fmt: skip
         if reason is not None:
+            if not events and self.last is None:
+                raise EngineReplyError(502, "the engine ended without a token", "generation")
             if not events:  # the finish came alone: TGI's last event needs a token; an empty one
-                last = self.last or token(0, "", None)
-                events.append({"index": self.index, "token": {**last, "text": "", "special": True},
+                events.append({"index": self.index,
+                               "token": {**self.last, "text": "", "special": True},
                                "generated_text": None, "details": None})  # fmt: skip
             events[-1]["generated_text"] = self.answer.prefix + "".join(self.text)
             events[-1]["details"] = {

@@ -369,6 +369,13 @@ def test_a_finish_without_a_token_still_ends_with_a_token_event() -> None:
     assert last["generated_text"] == " Paris"
 
 
+def test_a_finish_before_any_token_is_a_generation_error() -> None:
+    bare = json.loads(chunk("", "x", 0.0, 1, "length"))
+    bare["choices"][0].update(token_ids=[], logprobs=None)
+    (error,) = TgiAnswer("stream").events().batch([json.dumps(bare)])
+    assert json.loads(error)["error_type"] == "generation"
+
+
 class Chunks:
     """A tier's stream as `Dispatcher` gets it: batches, then the end; `cancel` recorded."""
 
