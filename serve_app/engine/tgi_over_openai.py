@@ -70,13 +70,14 @@ TRANSLATED = frozenset(
 BODY_FIELDS = frozenset({"inputs", "parameters", "stream"})
 
 
-# -- the request ---------------------------------------------------------------------------------
+# -- the call: what goes to the engine, and how its answer comes back ----------------------------
 
 
 @dataclass(frozen=True)
 class TgiAnswer:
     """How the engine's completion becomes TGI's answer: its shape (`/generate`'s object, `/`'s
-    list of one, or a stream), the prompt to prepend (`return_full_text`), and which details."""
+    list of one, a stream, or `/tokenize`'s tokens), the prompt to prepend (`return_full_text`;
+    for `/tokenize`, the text the tokens are placed in), and which details."""
 
     shape: Shape
     prefix: str = ""
@@ -96,10 +97,10 @@ class TgiAnswer:
             return EngineReply(200, _dumps(simple_tokens(self.prefix, choice)).encode())
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         prompt_tokens, generated = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        reason = finish_reason(choice)  # an aborted generation is an error, details or not
         answer: dict[str, Any] = {"generated_text": self.prefix + _text(choice)}
         if self.details:
             prefill, tokens = _tokens(choice, self.prefill)
-            reason = finish_reason(choice)
             _mark_eos(tokens, reason)
             answer["details"] = {
                 "finish_reason": reason,

@@ -286,10 +286,11 @@ def test_a_completion_that_is_not_one_is_an_engine_error(body: bytes) -> None:
     assert caught.value.status == 502
 
 
-def test_an_aborted_generation_is_an_engine_error() -> None:
+@pytest.mark.parametrize("details", [True, False])
+def test_an_aborted_generation_is_an_engine_error(details: bool) -> None:
     aborted = choice("", [], [], [], "abort")
     with pytest.raises(EngineReplyError):
-        TgiAnswer("object", details=True).reply(whole(aborted))
+        TgiAnswer("object", details=details).reply(whole(aborted))
 
 
 # -- streams (vLLM's chunks, as recorded) --------------------------------------------------------
