@@ -78,10 +78,10 @@ class EngineTuning(_Strict):
 class EngineConfig(_Tuned):
     """How one tier's engine process is launched: `text-generation-launcher` flags."""
 
-    launcher: Literal["local", "tgi"] = Field(
+    launcher: Literal["local", "tgi", "vllm"] = Field(
         "local",
-        description="'tgi' runs text-generation-launcher; 'local' runs the CPU engine that speaks "
-        "the same protocol and takes the same flags.",
+        description="'tgi' runs text-generation-launcher; 'vllm' runs vLLM's OpenAI server; "
+        "'local' runs the CPU engine that speaks TGI's protocol and takes its flags.",
     )
     model_id: str = Field(
         "smollm2-135m-instruct",
@@ -110,6 +110,12 @@ class EngineConfig(_Tuned):
     tuning: EngineTuning = Field(
         EngineTuning(), description="The engine's queue, batch, threads and start and stop times."
     )
+
+    @property
+    def protocol(self) -> Literal["tgi", "openai"]:
+        """The API the engine speaks: TGI's (and OpenAI's routes beside it), or OpenAI's only
+        (vLLM), for which the router translates TGI's routes (`engine.tgi_over_openai`)."""
+        return "openai" if self.launcher == "vllm" else "tgi"
 
     @model_validator(mode="after")
     def _token_limits(self) -> EngineConfig:

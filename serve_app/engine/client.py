@@ -68,10 +68,16 @@ def passed_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 def reply_error(status: int, body: bytes) -> EngineReplyError:
-    """TGI's `{"error", "error_type"}` body as an exception; any other body kept as text."""
+    """TGI's `{"error", "error_type"}` body as an exception; vLLM's OpenAI-shaped `{"error":
+    {"message", "type", ...}}` too, a refused request in TGI's terms (`validation`); any other
+    body kept as text."""
     try:
         data = json.loads(body)
-        return EngineReplyError(status, str(data["error"]), str(data.get("error_type", "")))
+        error = data["error"]
+        if isinstance(error, dict):  # vLLM
+            kind = "validation" if status in (400, 422) else ""
+            return EngineReplyError(status, str(error["message"]), kind)
+        return EngineReplyError(status, str(error), str(data.get("error_type", "")))
     except (ValueError, KeyError, TypeError):
         return EngineReplyError(status, body.decode(errors="replace")[:500], "")
 

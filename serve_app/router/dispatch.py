@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from ..config import TierConfig
 from ..engine.client import EngineClient, EngineConnections, EngineReply
 from ..engine.sse import Batch
+from ..engine.tgi_over_openai import TgiStream
 from ..errors import (
     EngineReplyError,
     EngineUnreachable,
@@ -189,9 +190,32 @@ class Dispatcher:
         self._wait_timeout_s = wait_timeout_s
 
     async def request(self, tier: str, call: TierCall, trace: RequestTrace) -> EngineReply:
-        """The engine's whole answer. Cancelling this (the client went away) cancels the tier's
-        call, which closes the engine request. A call nothing served (`unserved`) is tried
-        once more."""
+        """The engine's whole answer (TGI's, for a call translated to an OpenAI-only engine:
+        `call.answer`). Cancelling this (the client went away) cancels the tier's call, which
+        closes the engine request."""
+        reply = await self._request(tier, call, trace)
+        return reply if call.answer is None else call.answer.reply(reply)
+
+    async def stream(
+        self, tier: str, call: TierCall, trace: RequestTrace
+    ) -> tuple[Batch | None, Calls[Batch | None]]:
+        """Start a stream and wait for its first batch of chunks, so that an error before any
+        token keeps its HTTP status; for a translated call (`call.answer`), TGI's events."""
+        if call.answer is None:
+            return await self._stream(tier, call, trace)
+        try:
+            first, chunks = await self._stream(tier, call, trace)
+        except EngineReplyError as exc:
+            raise call.answer.error(exc) from exc
+        events = TgiStream(call.answer.events(), chunks)
+        try:
+            return await events.first(first), events
+        except BaseException:
+            events.cancel()
+            raise
+
+    async def _request(self, tier: str, call: TierCall, trace: RequestTrace) -> EngineReply:
+        """A call nothing served (`unserved`) is tried once more."""
         call = replace(call, trace=trace.carrier())
         for attempt in range(ATTEMPTS):
             last, taken = attempt == ATTEMPTS - 1, False
@@ -212,11 +236,10 @@ class Dispatcher:
                 return reply
         raise AssertionError("unreachable")
 
-    async def stream(
+    async def _stream(
         self, tier: str, call: TierCall, trace: RequestTrace
     ) -> tuple[Batch | None, Calls[Batch | None]]:
-        """Start a stream and wait for its first batch of chunks, so that an error before any token
-        keeps its HTTP status. A call nothing served (`unserved`) is tried once more."""
+        """A call nothing served (`unserved`) is tried once more."""
         call = replace(call, trace=trace.carrier())
         for attempt in range(ATTEMPTS):
             last, taken = attempt == ATTEMPTS - 1, False

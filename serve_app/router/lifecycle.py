@@ -123,7 +123,7 @@ class RequestLife:
     # -- the two protocols ---------------------------------------------------------------------
 
     async def openai(self, kind: Kind) -> Response:
-        parsed = parse_openai(kind, await self._read(), self._s.config.router.tuning)
+        parsed = parse_openai(kind, await self.read(), self._s.config.router.tuning)
         self.model = parsed.model
         self.trace.set(parsed.attributes())
         headers = {k.lower(): v for k, v in self.request.headers.items()}
@@ -156,7 +156,7 @@ class RequestLife:
 
     async def tgi_generate(self, route: EngineRoute) -> Response:
         """TGI's routes: bodies and answers pass through unchanged but for the tier's limits."""
-        parsed = parse_generate(route, await self._read(), self._s.config.router.tuning)
+        parsed = parse_generate(route, await self.read(), self._s.config.router.tuning)
         self.trace.set(parsed.attributes())
         choice = self._s.policy.for_header(self.request.headers.get("x-tier"))
         self.chosen = choice.tier
@@ -194,7 +194,7 @@ class RequestLife:
             await self._s.grammars.check(grammars.checked(policy), policy.check_timeout_s)
         return call
 
-    async def _read(self) -> dict[str, Any]:
+    async def read(self) -> dict[str, Any]:
         """The body, for a key that may send one now: a key over its requests per minute is
         refused unread, and no body is read past what the tiers the key may use could take."""
         request, limits = self.request, self._s.limits

@@ -1,7 +1,8 @@
 """A prompt's tokens as the tier's engine counts them, for the token quota's reservation.
 
 The engine's own tokenizer and chat template decide (TGI's `/chat_tokenize` for chat, with the
-tools and `tool_prompt` it adds to the prompt; `/tokenize` for a prompt or TGI's `inputs`), so
+tools and `tool_prompt` it adds to the prompt; `/tokenize` for a prompt or TGI's `inputs`; on an
+engine that speaks OpenAI's API only, vLLM's `/tokenize` with the messages or the prompt), so
 emoji, CJK and tool definitions cost what they really cost, and an honest English prompt is not
 charged a token per character. Each distinct prompt is asked once per tier and remembered.
 
@@ -17,7 +18,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ..engine.client import EngineReply
 from ..tier.call import EngineRoute, TierCall
@@ -33,10 +34,12 @@ class TierRequests(Protocol):
     async def request(self, tier: str, call: TierCall, trace: RequestTrace) -> EngineReply: ...
 
 
-def tokenize_call(call: TierCall) -> TierCall | None:
+def tokenize_call(call: TierCall, protocol: Literal["tgi", "openai"] = "tgi") -> TierCall | None:
     """The engine call that tokenizes `call`'s prompt as the engine will (None: no route can)."""
     payload = call.payload
     route: EngineRoute
+    if protocol == "openai":
+        return _openai_tokenize(call)
     if call.route == "/v1/chat/completions":
         asked: Mapping[str, Any] = {k: payload[k] for k in _CHAT_FIELDS if k in payload}
         route = "/chat_tokenize"
@@ -49,6 +52,19 @@ def tokenize_call(call: TierCall) -> TierCall | None:
     else:
         return None
     return TierCall(route, asked, False, 0, call.prompt_chars)
+
+
+def _openai_tokenize(call: TierCall) -> TierCall | None:
+    """vLLM's `/tokenize`: the chat's messages and tools through its template, or the prompt."""
+    payload = call.payload
+    if call.route == "/v1/chat/completions":
+        asked = {k: payload[k] for k in ("model", "messages", "tools") if k in payload}
+        asked["add_generation_prompt"] = True
+    elif call.route == "/v1/completions" and isinstance(payload.get("prompt"), str):
+        asked = {"model": payload.get("model"), "prompt": payload["prompt"]}
+    else:
+        return None
+    return TierCall("/tokenize", asked, False, 0, call.prompt_chars)
 
 
 def token_count(reply: EngineReply) -> int:
@@ -69,15 +85,22 @@ def token_count(reply: EngineReply) -> int:
 class PromptTokens:
     """Counts prompts with each tier's engine, remembering the last `size` distinct ones."""
 
-    def __init__(self, engines: TierRequests, timeout_s: float, size: int = 4096) -> None:
+    def __init__(
+        self,
+        engines: TierRequests,
+        timeout_s: float,
+        protocols: Mapping[str, Literal["tgi", "openai"]] | None = None,
+        size: int = 4096,
+    ) -> None:
         self._engines = engines
+        self._protocols = dict(protocols or {})  # tier -> its engine's API (default TGI's)
         self._timeout_s = timeout_s
         self._size = size
         self._known: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     async def count(self, tier: str, call: TierCall) -> int:
         """The prompt's tokens; its characters when the engine cannot say in time."""
-        ask = tokenize_call(call)
+        ask = tokenize_call(call, self._protocols.get(tier, "tgi"))
         if ask is None:
             return call.prompt_chars
         key = (tier, _digest(ask))

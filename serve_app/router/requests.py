@@ -8,7 +8,9 @@ its engine gets (`call(tier)`), with the tier's token limits applied.
 
 Fields the router does not interpret (`messages`' contents, `tools`, `response_format`, TGI's
 `parameters` besides `max_new_tokens`, ...) travel in `passthrough`, untouched, to the engine,
-which checks them as TGI does.
+which checks them as TGI does. A TGI request for a tier whose engine speaks OpenAI only (vLLM)
+is translated instead, and a parameter with no equivalent refused, here, before admission
+(`serve_app.engine.tgi_over_openai`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..config import RouterTuning, TierConfig
+from ..engine.tgi_over_openai import completion, tokenize
 from ..errors import InvalidRequest
 from ..tier.call import EngineRoute, TierCall
 from ..tier.policy import RequestTraits
@@ -343,6 +346,10 @@ class GenerateRequest:
             _require_max_tokens(tier, "parameters.max_new_tokens")
         payload = self.passthrough
         max_tokens = asked if asked is not None else tier.default_max_tokens
+        if tier.engine.protocol == "openai":  # TGI's API by translation: refused here, if at all
+            sent = completion(self.route, payload, tier.engine.model_id, max_tokens)
+            return TierCall("/v1/completions", sent.payload, self.stream, max_tokens,
+                            self.prompt_chars, answer=sent.answer)  # fmt: skip
         if asked is None:
             parameters = {**(payload.get("parameters") or {}), "max_new_tokens": max_tokens}
             payload = {**payload, "parameters": parameters}
@@ -384,6 +391,31 @@ def parse_generate(
         dict(body),
         generate_grammars(parameters or {}),
     )
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """TGI's `/tokenize`: the prompt to split, and the body as it came (TGI's engines take
+    it as it is)."""
+
+    inputs: str
+    passthrough: Mapping[str, Any] = field(repr=False)
+
+    def call(self, tier: TierConfig) -> TierCall:
+        """The engine's call: TGI's `/tokenize`, or for an engine that speaks OpenAI only, its
+        translation (`serve_app.engine.tgi_over_openai.tokenize`)."""
+        if tier.engine.protocol == "openai":
+            sent = tokenize(self.passthrough, tier.engine.model_id)
+            return TierCall("/v1/completions", sent.payload, False, 0, len(self.inputs),
+                            answer=sent.answer)  # fmt: skip
+        return TierCall("/tokenize", self.passthrough, False, 0, len(self.inputs))
+
+
+def parse_tokenize(body: Mapping[str, Any]) -> TokenizeRequest:
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs:
+        raise InvalidRequest("`inputs` must be a non-empty string", param="inputs")
+    return TokenizeRequest(inputs, dict(body))
 
 
 def _attributes(operation: str, **asked: Any) -> dict[str, Any]:

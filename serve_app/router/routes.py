@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..config import AppConfig
+from ..engine.client import reply_error
 from ..errors import ModelNotFound
 from ..tier.policy import TierPolicy
 from ..tracing import Tracing
@@ -29,6 +30,7 @@ from .grammar import GrammarCompiler
 from .lifecycle import RequestLife, Services
 from .prompt_tokens import PromptTokens
 from .quota import LedgerCalls, Quotas
+from .requests import parse_tokenize
 
 Handler = Callable[[RequestLife], Awaitable[Response]]
 
@@ -70,7 +72,9 @@ class Router:
                 limits.max_body_bytes, limits.body_timeout_s, limits.max_json_depth, tier_bytes
             ),
             prompts=PromptTokens(
-                dispatch, keys.tuning.tokenize_timeout_s if keys is not None else 2.0
+                dispatch,
+                keys.tuning.tokenize_timeout_s if keys is not None else 2.0,
+                {t.name: t.engine.protocol for t in config.tiers},
             ),
             background=set(),
         )
@@ -107,6 +111,7 @@ class Router:
                 Route("/generate_stream", tgi(self.generate_stream), methods=["POST"]),
                 Route("/", tgi(self.compat_generate), methods=["POST"]),
                 Route("/info", tgi(self.info), methods=["GET"]),
+                Route("/tokenize", tgi(self.tokenize), methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
             ],
         )
@@ -149,6 +154,21 @@ class Router:
             life.tenant.check_tier(choice.tier)
         info = await self._services.dispatch.info(choice.tier)
         return JSONResponse(info, headers={"x-tier": choice.tier, "x-tier-reason": choice.reason})
+
+    async def tokenize(self, life: RequestLife) -> Response:
+        """TGI's `/tokenize` on the tier `X-Tier` names: no generation, so neither admitted
+        nor charged; the key must still be allowed the tier."""
+        request, services = life.request, self._services
+        parsed = parse_tokenize(await life.read())
+        choice = services.policy.for_header(request.headers.get("x-tier"))
+        if life.tenant is not None:
+            life.tenant.check_tier(choice.tier)
+        call = parsed.call(services.config.tier(choice.tier))
+        reply = await services.dispatch.request(choice.tier, call, life.trace)
+        if reply.status != 200:
+            raise reply_error(reply.status, reply.body)
+        headers = {"x-tier": choice.tier, "x-tier-reason": choice.reason}
+        return Response(reply.body, media_type="application/json", headers=headers)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ..engine.tgi_over_openai import TgiAnswer
 
 EngineRoute = Literal[
     "/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream", "/",
@@ -24,6 +27,9 @@ class TierCall:
     prompt_chars: int
     # The router's W3C trace context (`serve_app.tracing`), empty when tracing is off.
     trace: Mapping[str, str] = field(default_factory=dict)
+    # A TGI request sent to an engine that speaks OpenAI only: how its answer becomes TGI's
+    # (`serve_app.engine.tgi_over_openai`, applied by `serve_app.router.dispatch`).
+    answer: TgiAnswer | None = None
 
     @property
     def token_estimate(self) -> int:

@@ -19,6 +19,7 @@ from ..engine.client import EngineReply
 from ..engine.sse import Batch
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
+from ..engine.tgi_over_openai import tgi_info
 from ..errors import EngineUnreachable
 from ..metrics import app_metrics
 from ..router.leases import EngineLease, ReplicaLeases
@@ -140,6 +141,9 @@ class TierDeployment:
                 yield batch
 
     async def info(self) -> dict[str, Any]:
+        """TGI's `/info`: the engine's own, or for an engine without one (vLLM), the tier's."""
+        if self._tier.engine.protocol == "openai":
+            return tgi_info(self._tier)
         return await self._supervisor.client.info()
 
     async def report_admission(self, router: str, queued: int) -> None:

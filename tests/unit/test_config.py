@@ -28,7 +28,7 @@ INVALID = [
     ("tiers.0.gpus_per_replica", -1, "tiers.0.gpus_per_replica"),
     ("tiers.0.engine.max_total_tokens", 0, "tiers.0.engine.max_total_tokens"),
     ("tiers.0.engine.max_input_tokens", 4096, "max_input_tokens (4096) must be less than"),
-    ("tiers.0.engine.launcher", "vllm", "tiers.0.engine.launcher"),
+    ("tiers.0.engine.launcher", "sglang", "tiers.0.engine.launcher"),
     ("tiers.0.engine.model_id", "", "tiers.0.engine.model_id"),
     ("tiers.0.engine.dtype", "float8", "tiers.0.engine.dtype"),
     ("tiers.0.max_tokens_limit", 100_000, "max_tokens_limit (100000) must be below"),

@@ -54,7 +54,7 @@ def test_user_sections_come_first_then_their_tuning_in_the_same_order() -> None:
 
 def test_types_and_defaults_read_as_in_a_config_file() -> None:
     text = render()
-    assert "| `tiers[].engine.launcher` | one of `local`, `tgi` | `local` |" in text
+    assert "| `tiers[].engine.launcher` | one of `local`, `tgi`, `vllm` | `local` |" in text
     assert "| `tiers[].admission.max_in_flight` | integer > 0 | required |" in text
     assert "| `tiers[].scaling.tuning.hysteresis` | number >= 0, < 1 | `0.2` |" in text
     assert "| `router.tuning.tgi_any_tier_name` | boolean | `true` |" in text

@@ -121,3 +121,21 @@ def test_an_engine_that_cannot_count_in_time_costs_the_characters(engines: Engin
     prompts = PromptTokens(engines, timeout_s=0.05)
     call = TierCall("/generate", {"inputs": "x" * 40}, False, 1, 40)
     assert asyncio.run(prompts.count("small", call)) == 40
+
+
+def test_an_openai_only_engine_is_asked_with_its_own_tokenize() -> None:
+    chat_ask = tokenize_call(chat(tools=TOOLS), "openai")
+    assert chat_ask is not None and chat_ask.route == "/tokenize"
+    assert set(chat_ask.payload) == {"model", "messages", "tools", "add_generation_prompt"}
+    prompt_ask = tokenize_call(
+        TierCall("/v1/completions", {"model": "m", "prompt": "Once"}, False, 3, 4), "openai"
+    )
+    assert prompt_ask is not None and dict(prompt_ask.payload) == {"model": "m", "prompt": "Once"}
+
+
+def test_each_tier_is_asked_in_its_engines_terms() -> None:
+    engines = Engines(tokens=2)
+    prompts = PromptTokens(engines, timeout_s=1.0, protocols={"v": "openai"})
+    asyncio.run(prompts.count("v", chat()))
+    asyncio.run(prompts.count("small", chat()))
+    assert engines.asked == [("v", "/tokenize"), ("small", "/chat_tokenize")]

@@ -7,7 +7,7 @@ import pytest
 
 from serve_app.config import RouterTuning, TierConfig
 from serve_app.errors import InvalidRequest
-from serve_app.router.requests import parse_generate, parse_openai
+from serve_app.router.requests import parse_generate, parse_openai, parse_tokenize
 
 TIER = TierConfig(name="small", default_max_tokens=64, max_tokens_limit=256)
 LIMITS = RouterTuning(max_messages=10)
@@ -170,3 +170,39 @@ def test_a_tier_may_require_max_tokens_on_every_route() -> None:
         .max_tokens
         == 5
     )
+
+
+# -- a tier whose engine speaks OpenAI only (vLLM) --------------------------------------------
+
+VLLM_ENGINE = {"launcher": "vllm", "model_id": "served"}
+VLLM = TierConfig.model_validate(
+    {"name": "v", "engine": VLLM_ENGINE, "default_max_tokens": 64, "max_tokens_limit": 256}
+)
+
+
+def test_a_tgi_request_for_a_vllm_tier_is_a_completions_call_with_its_answer_shape() -> None:
+    call = parse_generate("/", {"inputs": "x", "stream": True}).call(VLLM)
+    assert call.route == "/v1/completions" and call.stream
+    assert call.payload["model"] == "served" and call.payload["max_tokens"] == 64
+    assert call.answer is not None and call.answer.shape == "stream"
+    assert parse_generate("/generate", {"inputs": "x"}).call(TIER).answer is None
+
+
+def test_a_vllm_tier_refuses_what_it_cannot_translate_when_the_call_is_made() -> None:
+    parsed = parse_generate("/generate", {"inputs": "x", "parameters": {"typical_p": 0.5}})
+    assert parsed.call(TIER).payload["parameters"]["typical_p"] == 0.5  # TGI's own to judge
+    with pytest.raises(InvalidRequest) as caught:
+        parsed.call(VLLM)
+    assert caught.value.param == "parameters.typical_p"
+    too_many = {"inputs": "x", "parameters": {"max_new_tokens": 999}}
+    with pytest.raises(InvalidRequest):  # the tier's limit first, as on every tier
+        parse_generate("/generate", too_many).call(VLLM)
+
+
+def test_tokenize_goes_to_tgis_route_or_is_translated() -> None:
+    parsed = parse_tokenize({"inputs": "hi"})
+    assert parsed.call(TIER).route == "/tokenize"
+    translated = parsed.call(VLLM)
+    assert translated.route == "/v1/completions" and translated.payload["echo"] is True
+    with pytest.raises(InvalidRequest):
+        parse_tokenize({"inputs": 3})

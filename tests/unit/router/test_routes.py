@@ -9,7 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+
+from serve_app.router.accounting import Usage
 
 from .router_kit import (
     CHAT,
@@ -20,6 +23,7 @@ from .router_kit import (
     engine,
     router,
     settled,
+    sse_body,
 )
 
 # -- admission ------------------------------------------------------------------------------
@@ -169,3 +173,165 @@ def test_a_body_that_never_ends_is_a_408(tmp_path: Path) -> None:
         return int(sent[0]["status"])
 
     assert asyncio.run(trickle()) == 408
+
+
+# -- TGI's routes over a vLLM tier ----------------------------------------------------------
+# The engine answers as vLLM 0.32 does (chunks recorded from it serving SmolLM2 on CPU); the
+# translation's own cases: tests/unit/engine/test_tgi_over_openai.py.
+
+
+def vllm_config(tmp: Path) -> Any:
+    cfg = config(tmp)
+    vllm = cfg.tiers[1].model_copy(update={"name": "vllm", "engine": cfg.tiers[1].engine.model_copy(
+        update={"launcher": "vllm", "model_id": "served-name"})})  # fmt: skip
+    return cfg.model_copy(update={"tiers": (cfg.tiers[0], vllm)})
+
+
+VLLM_SEEN: list[dict[str, Any]] = []
+
+
+def _vllm_choice(text: str, token: str, token_id: int, reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "finish_reason": reason, "stop_reason": None,
+            "logprobs": {"text_offset": [0], "token_logprobs": [-0.5], "tokens": [token],
+                         "top_logprobs": [{token: -0.5}]},
+            "token_ids": [token_id], "prompt_token_ids": [1, 2, 3]}  # fmt: skip
+
+
+def vllm_engine(request: httpx.Request) -> httpx.Response:
+    """vLLM's completions: a whole answer, a stream of three tokens, or its 400."""
+    assert request.url.path == "/v1/completions", request.url.path
+    body = json.loads(request.content)
+    VLLM_SEEN.append(body)
+    if body.get("echo") and body["max_tokens"] == 0:  # the prompt's tokens: /tokenize
+        echoed = _vllm_choice(body["prompt"], "", 0, "length")
+        echoed.update(token_ids=[], prompt_token_ids=[9, 10])
+        echoed["logprobs"] = {"text_offset": [0, 2], "token_logprobs": [None, -1.0],
+                              "tokens": ["hi", " there"], "top_logprobs": [None, {}]}  # fmt: skip
+        return httpx.Response(200, json={"id": "c", "object": "text_completion", "created": 1,
+                                         "model": body["model"], "choices": [echoed],
+                                         "usage": {"prompt_tokens": 2, "completion_tokens": 0,
+                                                   "total_tokens": 2}})  # fmt: skip
+    if body["max_tokens"] > 32:  # stands for vLLM's own limit
+        error = {"message": "max_tokens is too large", "type": "BadRequestError", "code": 400}
+        return httpx.Response(400, json={"error": error})
+    usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    pieces = [(" Par", " Par", 7), ("is", "is", 8), ("", "<|im_end|>", 2)]
+    if not body["stream"]:
+        choice = _vllm_choice(" Paris", "", 0, "stop")
+        choice["token_ids"] = [p[2] for p in pieces]
+        choice["logprobs"] = {"text_offset": [0, 4, 6], "token_logprobs": [-0.5] * 3,
+                              "tokens": [p[1] for p in pieces], "top_logprobs": []}  # fmt: skip
+        return httpx.Response(200, json={"id": "c", "object": "text_completion", "created": 1,
+                                         "model": body["model"], "choices": [choice],
+                                         "usage": usage})  # fmt: skip
+    chunks: list[Any] = [
+        {"id": "c", "object": "text_completion", "created": 1, "model": body["model"],
+         "choices": [_vllm_choice(text, token, i, "stop" if i == 2 else None)]}
+        for text, token, i in pieces
+    ]  # fmt: skip
+    chunks.append({"id": "c", "object": "text_completion", "created": 1, "model": "m",
+                   "choices": [], "usage": usage})  # fmt: skip
+
+    async def events() -> Any:
+        async for piece in sse_body(chunks):
+            yield piece
+        yield b"data: [DONE]\n\n"
+
+    return httpx.Response(200, content=events())
+
+
+def test_generate_on_a_vllm_tier_answers_in_tgis_shape_and_counts_its_tokens(
+    tmp_path: Path,
+) -> None:
+    r, recorder, _ = router(vllm_config(tmp_path), vllm_engine)
+    body = {"inputs": "The capital of France is", "parameters": {"details": True}}
+    answer = asyncio.run(call(r.asgi_app(), "POST", "/generate", body,
+                              {**bearer("team-a"), "x-tier": "vllm"}))  # fmt: skip
+    assert answer.status == 200, answer.body
+    assert answer.json()["generated_text"] == " Paris"
+    details = answer.json()["details"]
+    assert details["finish_reason"] == "eos_token" and details["generated_tokens"] == 3
+    assert [t["id"] for t in details["tokens"]] == [7, 8, 2]
+    assert answer.headers["x-generated-tokens"] == "3" and answer.headers["x-tier"] == "vllm"
+    assert VLLM_SEEN[-1]["model"] == "served-name" and VLLM_SEEN[-1]["max_tokens"] == 8
+    assert recorder.outcomes == [("vllm", 200, Usage(3, 3))]
+
+
+def test_generate_stream_on_a_vllm_tier_sends_tgis_token_events(tmp_path: Path) -> None:
+    r, recorder, _ = router(vllm_config(tmp_path), vllm_engine)
+    body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 16}}
+    answer = asyncio.run(call(r.asgi_app(), "POST", "/generate_stream", body,
+                              {**bearer("team-a"), "x-tier": "vllm"}))  # fmt: skip
+    assert answer.status == 200
+    events = [json.loads(line[5:]) for line in answer.body.decode().split("\n") if line]
+    assert [e["token"]["text"] for e in events] == [" Par", "is", "<|im_end|>"]
+    assert events[-1]["generated_text"] == " Paris"
+    assert events[-1]["details"]["finish_reason"] == "eos_token"
+    assert "[DONE]" not in answer.body.decode()  # TGI's stream has none
+    assert [(t, s, u.completion_tokens) for t, s, u in recorder.outcomes] == [("vllm", 200, 3)]
+
+
+@pytest.mark.parametrize(
+    ("route", "parameters", "param"),
+    [
+        ("/generate", {"typical_p": 0.5}, "typical_p"),
+        ("/generate_stream", {"watermark": True}, "watermark"),
+        ("/", {"top_n_tokens": 2}, "top_n_tokens"),
+    ],
+)
+def test_what_a_vllm_tier_cannot_do_is_a_422_before_admission(
+    tmp_path: Path, route: str, parameters: dict[str, Any], param: str
+) -> None:
+    r, recorder, _ = router(vllm_config(tmp_path), vllm_engine)
+    seen = len(VLLM_SEEN)
+    body = {"inputs": "hi", "parameters": parameters}
+    answers = [asyncio.run(call(r.asgi_app(), "POST", route, body,
+                                {**bearer("metered"), "x-tier": "vllm"}))
+               for _ in range(4)]  # fmt: skip
+    for answer in answers:  # the key's 3 requests a minute are never spent on a refusal
+        assert answer.status == 422
+        assert answer.json()["error_type"] == "validation"
+        assert param in answer.json()["error"]
+    assert len(VLLM_SEEN) == seen and recorder.outcomes == []
+
+
+def test_a_vllm_refusal_is_tgis_422_whole_or_streamed(tmp_path: Path) -> None:
+    r, recorder, _ = router(vllm_config(tmp_path), vllm_engine)
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 64}}  # over vLLM's limit here
+    for route in ("/generate", "/generate_stream"):
+        answer = asyncio.run(call(r.asgi_app(), "POST", route, body,
+                                  {**bearer("team-a"), "x-tier": "vllm"}))  # fmt: skip
+        assert answer.status == 422, (route, answer.body)
+        assert answer.json() == {"error": "max_tokens is too large", "error_type": "validation"}
+    assert [s for _, s, _ in recorder.outcomes] == [422, 422]
+    assert settled(recorder, ("vllm",))
+
+
+def test_tokenize_on_either_kind_of_tier_without_a_quota_charge(tmp_path: Path) -> None:
+    def engines(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/tokenize":  # TGI's own route, passed through
+            body = json.loads(request.content)
+            return httpx.Response(200, json=[{"id": 1, "text": body["inputs"], "start": 0,
+                                              "stop": len(body["inputs"])}])  # fmt: skip
+        return vllm_engine(request)
+
+    r, recorder, _ = router(vllm_config(tmp_path), engines)
+    app = r.asgi_app()
+    body = {"inputs": "hi there"}
+    on_vllm = [asyncio.run(call(app, "POST", "/tokenize", body,
+                                {**bearer("metered"), "x-tier": "vllm"}))
+               for _ in range(4)]  # fmt: skip
+    assert [a.status for a in on_vllm] == [200] * 4  # past the key's 3 requests a minute
+    assert on_vllm[0].json() == [
+        {"id": 9, "text": "hi", "start": 0, "stop": 2},
+        {"id": 10, "text": " there", "start": 2, "stop": 8},
+    ]
+    assert on_vllm[0].headers["x-tier"] == "vllm"
+    on_tgi = asyncio.run(call(app, "POST", "/tokenize", body, bearer("team-a")))
+    assert on_tgi.json() == [{"id": 1, "text": "hi there", "start": 0, "stop": 8}]
+    refused = asyncio.run(call(app, "POST", "/tokenize", {"inputs": ""}, bearer("team-a")))
+    assert refused.status == 422 and refused.json()["error_type"] == "validation"
+    forbidden = asyncio.run(call(app, "POST", "/tokenize", body,
+                                 {**bearer("small-only"), "x-tier": "vllm"}))  # fmt: skip
+    assert forbidden.status == 403
+    assert recorder.outcomes == []  # nothing generated, nothing admitted
