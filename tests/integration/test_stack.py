@@ -6,9 +6,12 @@ process is left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,10 +19,12 @@ import yaml
 from openai import NotFoundError
 
 from devstack import localstack
+from serve_app.compare.report import markdown as report_table
 from tests.helpers import wait_for
 
 from .conftest import Stack, local_config
 
+EVAL = Path(__file__).resolve().parents[2] / "bench" / "eval" / "basics.jsonl"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
@@ -112,6 +117,31 @@ def test_router_metrics_carry_the_tier(stack: Stack) -> None:
         )
 
     wait_for(exported, 60, "tier-labelled application metrics on Ray's metrics port")
+
+
+def test_compare_two_tiers_on_an_eval_set(stack: Stack, tmp_path: Path) -> None:
+    """`python -m serve_app.compare` through the stack: both tiers answer every case, and the
+    result has the figures and the table a team reads."""
+    cases = [line for line in EVAL.read_text().splitlines() if line][:6]
+    eval_file = tmp_path / "six.jsonl"
+    eval_file.write_text("\n".join(cases) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.compare", "--eval", str(eval_file),
+         "--targets", "small,large", "--url", stack.url, "--concurrency", "3",
+         "--max-tokens", "12", "--out", str(tmp_path), "--name", "run"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert [t["target"] for t in result["targets"]] == ["small", "large"]
+    for figures in result["targets"]:
+        assert figures["requests"] == 6 and figures["errors"] == 0, figures["error_examples"]
+        assert figures["completion_tokens"] > 0 and figures["prompt_tokens"] > 0
+        assert figures["ttft_ms"]["p50"] > 0 and figures["graded"] == 6
+        assert figures["contains_expected"] > 0  # "Paris" at least
+    assert result["agreement"]["compared"] == 6
+    assert (tmp_path / "run.md").read_text() == report_table(result)
+    assert "| exact match |" in done.stdout
 
 
 def test_serve_status_shows_every_deployment_healthy(stack: Stack) -> None:
