@@ -6,6 +6,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+from ..pod_log import ENV as POD_LOG_ENV
+from ..pod_log import ON_KUBERNETES as POD_LOG_ON_KUBERNETES
 from ..serve_env import INGRESS_GUARDS, SERVE_TUNING
 from .overlays import Overlay
 from .security import API_KEYS, CONTAINER_SECURITY, POD_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
@@ -35,6 +37,8 @@ RAY_ENV = [
     *({"name": k, "value": v} for k, v in SERVE_TUNING.items()),
     # Serve's ingress: unfinished requests cut off, headers Serve reads made safe.
     *({"name": k, "value": v} for k, v in INGRESS_GUARDS.items()),
+    # Engine output and usage lines also to the pod's log, where `kubectl logs` shows them.
+    {"name": POD_LOG_ENV, "value": POD_LOG_ON_KUBERNETES},
 ]
 # The root filesystem is read-only: home, caches and Ray's temp dir live on the writable mounts.
 WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}]
