@@ -9,6 +9,7 @@ from typing import Any
 from ..serve_env import INGRESS_GUARDS, SERVE_TUNING
 from .overlays import Overlay
 from .security import API_KEYS, CONTAINER_SECURITY, POD_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
+from .sizing import PodShape
 
 SERVE_PORT, METRICS_PORT, DASHBOARD_PORT = 8000, 8080, 8265
 HEAD_PORTS = [
@@ -90,16 +91,19 @@ def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[st
 
 
 def pod(
-    role: Role, overlay: Overlay, image: str, resources: dict[str, Any], gpus: int = 0,
-    init: list[dict[str, Any]] | None = None,
+    role: Role, overlay: Overlay, image: str, shape: PodShape,
+    init: list[dict[str, Any]] | None = None, labels: dict[str, str] | None = None,
+    spread: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """A Ray pod's template: `shape` says its size and placement, `labels` (beside
+    `RAY_POD_LABELS`) its group, `spread` its topology spread constraints."""
     pairs = _volumes(role, overlay)
     container = {
         "name": "ray-head" if role is Role.HEAD else "ray-worker",
         "image": image,
         "ports": HEAD_PORTS if role is Role.HEAD else WORKER_PORTS,
         "env": _env(role, overlay),
-        "resources": resources,
+        "resources": container_resources(shape.cpu, shape.memory, shape.gpus),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [mount for _, mount in pairs],
     }
@@ -111,12 +115,15 @@ def pod(
         "containers": [container],
         "volumes": [volume for volume, _ in pairs],
     }
-    if gpus:
-        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                "effect": "NoSchedule"}]  # fmt: skip
-        if overlay.node_selector:
-            spec["nodeSelector"] = dict(overlay.node_selector)
-    metadata: dict[str, Any] = {"labels": dict(RAY_POD_LABELS)}
+    if shape.tolerations:
+        spec["tolerations"] = [dict(t) for t in shape.tolerations]
+    if shape.node_selector:
+        spec["nodeSelector"] = dict(shape.node_selector)
+    if shape.priority_class:
+        spec["priorityClassName"] = shape.priority_class
+    if spread:
+        spec["topologySpreadConstraints"] = spread
+    metadata: dict[str, Any] = {"labels": {**RAY_POD_LABELS, **(labels or {})}}
     if role is Role.HEAD:
         # The policy scanner's one exception on a pod, stated where it applies.
         metadata["annotations"] = {

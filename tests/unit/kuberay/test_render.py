@@ -254,3 +254,50 @@ def test_from_outside_the_cluster_only_serve_metrics_and_the_operator_get_in(ove
         (8080,): [{"namespaceSelector": monitoring}],
         (8265,): [{"namespaceSelector": {}, "podSelector": operator}],
     }
+
+
+# -- pod sizes and disruption safety ----------------------------------------------------------
+
+
+def test_gpu_tiers_are_sized_from_the_config_per_gpu() -> None:
+    """configs/gpu.yaml: the 1-GPU tier derived (8 CPUs, 80Gi), the 4-GPU one 32 CPUs derived
+    and its memory as the config's `kubernetes` section says."""
+    groups = rayservice("gpu")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    sizes = {}
+    for group in groups:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        sizes[group["groupName"]] = (limits["cpu"], limits["memory"], limits.get("nvidia.com/gpu"))
+        if limits.get("nvidia.com/gpu"):
+            assert group["rayStartParams"]["num-cpus"] == limits["cpu"]
+    assert sizes["tier-small"] == ("8", "80Gi", 1)
+    assert sizes["tier-large"] == ("32", "320Gi", 4)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_the_kubernetes_section_stays_out_of_the_applications_args(overlay: str) -> None:
+    (app,) = yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])["applications"]
+    assert "kubernetes" not in app["args"]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_every_worker_group_has_a_budget_and_spreads(overlay: str) -> None:
+    docs = kustomize(f"kuberay/overlays/{overlay}")
+    budgets = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    cluster = rayservice(overlay)["spec"]["rayClusterConfig"]
+    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    for group in cluster["workerGroupSpecs"]:
+        labels = group["template"]["metadata"]["labels"]
+        budget = budgets.pop(f"llm-{group['groupName']}")
+        assert budget["maxUnavailable"] == 1
+        selector = budget["selector"]["matchLabels"]
+        assert selector.items() <= labels.items() and not selector.items() <= head_labels.items()
+        others = [g for g in cluster["workerGroupSpecs"] if g is not group]
+        assert not any(selector.items() <= g["template"]["metadata"]["labels"].items()
+                       for g in others)  # fmt: skip
+        spread = group["template"]["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} == {
+            "kubernetes.io/hostname",
+            "topology.kubernetes.io/zone",
+        }
+        assert all(c["labelSelector"]["matchLabels"] == selector for c in spread)
+    assert not budgets  # none for the head: one pod, restarted in place
