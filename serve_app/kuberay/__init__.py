@@ -23,6 +23,14 @@ comes from `Overlay`.
 """
 
 from .disruption import GROUP_LABEL, disruption_budget, group_labels, topology_spread
+from .edge import (
+    EDGES,
+    EdgeLimits,
+    edge_limits,
+    gateway,
+    http_route,
+    ingress,
+)
 from .groups import (
     ROUTER_GROUP,
     ROUTER_RESOURCE,
@@ -61,6 +69,7 @@ from .render import (
     RAY_VERSION,
     manifests,
     render,
+    render_edge_file,
     render_file,
     serve_config_v2,
 )
@@ -94,6 +103,7 @@ __all__ = [
     "CPU_PER_GPU",
     "DASHBOARD_PORT",
     "DEFAULT_IMAGE",
+    "EDGES",
     "FILL_POD_LABELS",
     "GPU_TOLERATION",
     "GROUP_LABEL",
@@ -122,6 +132,7 @@ __all__ = [
     "TOKEN_AUTH_ENV",
     "WORKER_PORTS",
     "WRITABLE_ENV",
+    "EdgeLimits",
     "Overlay",
     "PodShape",
     "Role",
@@ -132,14 +143,19 @@ __all__ = [
     "derived_tier_size",
     "disruption_budget",
     "disruption_budgets",
+    "edge_limits",
     "fill_job",
     "fill_marker",
+    "gateway",
     "group_labels",
     "head_shape",
+    "http_route",
+    "ingress",
     "manifests",
     "network_policies",
     "pod",
     "render",
+    "render_edge_file",
     "render_file",
     "router_group",
     "router_shape",

@@ -11,6 +11,7 @@ import yaml
 
 from ..config import AppConfig
 from .disruption import GROUP_LABEL
+from .edge import EDGES
 from .groups import (
     ROUTER_RESOURCE,
     autoscaler_options,
@@ -138,4 +139,19 @@ def render_file(config: Path, overlay: str, image: str = DEFAULT_IMAGE) -> str:
     document = yaml.safe_load(config.read_text())
     docs = manifests(document, OVERLAYS[overlay], image)
     header = HEADER.format(config=config.as_posix(), overlay=overlay)
+    return header + yaml.dump_all(docs, Dumper=_ManifestDumper, sort_keys=False, width=100)
+
+
+EDGE_HEADER = (
+    "# Rendered by `python -m serve_app.kuberay edge {config} --kind {kind}`.\n"
+    "# Do not edit: change the config and render again (a test fails on drift). Host, issuer and\n"
+    "# class are examples: patch them in your overlay.\n"
+)
+
+
+def render_edge_file(config: Path, kind: str) -> str:
+    """The edge of `kind` (`ingress`, `gateway`) for the config's router limits."""
+    _, app = serve_config_v2(yaml.safe_load(config.read_text()))
+    docs = EDGES[kind](app)
+    header = EDGE_HEADER.format(config=config.as_posix(), kind=kind)
     return header + yaml.dump_all(docs, Dumper=_ManifestDumper, sort_keys=False, width=100)

@@ -44,6 +44,7 @@ def test_committed_manifest_is_what_the_config_renders(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["kuberay/overlays/gpu", "kuberay/overlays/local",
+                                  "kuberay/overlays/gpu-ha", "kuberay/overlays/gpu-gateway",
                                   "kuberay/monitoring"])  # fmt: skip
 def test_kustomize_renders(path: str) -> None:
     kinds = {doc["kind"] for doc in kustomize(path)}
