@@ -36,7 +36,9 @@ def worker_group(
     if shape.gpus:
         params["num-gpus"] = str(shape.gpus)
     marker = fill_marker(tier.engine.model_id, tier.engine.revision)
-    init = [wait_for_cache(image, marker)] if overlay.model_cache_claim else None
+    init = None
+    if overlay.model_cache_claim:
+        init = [wait_for_cache(image, marker, tier.engine.model_id)]
     name = tier_group(tier)
     return {
         "groupName": name,

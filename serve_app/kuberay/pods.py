@@ -8,7 +8,14 @@ from typing import Any
 
 from ..serve_env import INGRESS_GUARDS, SERVE_TUNING
 from .overlays import Overlay
-from .security import API_KEYS, CONTAINER_SECURITY, POD_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
+from .security import (
+    API_KEYS,
+    CONTAINER_SECURITY,
+    HF_TOKEN,
+    POD_SECURITY,
+    RAY_TOKEN,
+    TOKEN_AUTH_ENV,
+)
 from .sizing import PodShape
 
 SERVE_PORT, METRICS_PORT, DASHBOARD_PORT = 8000, 8080, 8265
@@ -70,10 +77,19 @@ def container_resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
     return {"limits": limits, "requests": {"cpu": cpu, "memory": memory}}
 
 
+def _downloads(role: Role, overlay: Overlay) -> bool:
+    """Whether this role's pods download weights themselves: tier pods without a model cache
+    (their engines fill their own Hugging Face cache at start)."""
+    return role is Role.TIER and not overlay.model_cache_claim
+
+
 def _env(role: Role, overlay: Overlay) -> list[dict[str, Any]]:
     cached = role is Role.TIER and overlay.model_cache_claim
+    # The replica reads the token file at every engine start: a rotated Secret is used by the
+    # next engine, without a pod restart.
+    token = [{"name": "HF_TOKEN_PATH", "value": HF_TOKEN.path}] if _downloads(role, overlay) else []
     return [*RAY_ENV, *TOKEN_AUTH_ENV, *WRITABLE_ENV,
-            *([*CACHE_ENV, *OFFLINE_ENV] if cached else NO_CACHE_ENV)]  # fmt: skip
+            *([*CACHE_ENV, *OFFLINE_ENV] if cached else NO_CACHE_ENV), *token]  # fmt: skip
 
 
 def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -83,6 +99,8 @@ def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[st
              (RAY_TOKEN.as_volume(), RAY_TOKEN.as_mount())]  # fmt: skip
     if role is Role.ROUTER:
         pairs.append((API_KEYS.as_volume(), API_KEYS.as_mount()))
+    if _downloads(role, overlay):
+        pairs.append((HF_TOKEN.as_volume(), HF_TOKEN.as_mount()))
     if role is Role.TIER and overlay.model_cache_claim:
         claim = {"claimName": overlay.model_cache_claim, "readOnly": True}
         pairs.append(({"name": "models", "persistentVolumeClaim": claim},

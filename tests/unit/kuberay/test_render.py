@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -152,6 +153,8 @@ def test_each_secret_is_mounted_only_where_it_is_read(overlay: str) -> None:
         expected = {"ray-auth-token"} if name != "fill-job" else {"hf-token"}
         if name == "router":
             expected.add("serve-app-api-keys")
+        if name.startswith("tier-") and overlay == "local":
+            expected.add("hf-token")  # no model cache: its engines download their weights
         assert secret_mounts(spec) == expected, name
         for mount in mounts(spec).values():
             if "secret" in mount["volume"]:
@@ -217,7 +220,7 @@ def test_serving_pods_read_the_model_cache_and_wait_for_the_fill_job() -> None:
         cache = mounts(spec)["/models"]
         assert cache["readOnly"] and cache["volume"]["persistentVolumeClaim"]["readOnly"]
         (wait,) = spec["initContainers"]
-        marker = wait["command"][-1].split()[3]
+        marker = re.search(r"until \[ -f (\S+) \]", wait["command"][-1]).group(1)
         assert f"touch {marker}" in fill, name
         env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
         assert env["HF_HUB_OFFLINE"] == "1"
@@ -302,3 +305,21 @@ def test_every_worker_group_has_a_budget_and_spreads(overlay: str) -> None:
         }
         assert all(c["labelSelector"]["matchLabels"] == selector for c in spread)
     assert not budgets  # none for the head: one pod, restarted in place
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_the_hf_token_reaches_every_pod_that_downloads_weights_as_a_file(overlay: str) -> None:
+    """With a model cache only the fill Job downloads; without one, every tier pod does. The
+    token is a file there (a rotated Secret reaches the next engine start), optional."""
+    for name, spec in pods(overlay).items():
+        downloads = name == "fill-job" or (name.startswith("tier-") and overlay == "local")
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        token = [m for m in mounts(spec).values()
+                 if m["volume"].get("secret", {}).get("secretName") == "hf-token"]  # fmt: skip
+        assert bool(token) == downloads, name
+        if downloads:
+            (mount,) = token
+            assert mount["volume"]["secret"]["optional"] is True
+            assert Path(env["HF_TOKEN_PATH"]).parent.as_posix() == mount["mountPath"]
+        else:
+            assert "HF_TOKEN_PATH" not in env, name
