@@ -1,4 +1,4 @@
-"""KubeRay's and Gateway API's CRDs (read from ../shared) as strict JSON Schema validators.
+"""KubeRay's CRDs (read from ../shared) as strict JSON Schema validators.
 
 The API server prunes unknown fields, and `kubectl apply` (strict field validation by default)
 rejects them; here every object schema that lists its properties gets `additionalProperties:
@@ -15,9 +15,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-REFS = Path(__file__).resolve().parents[2] / "shared" / "refs"
-CRD_DIR = REFS / "kuberay"
-GATEWAY_API_DIR = REFS / "gateway-api"
+CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "refs" / "kuberay"
 
 
 def strict(node: Any) -> Any:
@@ -39,11 +37,14 @@ def strict(node: Any) -> Any:
 
 
 @cache
-def validator(
-    kind_file: str = "ray.io_rayservices.yaml", directory: Path = CRD_DIR
-) -> Draft202012Validator:
-    crd = yaml.safe_load((directory / kind_file).read_text())
+def validator(kind_file: str = "ray.io_rayservices.yaml") -> Draft202012Validator:
+    crd = yaml.safe_load((CRD_DIR / kind_file).read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = strict(version["schema"]["openAPIV3Schema"])
     # apiVersion/kind/metadata are the API server's to check; the schema leaves them open.
     return Draft202012Validator(schema)
+
+
+# Kubernetes' own kinds (Ingress, PodDisruptionBudget, Job, NetworkPolicy, ...): validated
+# strictly (unknown fields are errors) against this release's schemas by kubernetes-validate.
+KUBERNETES_VERSION = "1.32.0"

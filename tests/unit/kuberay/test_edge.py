@@ -1,11 +1,14 @@
 """The TLS edge: its limits agree with the router's, the committed files are what the config
-renders, and the overlays that use it are valid (Gateway API's own CRDs, KubeRay's)."""
+renders, and the overlays that use it are valid (Kubernetes' own schemas, strictly, and
+KubeRay's CRD)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -21,7 +24,7 @@ from serve_app.kuberay.edge import (
 )
 from serve_app.kuberay.pods import SERVE_PORT
 from serve_app.kuberay.render import render_edge_file
-from tests.crd import GATEWAY_API_DIR, validator
+from tests.crd import KUBERNETES_VERSION, validator
 
 from .test_render import ROOT, kustomize
 
@@ -92,15 +95,21 @@ def test_committed_edge_is_what_the_config_renders(kind: str, path: str) -> None
     )
 
 
-def test_gateway_and_route_are_valid_against_gateway_apis_crds() -> None:
-    app = config()
-    validator("gateway.networking.k8s.io_gateways.yaml", GATEWAY_API_DIR).validate(gateway())
-    routes = validator("gateway.networking.k8s.io_httproutes.yaml", GATEWAY_API_DIR)
-    routes.validate(http_route(app))
-    broken = http_route(app)
-    broken["spec"]["rules"][0]["timeouts"]["request"] = "35 minutes"
-    with pytest.raises(Exception, match="does not match"):
-        routes.validate(broken)
+# Gateway API's Duration (GEP-2257): up to four whole numbers of h, m, s or ms.
+DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
+
+
+def test_the_routes_timeouts_are_gateway_api_durations() -> None:
+    (rule,) = http_route(config())["spec"]["rules"]
+    assert all(DURATION.match(t) for t in rule["timeouts"].values())
+
+
+def test_the_ingress_is_strictly_valid() -> None:
+    kubernetes_validate.validate(ingress(config()), KUBERNETES_VERSION, strict=True)
+    broken = ingress(config())
+    broken["spec"]["rules"][0]["http"]["paths"][0]["backend"]["serviceName"] = "llm"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
 def docs_of(overlay: str) -> dict[str, dict[str, Any]]:
@@ -126,10 +135,8 @@ def test_the_ha_overlays_add_gcs_fault_tolerance_and_an_edge(overlay: str, edge:
     assert cluster == gpu["RayService"]["spec"]["rayClusterConfig"]
 
 
-def test_the_gateway_overlays_route_is_valid() -> None:
+def test_the_gateway_overlay_routes_to_the_gateway_it_adds() -> None:
     docs = docs_of("gpu-gateway")
-    validator("gateway.networking.k8s.io_httproutes.yaml", GATEWAY_API_DIR).validate(
-        docs["HTTPRoute"]
-    )
-    validator("gateway.networking.k8s.io_gateways.yaml", GATEWAY_API_DIR).validate(docs["Gateway"])
+    (parent,) = docs["HTTPRoute"]["spec"]["parentRefs"]
+    assert parent["name"] == docs["Gateway"]["metadata"]["name"]
     assert yaml.safe_dump(docs["HTTPRoute"]).count(SERVE_SERVICE) == 1

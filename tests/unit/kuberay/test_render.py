@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from jsonschema import ValidationError
@@ -16,7 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import AppConfig
 from serve_app.kuberay import render_file
-from tests.crd import validator
+from tests.crd import KUBERNETES_VERSION, validator
 
 ROOT = Path(__file__).resolve().parents[3]
 OVERLAYS = {"gpu": "configs/gpu.yaml", "local": "configs/local.yaml"}
@@ -50,6 +51,31 @@ def test_committed_manifest_is_what_the_config_renders(overlay: str) -> None:
 def test_kustomize_renders(path: str) -> None:
     kinds = {doc["kind"] for doc in kustomize(path)}
     assert kinds, path
+
+
+ALL_OVERLAYS = ["gpu", "local", "gpu-ha", "gpu-gateway"]
+CUSTOM_GROUPS = ("ray.io/", "gateway.networking.k8s.io/", "monitoring.coreos.com/")
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_every_kubernetes_object_is_strictly_valid(overlay: str) -> None:
+    """Kubernetes' own kinds (PodDisruptionBudget, Ingress, Job, NetworkPolicy, ...) against
+    Kubernetes' schemas, unknown fields being errors as with `kubectl apply`'s strict
+    validation; the RayService against KubeRay's CRD (below)."""
+    checked = set()
+    for doc in kustomize(f"kuberay/overlays/{overlay}"):
+        if not doc["apiVersion"].startswith(CUSTOM_GROUPS):
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            checked.add(doc["kind"])
+    assert {"PodDisruptionBudget", "NetworkPolicy", "ConfigMap"} <= checked
+
+
+def test_strict_validation_refuses_an_unknown_field() -> None:
+    (budget, *_) = [d for d in kustomize("kuberay/overlays/local")
+                    if d["kind"] == "PodDisruptionBudget"]  # fmt: skip
+    budget["spec"]["maxUnavailabe"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(budget, KUBERNETES_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
