@@ -734,7 +734,8 @@ class GroupPodSettings(PodSettings):
     max_unavailable: Annotated[int, Field(ge=0)] = Field(
         1,
         description="The group's PodDisruptionBudget: pods a voluntary disruption (a node "
-        "drain) may take at once; 0 blocks drains until an operator moves the pods.",
+        "drain) may take at once; 0: none, a drain waits until the group's pods are idle and "
+        'removed (docs/operations.md, "Draining a node").',
     )
 
 
@@ -804,8 +805,7 @@ class AppConfig(_Strict):
     tracing: TracingConfig | None = Field(None, description="Off when unset.")
     kubernetes: KubernetesConfig = Field(
         KubernetesConfig(),
-        description="Pod sizes and placement, disruption budgets and spread on KubeRay; read "
-        "only by the manifest renderer.",
+        description="Pod sizes and placement, disruption budgets and spread (docs/kubernetes.md).",
     )
 
     @model_validator(mode="after")
