@@ -1,5 +1,5 @@
 # `make up`: install, start a local Ray head, deploy configs/local.yaml, wait until it answers.
-# `make test`: install and run the test suite (what CI runs).
+# `make test`: install (vLLM too) and run the test suite (what CI runs).
 # `make test-unit`: install and run the unit tests only: no Ray, no engine process.
 # `make docs`: write docs/configuration.md from the configuration models (serve_app/config.py).
 # `make install-vllm`: vLLM's CPU build in its own Python 3.11 environment, and its weights.
@@ -44,13 +44,15 @@ $(VLLM_MODEL)/.converted: $(VLLM_DIR)/venv/.installed
 
 install-vllm: $(VLLM_MODEL)/.converted
 
-up: install
+# A config with a vLLM tier (configs/local-vllm.yaml) needs vLLM installed first.
+up: install $(if $(findstring vllm,$(CONFIG)),install-vllm)
 	$(PY) -m devstack.localstack up --config $(CONFIG)
 
 down:
 	$(PY) -m devstack.localstack down
 
-test: install
+# The real-vLLM tests run too: `install-vllm` (once; ~3 min on 2 cores) and their ~N min.
+test: install install-vllm
 	$(PY) -m pytest
 
 test-unit: install
