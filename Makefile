@@ -51,7 +51,7 @@ up: install $(if $(findstring vllm,$(CONFIG)),install-vllm)
 down:
 	$(PY) -m devstack.localstack down
 
-# The real-vLLM tests run too: `install-vllm` (once; ~3 min on 2 cores) and their ~N min.
+# The real-vLLM tests run too: `install-vllm` once, then ~4 min of tests (docs/vllm.md).
 test: install install-vllm
 	$(PY) -m pytest
 
