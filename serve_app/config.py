@@ -137,6 +137,15 @@ class EngineConfig(_Tuned):
     def _token_limits(self) -> EngineConfig:
         if self.tuning.threads is not None and self.launcher != "local":
             raise ValueError("tuning.threads applies to the local engine only")
+        # set away from their defaults (a dumped config, every field in it, stays valid)
+        fields = EngineTuning.model_fields
+        vllm_only = {
+            name
+            for name in ("python", "cpu_kv_cache_gib")
+            if getattr(self.tuning, name) != fields[name].default
+        }
+        if vllm_only and self.launcher != "vllm":
+            raise ValueError(f"tuning.{min(vllm_only)} applies to 'vllm' engines only")
         if self.launcher == "vllm":
             refused = vllm_args.refusals(self.quantize, self.extra_args)
             if refused:

@@ -77,3 +77,11 @@ def test_a_tgi_tier_keeps_its_own_flags() -> None:
         engine=EngineConfig(launcher="tgi", extra_args=("--max-batch-prefill-tokens", "4096")),
     )
     assert tier.engine.extra_args[0] == "--max-batch-prefill-tokens"
+
+
+@pytest.mark.parametrize("setting", [{"python": "/v/bin/python"}, {"cpu_kv_cache_gib": 2}])
+def test_vllms_own_settings_are_refused_on_other_engines(setting: dict[str, object]) -> None:
+    (name,) = setting
+    with pytest.raises(ValidationError, match=f"tuning.{name} applies to 'vllm' engines only"):
+        EngineConfig.model_validate({"launcher": "local", "tuning": setting})
+    assert vllm_engine(tuning=setting).tuning.model_dump()[name] == setting[name]
