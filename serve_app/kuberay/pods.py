@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from ..serve_env import INGRESS_GUARDS, SERVE_TUNING
+from ..serve_env import IMAGE_SCRIPTS, INGRESS_GUARDS, SERVE_TUNING, haproxy_guard
 from .overlays import Overlay
 from .security import API_KEYS, CONTAINER_SECURITY, POD_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
 
@@ -35,6 +35,8 @@ RAY_ENV = [
     *({"name": k, "value": v} for k, v in SERVE_TUNING.items()),
     # Serve's ingress: unfinished requests cut off, headers Serve reads made safe.
     *({"name": k, "value": v} for k, v in INGRESS_GUARDS.items()),
+    # HAProxy without kernel splicing: a client that leaves a whole answer stops its generation.
+    *({"name": k, "value": v} for k, v in haproxy_guard(IMAGE_SCRIPTS).items()),
 ]
 # The root filesystem is read-only: home, caches and Ray's temp dir live on the writable mounts.
 WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}]
