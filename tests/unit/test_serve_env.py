@@ -9,8 +9,11 @@ from serve_app.kuberay import RAY_ENV
 from serve_app.router.ingress import HeaderScreen, middlewares
 from serve_app.serve_env import (
     CLIENT_TIMEOUT,
+    HAPROXY_BINARY,
+    IMAGE_SCRIPTS,
     INGRESS_GUARDS,
     SERVE_TUNING,
+    haproxy_guard,
     ingress_guards,
     missing_protections,
 )
@@ -30,8 +33,15 @@ def test_haproxys_client_timeout_is_bounded_and_can_be_set() -> None:
     assert ingress_guards({CLIENT_TIMEOUT: ""})[CLIENT_TIMEOUT] == "30"
     assert ingress_guards({CLIENT_TIMEOUT: "12", "OTHER": "x"}) == {
         **INGRESS_GUARDS,
+        **haproxy_guard(),
         CLIENT_TIMEOUT: "12",
     }
+
+
+def test_haproxy_is_started_through_the_launcher_of_this_install_or_the_image() -> None:
+    assert ingress_guards({})[HAPROXY_BINARY].endswith("/serve-app-haproxy")
+    assert haproxy_guard("/x/bin") == {HAPROXY_BINARY: "/x/bin/serve-app-haproxy"}
+    assert KUBERAY_ENV[HAPROXY_BINARY] == f"{IMAGE_SCRIPTS}/serve-app-haproxy"
 
 
 def test_kuberay_pods_get_the_tuning_and_the_guards_as_they_are() -> None:
@@ -39,8 +49,9 @@ def test_kuberay_pods_get_the_tuning_and_the_guards_as_they_are() -> None:
 
 
 def test_a_cluster_started_by_hand_is_told_what_it_lacks() -> None:
-    assert missing_protections({**SERVE_TUNING, **INGRESS_GUARDS}) == {}
-    assert missing_protections({**SERVE_TUNING, **INGRESS_GUARDS, CLIENT_TIMEOUT: "12"}) == {}
+    guarded = {**SERVE_TUNING, **ingress_guards({})}
+    assert missing_protections(guarded) == {}
+    assert missing_protections({**guarded, CLIENT_TIMEOUT: "12"}) == {}
     bare = missing_protections({})
-    assert bare == {**SERVE_TUNING, **INGRESS_GUARDS}
+    assert bare == guarded
     assert missing_protections({**SERVE_TUNING})[CLIENT_TIMEOUT] == "30"
