@@ -120,6 +120,11 @@ _ManifestDumper.add_representer(str, _str)
 HEADER = (
     "# Rendered by `python -m serve_app.kuberay render {config} --overlay {overlay}`.\n"
     "# Do not edit: change the config and render again (a test fails on drift).\n"
+    "# serveConfigV2 deploys every tier (`tier-<name>`) and the router (`llm`) as Serve\n"
+    "# applications of their own: a change of a tier's engine, model, GPUs or other\n"
+    "# replica-shaping settings restarts that tier's replicas only; token limits, replica\n"
+    "# bounds, scaling, keys, quotas and the router's settings restart none (the list:\n"
+    "# docs/configuration.md#what-a-change-restarts).\n"
 )
 
 
