@@ -115,7 +115,10 @@ class RouterDeployment:
             for name in tiers:
                 if name not in self._handles:
                     app = tier_app_name(name)
-                    self._handles[name] = serve.get_deployment_handle(app, app)
+                    # Not looked up now: a tier's application may deploy after the router's
+                    # (a blocking check would also stall this replica's loop). A call waits
+                    # for the tier's replicas, within its `replica_wait_timeout_s`.
+                    self._handles[name] = serve.get_deployment_handle(app, app, _check_exists=False)
         return {name: self._handles[name] for name in tiers}
 
     def __serve_build_asgi_app__(self) -> LateApp:
