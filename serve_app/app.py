@@ -13,7 +13,7 @@ from ray.serve.deployment import Deployment
 from .config import AppConfig, TierConfig, TracingConfig
 from .router.deployment import RouterDeployment
 from .router.ledger import LedgerDeployment
-from .serve_config import ROUTER_DEPLOYMENT, scaling_options
+from .serve_config import ROUTER_DEPLOYMENT, request_router_config, scaling_options
 from .tier.deployment import TierDeployment
 
 # Ray's own resource of the head node (Ray places its state actors there the same way).
@@ -21,11 +21,14 @@ HEAD_NODE = "node:__internal_head__"
 
 
 def tier_deployment(
-    tier: TierConfig, routers: int = 1, scaling: dict[str, Any] | None = None
+    tier: TierConfig,
+    routers: int = 1,
+    scaling: dict[str, Any] | None = None,
+    own_router: bool = True,
 ) -> Deployment:
     """A tier's Serve deployment; its Ray resources come from the same config as the engine's
     `--num-shard`, so the two cannot disagree. `scaling`: its replica options, when not the
-    tier's own bounds."""
+    tier's own bounds; `own_router`: set its request router (tiers with `routing`) here."""
     bounds = tier.replicas
     if scaling is None and bounds.min == bounds.max:
         scaling = {"num_replicas": bounds.min}
@@ -35,14 +38,8 @@ def tier_deployment(
         policy = {**autoscaling["policy"], "policy_kwargs": tier.scaling.model_dump()}
         scaling = {"autoscaling_config": {**autoscaling, "policy": policy}}
     scaling = dict(scaling)
-    if tier.routing is not None:
-        # Replica choice by engine state (`serve_app.tier.request_router`).
-        scaling["request_router_config"] = {
-            "request_router_class": "serve_app.tier.request_router:EngineAwareRouter",
-            "request_router_kwargs": {"routing": tier.routing.model_dump(), "routers": routers},
-            "request_routing_stats_period_s": tier.routing.tuning.stats_period_s,
-            "request_routing_stats_timeout_s": 5,
-        }
+    if tier.routing is not None and own_router:
+        scaling["request_router_config"] = request_router_config(tier, routers)
     return TierDeployment.options(
         name=f"tier-{tier.name}",
         ray_actor_options={
@@ -117,9 +114,12 @@ def build_tier(args: dict[str, Any]) -> Application:
     options in the config (`user_config`), which Serve applies without a restart."""
     tier = TierConfig.from_engine_settings(args["tier"])
     tracing = args.get("tracing")
-    # Placeholder bounds: the config's own (`scaling_options`) replace them.
+    # Placeholder bounds: the config's own (`scaling_options`) replace them. A tier with
+    # `routing` gets its request router from the config's deployment options too: Serve refuses
+    # one set here on an application's top deployment under HAProxy, though nothing reaches a
+    # tier's application over HTTP (`serve_app.serve_config.tier_app`).
     scaling = scaling_options(tier)
-    return tier_deployment(tier, int(args.get("routers", 1)), scaling).bind(
+    return tier_deployment(tier, scaling=scaling, own_router=False).bind(
         tier.for_replicas(),
         TracingConfig.model_validate(tracing) if tracing is not None else None,
     )

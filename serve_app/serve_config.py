@@ -64,6 +64,18 @@ def scaling_options(tier: TierConfig) -> dict[str, Any]:
     }
 
 
+def request_router_config(tier: TierConfig, routers: int) -> dict[str, Any]:
+    """A tier with `routing`: replica choice by engine state (`serve_app.tier.request_router`),
+    each of `routers` router replicas taking its share."""
+    assert tier.routing is not None
+    return {
+        "request_router_class": "serve_app.tier.request_router:EngineAwareRouter",
+        "request_router_kwargs": {"routing": tier.routing.model_dump(), "routers": routers},
+        "request_routing_stats_period_s": tier.routing.tuning.stats_period_s,
+        "request_routing_stats_timeout_s": 5,
+    }
+
+
 def tier_user_config(tier: TierConfig) -> dict[str, Any]:
     """What a tier's replicas apply live (`TierDeployment.reconfigure`)."""
     return {
@@ -75,11 +87,13 @@ def tier_user_config(tier: TierConfig) -> dict[str, Any]:
 def tier_app(tier: TierConfig, config: AppConfig) -> dict[str, Any]:
     name = tier_app_name(tier.name)
     args: dict[str, Any] = {"tier": engine_settings(tier)}
-    if tier.routing is not None:
-        args["routers"] = config.router.replicas  # the replica choice's share of each router
     if config.tracing is not None:
         args["tracing"] = config.tracing.model_dump(mode="json", exclude_unset=True)
     deployment = {"name": name, **scaling_options(tier), "user_config": tier_user_config(tier)}
+    if tier.routing is not None:
+        # Here rather than in `build_tier` (see there). Serve redeploys the application when
+        # it changes, as when `routing` (in `args` too) or the router replica count change.
+        deployment["request_router_config"] = request_router_config(tier, config.router.replicas)
     return {
         "name": name,
         "route_prefix": None,

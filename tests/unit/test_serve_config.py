@@ -152,3 +152,23 @@ def test_the_applications_build_as_serve_builds_them() -> None:
     assert (bounds["min_replicas"], bounds["max_replicas"]) == (1, 2)
     assert "policy_kwargs" not in bounds["policy"]  # the rule comes from the replicas
     assert small["deployments"][0]["user_config"]["scaling"]["downscale_delay_s"] == 30
+
+
+def test_a_routed_tier_gets_its_request_router_from_the_configs_deployment_options() -> None:
+    """Serve refuses a custom request router set in code on an application's top deployment
+    under HAProxy; a tier's application has no route, so the config's options carry it."""
+    args = local_args()
+    set_path(args, "tiers.0.routing", {"prefix_affinity": True})
+    document = render(source(args))
+    ServeDeploySchema.model_validate(document)
+    small = document["applications"][1]
+    options = small["deployments"][0]["request_router_config"]
+    assert options["request_router_class"] == "serve_app.tier.request_router:EngineAwareRouter"
+    assert options["request_router_kwargs"]["routers"] == 1
+    (tier,) = flatten(build_tier(small["args"]), name="tier-small").deployments
+    in_code = tier._deployment_config.request_router_config.request_router_class
+    assert in_code != options["request_router_class"]
+    more_routers = copy.deepcopy(args)
+    more_routers["router"]["replicas"] = 2
+    changed = {n for n, v in versions(more_routers).items() if versions(args)[n] != v}
+    assert changed == {"tier-small"}  # its request router's share of each router changed
