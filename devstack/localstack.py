@@ -13,6 +13,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,14 +93,17 @@ def _run(args: list[str], env: Mapping[str, str]) -> None:
 
 
 def deploy(config: Path, head: Head, env: Mapping[str, str]) -> None:
-    """`serve deploy` of `config`; a source config (`configs/src/`) is rendered first, next to
-    it, into one application per tier (`serve_app.serve_config`)."""
+    """`serve deploy` of `config`; a source config (`configs/src/`) is rendered first, into a
+    temporary file, as one application per tier (`serve_app.serve_config`)."""
     document = yaml.safe_load(config.read_text())
     rendered = render(document)
-    if rendered != document:
-        config = config.with_name(f"{config.stem}.rendered.yaml")
-        config.write_text(yaml.safe_dump(rendered, sort_keys=False))
-    _run([str(BIN / "serve"), "deploy", str(config), "-a", head.dashboard], env)
+    if rendered == document:
+        _run([str(BIN / "serve"), "deploy", str(config), "-a", head.dashboard], env)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "serve.yaml"
+        path.write_text(yaml.safe_dump(rendered, sort_keys=False))
+        _run([str(BIN / "serve"), "deploy", str(path), "-a", head.dashboard], env)
 
 
 def shutdown(head: Head, env: Mapping[str, str]) -> None:
