@@ -14,21 +14,18 @@ from .config import AppConfig, TierConfig, TracingConfig
 from .router.deployment import RouterDeployment
 from .router.ledger import LedgerDeployment
 from .serve_config import ROUTER_DEPLOYMENT, request_router_config, scaling_options
-from .tier.deployment import TierDeployment
+from .tier.deployment import TierDeployment, TierEntry
 
 # Ray's own resource of the head node (Ray places its state actors there the same way).
 HEAD_NODE = "node:__internal_head__"
 
 
 def tier_deployment(
-    tier: TierConfig,
-    routers: int = 1,
-    scaling: dict[str, Any] | None = None,
-    own_router: bool = True,
+    tier: TierConfig, routers: int = 1, scaling: dict[str, Any] | None = None
 ) -> Deployment:
     """A tier's Serve deployment; its Ray resources come from the same config as the engine's
     `--num-shard`, so the two cannot disagree. `scaling`: its replica options, when not the
-    tier's own bounds; `own_router`: set its request router (tiers with `routing`) here."""
+    tier's own bounds."""
     bounds = tier.replicas
     if scaling is None and bounds.min == bounds.max:
         scaling = {"num_replicas": bounds.min}
@@ -38,7 +35,7 @@ def tier_deployment(
         policy = {**autoscaling["policy"], "policy_kwargs": tier.scaling.model_dump()}
         scaling = {"autoscaling_config": {**autoscaling, "policy": policy}}
     scaling = dict(scaling)
-    if tier.routing is not None and own_router:
+    if tier.routing is not None:
         scaling["request_router_config"] = request_router_config(tier, routers)
     return TierDeployment.options(
         name=f"tier-{tier.name}",
@@ -114,15 +111,23 @@ def build_tier(args: dict[str, Any]) -> Application:
     options in the config (`user_config`), which Serve applies without a restart."""
     tier = TierConfig.from_engine_settings(args["tier"])
     tracing = args.get("tracing")
-    # Placeholder bounds: the config's own (`scaling_options`) replace them. A tier with
-    # `routing` gets its request router from the config's deployment options too: Serve refuses
-    # one set here on an application's top deployment under HAProxy, though nothing reaches a
-    # tier's application over HTTP (`serve_app.serve_config.tier_app`).
+    # Placeholder bounds: the config's own (`scaling_options`) replace them.
     scaling = scaling_options(tier)
-    return tier_deployment(tier, scaling=scaling, own_router=False).bind(
+    deployment = tier_deployment(tier, int(args.get("routers", 1)), scaling).bind(
         tier.for_replicas(),
         TracingConfig.model_validate(tracing) if tracing is not None else None,
     )
+    if tier.routing is None:
+        return deployment
+    # Serve refuses a request router of its own on an application's top deployment under
+    # HAProxy (which would bypass it), though nothing reaches a tier's application over HTTP:
+    # a routed tier's application is topped by a stub that holds no engine.
+    return TierEntry.options(
+        name=f"tier-{tier.name}-entry",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1,
+    ).bind(deployment)
 
 
 def build_router(args: dict[str, Any]) -> Application:

@@ -87,13 +87,11 @@ def tier_user_config(tier: TierConfig) -> dict[str, Any]:
 def tier_app(tier: TierConfig, config: AppConfig) -> dict[str, Any]:
     name = tier_app_name(tier.name)
     args: dict[str, Any] = {"tier": engine_settings(tier)}
+    if tier.routing is not None:
+        args["routers"] = config.router.replicas  # the replica choice's share of each router
     if config.tracing is not None:
         args["tracing"] = config.tracing.model_dump(mode="json", exclude_unset=True)
     deployment = {"name": name, **scaling_options(tier), "user_config": tier_user_config(tier)}
-    if tier.routing is not None:
-        # Here rather than in `build_tier` (see there). Serve redeploys the application when
-        # it changes, as when `routing` (in `args` too) or the router replica count change.
-        deployment["request_router_config"] = request_router_config(tier, config.router.replicas)
     return {
         "name": name,
         "route_prefix": None,

@@ -205,3 +205,12 @@ class TierDeployment:
     async def __del__(self) -> None:
         self._meter()
         await self._supervisor.stop()
+
+
+@serve.deployment
+class TierEntry:
+    """The top deployment of the application of a tier with `routing` (`serve_app.app.
+    build_tier`); it holds the tier's deployment and does nothing: routers call that one."""
+
+    def __init__(self, tier: Any) -> None:
+        self._tier = tier

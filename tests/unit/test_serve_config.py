@@ -154,20 +154,20 @@ def test_the_applications_build_as_serve_builds_them() -> None:
     assert small["deployments"][0]["user_config"]["scaling"]["downscale_delay_s"] == 30
 
 
-def test_a_routed_tier_gets_its_request_router_from_the_configs_deployment_options() -> None:
-    """Serve refuses a custom request router set in code on an application's top deployment
-    under HAProxy; a tier's application has no route, so the config's options carry it."""
+def test_a_routed_tier_is_held_by_a_stub_that_serve_lets_top_its_application() -> None:
+    """Serve refuses a custom request router on an application's top deployment under HAProxy
+    (set in code or in the config's options): a routed tier's application is topped by a stub."""
     args = local_args()
     set_path(args, "tiers.0.routing", {"prefix_affinity": True})
     document = render(source(args))
     ServeDeploySchema.model_validate(document)
     small = document["applications"][1]
-    options = small["deployments"][0]["request_router_config"]
-    assert options["request_router_class"] == "serve_app.tier.request_router:EngineAwareRouter"
-    assert options["request_router_kwargs"]["routers"] == 1
-    (tier,) = flatten(build_tier(small["args"]), name="tier-small").deployments
-    in_code = tier._deployment_config.request_router_config.request_router_class
-    assert in_code != options["request_router_class"]
+    assert small["args"]["routers"] == 1
+    built = flatten(build_tier(small["args"]), name="tier-small")
+    assert built.ingress_deployment_name == "tier-small-entry"
+    tier = next(d for d in built.deployments if d.name == "tier-small")
+    options = tier._deployment_config.request_router_config
+    assert options.request_router_class == "serve_app.tier.request_router:EngineAwareRouter"
     more_routers = copy.deepcopy(args)
     more_routers["router"]["replicas"] = 2
     changed = {n for n, v in versions(more_routers).items() if versions(args)[n] != v}
