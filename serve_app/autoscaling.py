@@ -37,6 +37,7 @@ logger = logging.getLogger("ray.serve")
 ENGINE_QUEUE = "engine_queue"
 ENGINE_RUNNING = "engine_running"
 ADMISSION_QUEUE = "admission_queue"  # + ":<router replica id>"
+SCALING_RULE = "scaling_rule"  # + ":<field of QueueScaling, dotted>"
 ADMISSION_REPORT_TTL_S = 3.0  # a router's report counts this long after it arrived
 
 
@@ -122,8 +123,40 @@ def queued_in_routers(raw: dict[str, Any]) -> float:
     )
 
 
+def rule_stats(rule: QueueScaling) -> dict[str, float]:
+    """A tier's scaling rule as the custom metrics its replicas record, `scaling_rule:<field>`:
+    how the rule of a tier that is its own application reaches the policy, live."""
+    flat = {key: value for key, value in rule.model_dump().items() if key != "tuning"}
+    flat.update({f"tuning.{key}": value for key, value in rule.tuning.model_dump().items()})
+    return {f"{SCALING_RULE}:{key}": float(value) for key, value in flat.items()}
+
+
+def rule_from_stats(raw: dict[str, Any], fallback: QueueScaling) -> QueueScaling:
+    """The rule the replicas last reported (the largest value where they differ, while a
+    change reaches them), else `fallback`: at zero replicas, or replicas that report none."""
+    values: dict[str, float] = {}
+    for name, by_replica in raw.items():
+        if name.startswith(SCALING_RULE + ":"):
+            latest = [_latest(series) for series in by_replica.values() if series]
+            if latest:
+                values[name.split(":", 1)[1]] = max(latest)
+    if not values:
+        return fallback
+    data = fallback.model_dump()
+    for key, value in values.items():
+        section, _, field = key.rpartition(".")
+        target = data[section] if section else data
+        if field in target:
+            target[field] = int(value) if field.startswith("max_step") else value
+    try:
+        return QueueScaling.model_validate(data)
+    except ValueError:
+        return fallback
+
+
 class QueueLengthPolicy:
-    """Serve's custom autoscaling policy for a tier (`policy_kwargs` are a `QueueScaling`)."""
+    """Serve's custom autoscaling policy for a tier. Its rule (`QueueScaling`) comes from the
+    replicas' reports when they make one (`rule_stats`), else from `policy_kwargs`."""
 
     def __init__(self, **kwargs: Any) -> None:
         self.rule = QueueScaling(**kwargs)
@@ -152,7 +185,7 @@ class QueueLengthPolicy:
             max_replicas=ctx.capacity_adjusted_max_replicas,
             now=float(ctx.current_time or 0.0),
             pending=_pending(state.get("pending")),
-            rule=self.rule,
+            rule=rule_from_stats(ctx.raw_metrics or {}, self.rule),
         )
         if decision.replicas != ctx.target_num_replicas:
             logger.info(

@@ -520,6 +520,15 @@ class TierConfig(_Tuned):
         """Every `model` value that selects this tier, canonical name first."""
         return (self.name, *self.aliases)
 
+    @classmethod
+    def from_engine_settings(cls, data: dict[str, Any]) -> TierConfig:
+        """The tier its replicas are built from when it is its own Serve application: its
+        `engine_settings`, every live setting at a neutral value (the replicas read none)."""
+        live = without_paths(data, TIER_LIVE)
+        if live != data:
+            raise ValueError("a tier application's args hold only settings that shape its engine")
+        return cls.model_validate({**data, **_NEUTRAL_TOKENS})
+
     def for_replicas(self) -> TierConfig:
         """This tier without the settings only the builder reads (how many replicas, how many
         start attempts). Replicas are built from this, so that scaling a tier is a light update
@@ -529,6 +538,50 @@ class TierConfig(_Tuned):
 
 # Dotted paths within a tier: the settings `TierConfig.for_replicas` resets to their defaults.
 BUILDER_ONLY = ("replicas", "scaling", "ray_resources", "tuning.max_start_attempts")
+
+# Dotted paths within a tier: the settings applied live when the tier is its own Serve
+# application (`serve_app.serve_config`): the routers take them through their `user_config`, the
+# tier's replicas (scaling rule, GPU price) through theirs, Serve its replica bounds. Changing
+# them restarts no replica and no engine. Every other tier setting shapes the tier's replicas
+# and engine: a change restarts that tier's replicas (and only them).
+TIER_LIVE = (
+    "aliases",
+    "default_max_tokens",
+    "max_tokens_limit",
+    "replica_wait_timeout_s",
+    "overflow_tier",
+    "admission",
+    "replicas",
+    "scaling",
+    "tuning.overflow_at_in_flight",
+    "tuning.lease_spare_s",
+    "tuning.grammar",
+    "tuning.gpu_hour_price_usd",
+    "tuning.require_max_tokens",
+)
+# What a tier's engine-shaping settings are validated with, in place of its token limits (which
+# only routers read, and which must fit the engine's `max_total_tokens`).
+_NEUTRAL_TOKENS = {"default_max_tokens": 1, "max_tokens_limit": 1}
+
+
+def without_paths(data: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
+    """`data` (a model's dump) without the settings at `paths` (dotted)."""
+    out = dict(data)
+    for path in paths:
+        head, _, rest = path.partition(".")
+        if rest and isinstance(out.get(head), dict):
+            out[head] = without_paths(out[head], (rest,))
+            if not out[head]:
+                del out[head]
+        elif not rest:
+            out.pop(head, None)
+    return out
+
+
+def engine_settings(tier: TierConfig) -> dict[str, Any]:
+    """A tier's settings that shape its replicas and engine (not `TIER_LIVE`), as the args of
+    its own Serve application; `TierConfig.from_engine_settings` reads them back."""
+    return without_paths(tier.model_dump(mode="json", exclude_unset=True), TIER_LIVE)
 
 
 def _defaults_at(model: M, paths: tuple[str, ...]) -> M:

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .config import AppConfig
+from .config import TIER_LIVE, AppConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 TUNING = "tuning"
@@ -248,6 +248,31 @@ def _render_section(section: Section) -> list[str]:
     return [*lines, ""]
 
 
+def _restarts() -> list[str]:
+    """What a change of each setting restarts (`serve_app.serve_config`), from `TIER_LIVE`."""
+    live = ", ".join(f"`tiers[].{path}`" for path in TIER_LIVE)
+    return [
+        "## What a change restarts",
+        "",
+        "Rendered, every tier is a Serve application of its own (`tier-<name>`) and the router "
+        "another (`llm`): `serve deploy` restarts only the replicas of an application whose "
+        "replica-shaping settings changed, and applies every other change to the running "
+        "replicas.",
+        "",
+        f"- Applied live, no replica or engine restarted: {live}; and every `router` setting "
+        "but the two below.",
+        "- Restart that tier's replicas and engines, and nothing else: every other `tiers[]` "
+        "setting (its engine, model and flags, GPUs, `routing`, `ray_resources`, "
+        "`request_timeout_s`, the rest of its `tuning`).",
+        "- Restart the router's replicas (and the quota ledger): `router.api_keys` set or "
+        "unset, `router.ray_resources`.",
+        "- Restart every replica: `tracing`.",
+        "",
+        "How and why: [operations.md](operations.md#changing-the-configuration).",
+        "",
+    ]
+
+
 def render() -> str:
     """docs/configuration.md."""
     user, tuning = user_settings(), tuning_settings()
@@ -258,10 +283,12 @@ def render() -> str:
         "<!-- Written by `make docs` (`python -m serve_app.config_doc`) from "
         "serve_app/config.py: edit the models' descriptions there, not this file. -->",
         "",
-        "The application's settings are the `args` of its entry in a Serve config file (see "
-        "configs/local.yaml and configs/gpu.yaml), validated as `serve_app.config.AppConfig`. "
-        "An unknown key is an error that names it.",
+        "The application's settings are the `args` of its entry in a source config (see "
+        "configs/src/local.yaml and configs/src/gpu.yaml), validated as "
+        "`serve_app.config.AppConfig`; `make configs` renders them into the Serve configs "
+        "configs/local.yaml and configs/gpu.yaml. An unknown key is an error that names it.",
         "",
+        *_restarts(),
         "Each section holds what a platform engineer decides; the mechanism behind it (buffer "
         "sizes, intervals, lease timings, cost-model constants) sits in the section's `tuning`, "
         "whose defaults suit most deployments. A tuning setting given at its section's own "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -46,3 +47,13 @@ def settled_value(read: Callable[[], float], quiet_s: float = 25) -> float:
         if now != value:
             value, since = now, time.monotonic()
     return value
+
+
+def all_deployments(applications: dict[str, Any]) -> dict[str, Any]:
+    """Every deployment of a Serve status (the dashboard's `applications`, or `serve status`'s),
+    by name, whatever application holds it: the router's (`llm`) or a tier's own."""
+    return {
+        name: deployment
+        for app in applications.values()
+        for name, deployment in (app.get("deployments") or {}).items()
+    }

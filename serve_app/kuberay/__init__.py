@@ -1,10 +1,11 @@
 """Render a KubeRay `RayService` from a Serve config file: the one source of truth.
 
-    python -m serve_app.kuberay render configs/gpu.yaml --overlay gpu \
+    python -m serve_app.kuberay render configs/src/gpu.yaml --overlay gpu \
         > kuberay/overlays/gpu/rayservice.yaml
 
 What is derived from the config, so that it cannot drift:
-- `serveConfigV2`: the config's applications, with HTTP bound for the pod network and a proxy on
+- `serveConfigV2`: the config rendered as one application per tier and one for the router
+  (`serve_app.serve_config`), with HTTP bound for the pod network and a proxy on
   every node; each tier pinned to its own worker group through a custom Ray resource
   `tier_<name>` (added to the tier's `ray_resources` unless the tier names its own), the router
   to the `router` group (resource `serve_app_router`), the only pods that mount the API keys.

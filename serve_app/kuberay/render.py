@@ -10,6 +10,8 @@ from typing import Any
 import yaml
 
 from ..config import AppConfig
+from ..serve_config import SOURCE_ENTRY
+from ..serve_config import render as render_serve_config
 from .disruption import GROUP_LABEL
 from .edge import EDGES
 from .groups import (
@@ -45,21 +47,27 @@ def _cluster_args(args: dict[str, Any], config: AppConfig) -> dict[str, Any]:
 
 
 def serve_config_v2(document: dict[str, Any]) -> tuple[str, AppConfig]:
-    """The Serve config for the cluster, and its one application's config."""
+    """The Serve config for the cluster (one application per tier and one for the router,
+    `serve_app.serve_config`), and the configuration it holds, from a source config."""
     apps = document.get("applications") or []
-    if len(apps) != 1:
-        raise ValueError("a RayService is rendered from a config with exactly one application")
+    if len(apps) != 1 or apps[0].get("import_path") != SOURCE_ENTRY:
+        raise ValueError(
+            "a RayService is rendered from a source config (configs/src/): exactly one "
+            f"application, of import_path {SOURCE_ENTRY}"
+        )
     app = dict(apps[0])
     config = AppConfig.model_validate(app.get("args", {}))
     app["args"] = _cluster_args(app.get("args", {}), config)
     placed = AppConfig.model_validate(app["args"]).model_copy(
         update={"kubernetes": config.kubernetes}
     )
-    rendered = {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
-        "applications": [app],
-    }
+    rendered = render_serve_config(
+        {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+            "applications": [app],
+        }
+    )
     return yaml.safe_dump(rendered, sort_keys=False), placed
 
 
@@ -132,6 +140,11 @@ _ManifestDumper.add_representer(str, _str)
 HEADER = (
     "# Rendered by `python -m serve_app.kuberay render {config} --overlay {overlay}`.\n"
     "# Do not edit: change the config and render again (a test fails on drift).\n"
+    "# serveConfigV2 deploys every tier (`tier-<name>`) and the router (`llm`) as Serve\n"
+    "# applications of their own: a change of a tier's engine, model, GPUs or other\n"
+    "# replica-shaping settings restarts that tier's replicas only; token limits, replica\n"
+    "# bounds, scaling, keys, quotas and the router's settings restart none (the list:\n"
+    "# docs/configuration.md#what-a-change-restarts).\n"
 )
 
 

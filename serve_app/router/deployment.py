@@ -6,13 +6,16 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from ..config import AppConfig
 from ..metrics import MetricsRecorder
+from ..serve_config import tier_app_name
 from ..serve_env import missing_protections
 from . import usage_log
 from .dispatch import ServeTransport
@@ -22,25 +25,58 @@ from .routes import Router
 logger = logging.getLogger("ray.serve")
 
 
+class LateApp:
+    """The ASGI app Serve takes when the replica is built, before the router exists: a router
+    of its own application gets its configuration with the first `reconfigure`, which Serve
+    makes before the replica takes any request. Lifespan events are answered here."""
+
+    def __init__(self) -> None:
+        self.app: Starlette | None = None
+        self._handlers: list[tuple[Any, Any]] = []
+
+    def serve(self, app: Starlette) -> None:
+        for exc, handler in self._handlers:
+            app.add_exception_handler(exc, handler)
+        self.app = app
+
+    def add_exception_handler(self, exc: Any, handler: Any) -> None:
+        self._handlers.append((exc, handler))
+        if self.app is not None:
+            self.app.add_exception_handler(exc, handler)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].rsplit(".", 1)[-1]  # startup or shutdown
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        if self.app is None:
+            raise RuntimeError("the router takes requests only once it is configured")
+        await self.app(scope, receive, send)
+
+
 @serve.deployment
 @serve.ingress()
 class RouterDeployment:
     async def __init__(
         self,
-        config: AppConfig,
-        tiers: Mapping[str, DeploymentHandle],
+        config: AppConfig | None,
+        tiers: Mapping[str, DeploymentHandle] | None,
         ledger: DeploymentHandle | None = None,
     ) -> None:
-        self._router = Router(
-            config,
-            ServeTransport(
-                tiers,
-                {tier.name: tier for tier in config.tiers},
-                keep_leases=config.tracing is None,
-            ),
-            MetricsRecorder(),
-            ServeLedger(ledger) if ledger is not None else None,
-        )
+        """`config` and `tiers`: every tier bound into one application with the router
+        (`serve_app.app.build_app`). Both `None`: the router's own application, which reaches
+        each tier's application by name and is configured by `reconfigure`."""
+        self._by_name = tiers is None
+        self._handles: dict[str, DeploymentHandle] = dict(tiers or {})
+        self._ledger = ServeLedger(ledger) if ledger is not None else None
+        self._router: Router | None = None
+        self._transport: ServeTransport | None = None
+        self._app = LateApp()
+        self._reporting: asyncio.Task[None] | None = None
+        self._replica = serve.get_replica_context().replica_id.unique_id
         usage_log.to_stdout()
         missing = missing_protections(os.environ)
         if missing:
@@ -51,8 +87,39 @@ class RouterDeployment:
                 "in the environment of `ray start` on every node: %s",
                 " ".join(f"{k}={v}" for k, v in missing.items()),
             )
-        replica = serve.get_replica_context().replica_id.unique_id
-        self._reporting = asyncio.create_task(self._router.report_queues(replica))
+        if config is not None:
+            self._configure(config)
 
-    def __serve_build_asgi_app__(self) -> Starlette:
-        return self._router.asgi_app()
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The whole configuration (`serve_app.serve_config.router_app`), at start and on every
+        change of it: applied to the requests that arrive from then on, without a restart."""
+        self._configure(AppConfig.model_validate(user_config).for_router())
+
+    def _configure(self, config: AppConfig) -> None:
+        tiers = {tier.name: tier for tier in config.tiers}
+        handles = self._tier_handles(tiers)
+        if self._router is None or self._transport is None:
+            self._transport = ServeTransport(handles, tiers, keep_leases=config.tracing is None)
+            self._router = Router(config, self._transport, MetricsRecorder(), self._ledger)
+            self._app.serve(self._router.asgi_app())
+        else:
+            self._transport.update(handles, tiers)
+            self._router.reconfigure(config)
+            logger.info("router reconfigured: tiers %s", ", ".join(tiers))
+        if self._reporting is not None:
+            self._reporting.cancel()
+        self._reporting = asyncio.create_task(self._router.report_queues(self._replica))
+
+    def _tier_handles(self, tiers: Mapping[str, Any]) -> dict[str, DeploymentHandle]:
+        if self._by_name:  # a tier's application and its deployment share its name
+            for name in tiers:
+                if name not in self._handles:
+                    app = tier_app_name(name)
+                    # Not looked up now: a tier's application may deploy after the router's
+                    # (a blocking check would also stall this replica's loop). A call waits
+                    # for the tier's replicas, within its `replica_wait_timeout_s`.
+                    self._handles[name] = serve.get_deployment_handle(app, app, _check_exists=False)
+        return {name: self._handles[name] for name in tiers}
+
+    def __serve_build_asgi_app__(self) -> LateApp:
+        return self._app

@@ -66,16 +66,38 @@ class ServeTransport:
         tiers: Mapping[str, TierConfig],
         keep_leases: bool = True,
     ) -> None:
-        self._handles = dict(handles)
-        self._tiers = dict(tiers)
-        self._streams = {name: h.options(stream=True) for name, h in handles.items()}
         self._engines = EngineConnections()  # the direct data path's, to every engine
+        self._keep_leases = keep_leases
+        self._handles: dict[str, DeploymentHandle] = {}
+        self._tiers: dict[str, TierConfig] = {}
+        self._streams: dict[str, DeploymentHandle] = {}
+        self._leases: dict[str, TierLeases] = {}
+        self.update(handles, tiers)
+
+    def update(
+        self, handles: Mapping[str, DeploymentHandle], tiers: Mapping[str, TierConfig]
+    ) -> None:
+        """The tiers as they are now configured (a router's live reconfiguration): a tier whose
+        lease keeping changed, or that is gone, has its kept leases given back."""
+        keeping = {name: self._keeping(t) for name, t in tiers.items()}
+        for name, leases in list(self._leases.items()):
+            if name not in tiers or keeping[name] != self._keeping(self._tiers[name]):
+                leases.close()
+                del self._leases[name]
         # Kept leases: direct tiers without their own replica choice (a kept lease skips it),
         # and not while tracing (a trace's tier span is its lease's).
-        self._leases = {
-            name: TierLeases(name, self._asker(name), _keeping(t) if keep_leases else None)
-            for name, t in tiers.items()
+        for name in tiers:
+            if name not in self._leases:
+                self._leases[name] = TierLeases(name, self._asker(name), keeping[name])
+        self._streams = {
+            name: self._streams[name] if self._handles.get(name) is h else h.options(stream=True)
+            for name, h in handles.items()
         }
+        self._handles = dict(handles)
+        self._tiers = dict(tiers)
+
+    def _keeping(self, tier: TierConfig) -> Keeping | None:
+        return _keeping(tier) if self._keep_leases else None
 
     def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
         if self._tiers[tier].tuning.data_path == "direct":

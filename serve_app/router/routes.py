@@ -35,6 +35,10 @@ from .requests import parse_tokenize
 Handler = Callable[[RequestLife], Awaitable[Response]]
 
 
+def _admission(config: AppConfig, tier: str) -> Any:
+    return next((t.admission for t in config.tiers if t.name == tier), None)
+
+
 class Router:
     def __init__(
         self,
@@ -45,29 +49,64 @@ class Router:
     ) -> None:
         """`transport` reaches the tiers and `ledger` the quota ledger: Serve handles in the
         deployment, in-process stand-ins in unit tests."""
+        self._transport = transport
+        self._ledger = ledger
+        self._services = self._build(config, None, recorder)
+        self._created = int(time.time())
+
+    def reconfigure(self, config: AppConfig) -> None:
+        """Apply `config` to the requests that arrive from now on; those under way finish
+        with the services they began with. What carries state across requests is kept: the
+        metrics and in-flight counts, tracing, the grammar workers, the keys (unless their
+        section changed) and each admission queue (unless its tier's `admission` changed)."""
+        self._services = self._build(config, self._services, self._services.recorder)
+
+    def _build(self, config: AppConfig, previous: Services | None, recorder: Recorder) -> Services:
         keys = config.router.api_keys
         limits = config.router.tuning
+        ledger = self._ledger
         quotas = (
             Quotas(ledger, keys.tuning.ledger_timeout_s, keys.on_ledger_failure)
             if keys is not None and ledger is not None
             else None
         )
-        dispatch = Dispatcher(transport, {t.name: t.replica_wait_timeout_s for t in config.tiers})
+        dispatch = Dispatcher(
+            self._transport, {t.name: t.replica_wait_timeout_s for t in config.tiers}
+        )
         tier_bytes = {
             t.name: tier_body_bytes(t.engine.max_input_tokens, limits.body_bytes_per_input_token)
             for t in config.tiers
         }
-        self._services = Services(
+        queues = admissions(config)  # fair, prioritised queues of tiers that have one
+        if previous is None:
+            key_source = key_ring(keys)
+            in_flight = InFlight(recorder)
+            tracing = Tracing.configure(config.tracing, "router")
+            grammars = GrammarCompiler()
+            background: set[Any] = set()
+        else:
+            old = previous.config
+            same_keys = old.router.api_keys == keys
+            key_source = previous.keys if same_keys else key_ring(keys)
+            for tier in config.tiers:
+                kept = previous.admissions.get(tier.name)
+                if kept is not None and _admission(old, tier.name) == tier.admission:
+                    queues[tier.name] = kept
+            if same_keys and previous.quotas is not None and quotas is not None:
+                quotas = previous.quotas
+            in_flight, tracing = previous.in_flight, previous.tracing
+            grammars, background = previous.grammars, previous.background
+        return Services(
             config=config,
             policy=TierPolicy(config),
             dispatch=dispatch,
-            keys=key_ring(keys),
+            keys=key_source,
             quotas=quotas,
-            admissions=admissions(config),  # fair, prioritised queues of tiers that have one
+            admissions=queues,
             recorder=recorder,
-            in_flight=InFlight(recorder),
-            tracing=Tracing.configure(config.tracing, "router"),
-            grammars=GrammarCompiler(),
+            in_flight=in_flight,
+            tracing=tracing,
+            grammars=grammars,
             limits=BodyLimits(
                 limits.max_body_bytes, limits.body_timeout_s, limits.max_json_depth, tier_bytes
             ),
@@ -76,9 +115,8 @@ class Router:
                 keys.tuning.tokenize_timeout_s if keys is not None else 2.0,
                 {t.name: t.engine.protocol for t in config.tiers},
             ),
-            background=set(),
+            background=background,
         )
-        self._created = int(time.time())
 
     @property
     def services(self) -> Services:
@@ -176,9 +214,8 @@ class Router:
     # -- the boundary: a request's life begins, errors become HTTP answers ---------------------
 
     def _guarded(self, handler: Handler, *, tgi: bool) -> Callable[[Request], Awaitable[Response]]:
-        services = self._services
-
         async def route(request: Request) -> Response:
+            services = self._services  # as configured when the request arrived
             life = RequestLife(services, request, tgi=tgi)
             try:
                 life.identify()

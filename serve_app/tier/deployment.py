@@ -14,8 +14,14 @@ import ray
 from ray import serve
 
 from .. import pod_log
-from ..autoscaling import ENGINE_QUEUE, ENGINE_RUNNING, admission_stats, fresh_reports
-from ..config import TierConfig, TracingConfig
+from ..autoscaling import (
+    ENGINE_QUEUE,
+    ENGINE_RUNNING,
+    admission_stats,
+    fresh_reports,
+    rule_stats,
+)
+from ..config import QueueScaling, TierConfig, TracingConfig
 from ..engine.client import EngineReply
 from ..engine.sse import Batch
 from ..engine.stats import parse_load
@@ -70,12 +76,23 @@ class TierDeployment:
             kept=tier.keeps_leases and tracing is None,
             on_count=lambda held: app_metrics().engine_leases.set(held, self._tags),
         )
+        # The scaling rule the replicas report (a tier of its own application), else none.
+        self._rule: dict[str, float] = {}
         app_metrics().engine_starts.inc(1, self._tags)
-        if tier.tuning.gpu_hour_price_usd is not None:
-            app_metrics().gpu_hour_price.set(tier.tuning.gpu_hour_price_usd, self._tags)
+        self._price(tier.tuning.gpu_hour_price_usd)
         await self._supervisor.start()
         self._log = log
         self._watch = asyncio.create_task(self._end_with_engine())
+
+    def reconfigure(self, live: dict[str, Any]) -> None:
+        """A tier of its own application: the settings it applies live, without a restart
+        (`serve_app.serve_config.tier_user_config`), at start and on every change."""
+        self._rule = rule_stats(QueueScaling.model_validate(live.get("scaling") or {}))
+        self._price(live.get("gpu_hour_price_usd"))
+
+    def _price(self, usd: float | None) -> None:
+        if usd is not None:
+            app_metrics().gpu_hour_price.set(usd, self._tags)
 
     async def _end_with_engine(self) -> None:
         """An engine that exits while serving ends its replica at once. Routers then drop the
@@ -162,7 +179,7 @@ class TierDeployment:
         app_metrics().engine_running.set(load.running, self._tags)
         self._admission_reports = fresh_reports(self._admission_reports, time.monotonic())
         queues = admission_stats(self._admission_reports)
-        return {ENGINE_QUEUE: load.queued, ENGINE_RUNNING: load.running, **queues}
+        return {ENGINE_QUEUE: load.queued, ENGINE_RUNNING: load.running, **queues, **self._rule}
 
     async def record_routing_stats(self) -> dict[str, float]:
         """The engine's load, for `serve_app.tier.request_router` (tiers with `routing`)."""
@@ -192,3 +209,12 @@ class TierDeployment:
     async def __del__(self) -> None:
         self._meter()
         await self._supervisor.stop()
+
+
+@serve.deployment
+class TierEntry:
+    """The top deployment of the application of a tier with `routing` (`serve_app.app.
+    build_tier`); it holds the tier's deployment and does nothing: routers call that one."""
+
+    def __init__(self, tier: Any) -> None:
+        self._tier = tier

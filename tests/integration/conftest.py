@@ -75,11 +75,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEngine]:
 
 @cache
 def _local_config() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    return yaml.safe_load((ROOT / "configs" / "src" / "local.yaml").read_text())
 
 
 def local_config() -> dict[str, Any]:
-    """A fresh copy of the shipped configs/local.yaml, as a Serve config dict."""
+    """A fresh copy of the shipped configs/src/local.yaml (the source of configs/local.yaml),
+    as a Serve config dict; `Stack.deploy` renders it as `serve_app.serve_config` does."""
     return copy.deepcopy(_local_config())
 
 

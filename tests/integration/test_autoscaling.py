@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import wait_for
+from tests.helpers import all_deployments, wait_for
 
 from .conftest import Stack, local_config
 from .test_supervision import QUESTION, one_tier
@@ -21,7 +21,7 @@ BURST = 10  # streams: over the small tier's 4 per replica by more than the hyst
 
 def running_replicas(stack: Stack, deployment: str = "tier-small") -> int:
     apps = httpx.get(f"{stack.head.dashboard}/api/serve/applications/", timeout=5).json()
-    replicas = apps["applications"]["llm"]["deployments"][deployment]["replicas"]
+    replicas = all_deployments(apps["applications"])[deployment]["replicas"]
     return sum(1 for replica in replicas if replica["state"] == "RUNNING")
 
 

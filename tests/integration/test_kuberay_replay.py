@@ -27,6 +27,7 @@ from openai import OpenAI
 from devstack import local_ray, localstack
 from devstack.hosts import free_port
 from serve_app.kuberay import API_KEYS, RAY_TOKEN
+from tests.helpers import all_deployments
 from tests.unit.kuberay.test_render import rayservice
 
 API_KEY = "sk-replay-0123456789abcdef"
@@ -114,7 +115,8 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replayed]:
                 sessions.append(local_ray.ray_start(worker, worker_env))
         serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
         serve_config["http_options"] = {"host": "127.0.0.1", "port": http}
-        router = serve_config["applications"][0]["args"]["router"]
+        (app,) = [a for a in serve_config["applications"] if a["name"] == "llm"]
+        router = app["deployments"][0]["user_config"]["router"]  # the router's configuration
         assert router["api_keys"]["file"] == API_KEYS.path
         router["api_keys"]["file"] = str(keys_file)
         url = f"http://127.0.0.1:{dashboard}"
@@ -182,7 +184,7 @@ def test_each_tier_and_the_router_run_on_their_own_worker_group(replayed: Replay
         for resource in node["resources_total"]
         if resource.startswith(("tier_", "serve_app_router"))
     }
-    deployments = replayed.applications()["llm"]["deployments"]
+    deployments = all_deployments(replayed.applications())
     for deployment, resource in [("tier-small", "tier_small"), ("tier-large", "tier_large"),
                                  ("router", "serve_app_router")]:  # fmt: skip
         nodes_used = {r["node_id"] for r in deployments[deployment]["replicas"]}

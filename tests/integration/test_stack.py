@@ -20,7 +20,7 @@ from openai import NotFoundError
 
 from devstack import localstack
 from serve_app.compare.report import markdown as report_table
-from tests.helpers import wait_for
+from tests.helpers import all_deployments, wait_for
 
 from .conftest import Stack, local_config
 
@@ -172,8 +172,9 @@ def test_serve_status_shows_every_deployment_healthy(stack: Stack) -> None:
         env=stack.env, capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     apps = yaml.safe_load(out)["applications"]
-    assert apps["llm"]["status"] == "RUNNING", out
-    deployments = apps["llm"]["deployments"]
+    assert set(apps) == {"llm", "tier-small", "tier-large"}, out
+    assert {app["status"] for app in apps.values()} == {"RUNNING"}, out
+    deployments = all_deployments(apps)
     assert set(deployments) == {"router", "tier-small", "tier-large"}, out
     assert {d["status"] for d in deployments.values()} == {"HEALTHY"}, out
 

@@ -42,8 +42,8 @@ PROMPT = "What is the capital of France? The capital of France is"
 
 
 def config() -> dict[str, Any]:
-    """configs/local-vllm.yaml with its paths made absolute, as `make up` deploys it."""
-    shipped = yaml.safe_load((ROOT / "configs" / "local-vllm.yaml").read_text())
+    """configs/local-vllm.yaml's source with its paths made absolute, as `make up` deploys it."""
+    shipped = yaml.safe_load((ROOT / "configs" / "src" / "local-vllm.yaml").read_text())
     return localstack.with_absolute_paths(shipped, ROOT)
 
 

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def local_args() -> dict[str, Any]:
-    """A fresh copy of the application arguments in configs/local.yaml."""
-    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    """A fresh copy of the application arguments in configs/src/local.yaml."""
+    config = yaml.safe_load((ROOT / "configs" / "src" / "local.yaml").read_text())
     return copy.deepcopy(config["applications"][0]["args"])
 
 

@@ -10,11 +10,14 @@ from serve_app.autoscaling import (
     ADMISSION_REPORT_TTL_S,
     ENGINE_QUEUE,
     ENGINE_RUNNING,
+    SCALING_RULE,
     QueueLengthPolicy,
     admission_stats,
     decide,
     fresh_reports,
     queued_in_routers,
+    rule_from_stats,
+    rule_stats,
 )
 from serve_app.config import QueueScaling, ScalingTuning
 
@@ -108,3 +111,31 @@ def test_a_replica_passes_on_only_fresh_reports() -> None:
     assert fresh == {"A": (4.0, 100.0)}
     assert admission_stats(fresh) == {f"{ADMISSION_QUEUE}:A": 4.0}
     assert fresh_reports(fresh, now=100.0 + ADMISSION_REPORT_TTL_S + 1) == {}
+
+
+def test_the_rule_the_replicas_report_is_the_rule_the_policy_applies() -> None:
+    """A tier of its own application: its rule reaches the policy through its replicas'
+    reports, so that a change of it is live (the policy's own arguments would restart them)."""
+    stats = rule_stats(RULE)
+    raw = {name: {"r1": [Sample(0, value)]} for name, value in stats.items()}
+    assert rule_from_stats(raw, QueueScaling()) == RULE
+    # while a change reaches the replicas, the larger value of each field holds
+    raw[f"{SCALING_RULE}:target_per_replica"]["r2"] = [Sample(1, 6)]
+    assert rule_from_stats(raw, QueueScaling()).target_per_replica == 6
+    # no replica, no report: the policy's own
+    assert rule_from_stats({ENGINE_QUEUE: {}}, RULE) == RULE
+    broken = {f"{SCALING_RULE}:tuning.hysteresis": {"r1": [Sample(0, 5)]}}
+    assert rule_from_stats(broken, RULE) == RULE  # an invalid report is not applied
+
+
+def test_the_policy_scales_on_the_reported_rule() -> None:
+    slow = RULE.model_copy(update={"target_per_replica": 1.0, "upscale_delay_s": 0.0})
+    raw = {ENGINE_QUEUE: {"r1": [Sample(0, 3)]}, ENGINE_RUNNING: {"r1": [Sample(0, 0)]}}
+    raw.update({name: {"r1": [Sample(0, v)]} for name, v in rule_stats(slow).items()})
+    ctx = SimpleNamespace(
+        raw_metrics=raw, total_queued_requests=0, total_num_requests=3, policy_state={},
+        current_num_replicas=1, target_num_replicas=1, capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=8, current_time=10.0, deployment_name="tier-small",
+    )  # fmt: skip
+    replicas, _ = QueueLengthPolicy(**RULE.model_dump())(ctx)  # type: ignore[arg-type]
+    assert replicas == 3  # 3 requests at 1 per replica, without the policy's own 3 s delay

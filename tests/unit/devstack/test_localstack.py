@@ -38,7 +38,7 @@ def test_ray_env_guards_serve_s_ingress_and_keeps_a_client_timeout_already_set()
 
 def test_a_configs_checkout_paths_are_made_absolute(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[3]
-    config = localstack.yaml.safe_load((root / "configs" / "local-vllm.yaml").read_text())
+    config = localstack.yaml.safe_load((root / "configs" / "src" / "local-vllm.yaml").read_text())
     out = localstack.with_absolute_paths(config, tmp_path)
     small, vllm = out["applications"][0]["args"]["tiers"]
     assert small["engine"]["model_id"] == "smollm2-135m-instruct"  # an alias, not a path
@@ -47,10 +47,21 @@ def test_a_configs_checkout_paths_are_made_absolute(tmp_path: Path) -> None:
     assert config["applications"][0]["args"]["tiers"][1]["engine"]["model_id"].startswith("./")
 
 
+def test_a_rendered_configs_paths_are_made_absolute_in_every_application(tmp_path: Path) -> None:
+    """The committed configs/local-vllm.yaml, one application per tier: the vLLM tier's own
+    args and the router's copy of the whole configuration alike."""
+    root = Path(__file__).resolve().parents[3]
+    config = localstack.yaml.safe_load((root / "configs" / "local-vllm.yaml").read_text())
+    text = localstack.yaml.safe_dump(localstack.with_absolute_paths(config, tmp_path))
+    assert "./.vllm" in localstack.yaml.safe_dump(config)
+    assert "./.vllm" not in text
+    assert text.count(str(tmp_path / ".vllm/models/smollm2-135m-instruct")) >= 2
+
+
 def test_the_deployed_config_is_written_beside_the_state(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[3]
     state = tmp_path / ".localstack" / "head.json"
-    out = localstack.rendered(root / "configs" / "local-vllm.yaml", root, state)
+    out = localstack.rendered(root / "configs" / "src" / "local-vllm.yaml", root, state)
     assert out.parent == state.parent
     deployed = localstack.yaml.safe_load(out.read_text())
     assert deployed["applications"][0]["args"]["tiers"][1]["engine"]["tuning"]["python"] == str(

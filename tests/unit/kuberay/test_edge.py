@@ -90,8 +90,8 @@ def test_the_route_waits_as_long_as_a_request_may_last_on_the_gateways_tls_liste
 
 @pytest.mark.parametrize(("kind", "path"), EDGE_FILES.items())
 def test_committed_edge_is_what_the_config_renders(kind: str, path: str) -> None:
-    assert (ROOT / path).read_text() == render_edge_file(Path("configs/gpu.yaml"), kind), (
-        f"{path} is stale: run python -m serve_app.kuberay edge configs/gpu.yaml --kind {kind}"
+    assert (ROOT / path).read_text() == render_edge_file(Path("configs/src/gpu.yaml"), kind), (
+        f"{path} is stale: run python -m serve_app.kuberay edge configs/src/gpu.yaml --kind {kind}"
     )
 
 

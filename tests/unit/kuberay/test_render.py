@@ -15,12 +15,12 @@ import yaml
 from jsonschema import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import AppConfig
 from serve_app.kuberay import render_file
+from serve_app.serve_config import source_config
 from tests.crd import KUBERNETES_VERSION, validator
 
 ROOT = Path(__file__).resolve().parents[3]
-OVERLAYS = {"gpu": "configs/gpu.yaml", "local": "configs/local.yaml"}
+OVERLAYS = {"gpu": "configs/src/gpu.yaml", "local": "configs/src/local.yaml"}
 
 
 def kustomize(path: str) -> list[dict[str, Any]]:
@@ -88,10 +88,13 @@ def test_serve_config_v2_passes_serve_and_our_config(overlay: str) -> None:
     service = rayservice(overlay)
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
-    (app,) = serve_config["applications"]
-    config = AppConfig.model_validate(app["args"])
+    config = source_config(serve_config)
+    apps = {app["name"]: app for app in serve_config["applications"]}
+    assert set(apps) == {"llm", *(f"tier-{t.name}" for t in config.tiers)}
     groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     for tier in config.tiers:
+        # the tier's own application is pinned to its group
+        assert apps[f"tier-{tier.name}"]["args"]["tier"]["ray_resources"] == tier.ray_resources
         group = groups[f"tier-{tier.name}"]
         assert (group["minReplicas"], group["maxReplicas"]) == (
             tier.replicas.min,
@@ -189,8 +192,7 @@ def test_each_secret_is_mounted_only_where_it_is_read(overlay: str) -> None:
 
 def test_the_router_reads_its_keys_file_where_the_router_group_mounts_it() -> None:
     service = rayservice("gpu")
-    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    config = AppConfig.model_validate(app["args"])
+    config = source_config(yaml.safe_load(service["spec"]["serveConfigV2"]))
     assert config.router.api_keys is not None and config.router.api_keys.file
     groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     router = groups["router"]
@@ -305,8 +307,9 @@ def test_gpu_tiers_are_sized_from_the_config_per_gpu() -> None:
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_the_kubernetes_section_stays_out_of_the_applications_args(overlay: str) -> None:
-    (app,) = yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])["applications"]
-    assert "kubernetes" not in app["args"]
+    serve_config = rayservice(overlay)["spec"]["serveConfigV2"]
+    assert "kubernetes" not in serve_config  # neither in a tier's args nor in the router's
+    assert len(yaml.safe_load(serve_config)["applications"]) > 1
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))

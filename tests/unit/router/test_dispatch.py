@@ -277,3 +277,28 @@ def test_the_direct_path_streams_from_the_leased_engine_and_keeps_the_lease() ->
         ("/v1/chat/completions", auth, trace, {"messages": []}),
         ("/generate", auth, trace, {"inputs": "hi"}),
     ]
+
+
+def test_an_update_gives_back_the_kept_leases_of_a_tier_whose_keeping_changed() -> None:
+    """A router's live reconfiguration: tiers whose lease keeping is as it was keep their kept
+    leases; a tier that keeps differently now, or is gone, has its own given back."""
+    tiers = AppConfig.model_validate({"tiers": [{"name": "small"}, {"name": "large"}]}).tiers
+    small, large = tiers
+    handles = {"small": DirectTier("http://small"), "large": DirectTier("http://large")}
+
+    async def run() -> None:
+        transport = ServeTransport(handles, {"small": small, "large": large})  # type: ignore[arg-type]
+        kept = dict(transport._leases)
+        quicker = large.model_copy(
+            update={"tuning": large.tuning.model_copy(update={"lease_idle_s": 0.5})}
+        )
+        closed: list[str] = []
+        for name, leases in kept.items():
+            leases.close = lambda name=name: closed.append(name)  # type: ignore[method-assign]
+        transport.update(handles, {"small": small, "large": quicker})  # type: ignore[arg-type]
+        assert transport._leases["small"] is kept["small"]
+        assert transport._leases["large"] is not kept["large"] and closed == ["large"]
+        transport.update({"large": handles["large"]}, {"large": quicker})  # type: ignore[dict-item]
+        assert closed == ["large", "small"] and set(transport._leases) == {"large"}
+
+    asyncio.run(run())

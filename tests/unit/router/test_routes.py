@@ -335,3 +335,36 @@ def test_tokenize_on_either_kind_of_tier_without_a_quota_charge(tmp_path: Path) 
                                  {**bearer("small-only"), "x-tier": "vllm"}))  # fmt: skip
     assert forbidden.status == 403
     assert recorder.outcomes == []  # nothing generated, nothing admitted
+
+
+# -- live reconfiguration -------------------------------------------------------------------
+
+
+def test_a_reconfigured_router_applies_the_new_settings_and_keeps_its_state(
+    tmp_path: Path,
+) -> None:
+    """`Router.reconfigure` (a router of its own application, `serve deploy` of a changed
+    config): the next request sees the new settings; the counts, keys and admission queues
+    that the change left alone are the same objects."""
+    cfg = config(tmp_path, keys=False)
+    args = cfg.model_dump(mode="json", exclude_unset=True)
+    args["tiers"][1]["admission"] = {"max_in_flight": 4}
+    r, recorder, _ = router(type(cfg).model_validate(args), engine)
+    app = r.asgi_app()
+    before = r.services
+    large = {**CHAT, "model": "large", "max_tokens": 100}
+    assert asyncio.run(call(app, "POST", "/v1/chat/completions", large)).status == 200
+    args["tiers"][1]["max_tokens_limit"] = 50
+    args["tiers"][0]["aliases"] = ["tiny"]
+    r.reconfigure(type(cfg).model_validate(args))
+    refused = asyncio.run(call(app, "POST", "/v1/chat/completions", large))
+    assert refused.status == 400 and refused.json()["error"]["param"] == "max_tokens"
+    tiny = asyncio.run(call(app, "POST", "/v1/chat/completions", {**CHAT, "model": "tiny"}))
+    assert tiny.status == 200 and tiny.headers["x-tier"] == "small"
+    after = r.services
+    assert after.in_flight is before.in_flight and after.recorder is recorder
+    assert after.admissions["large"] is before.admissions["large"]
+    assert settled(recorder, ("small", "large"))
+    args["tiers"][1]["admission"] = {"max_in_flight": 2}
+    r.reconfigure(type(cfg).model_validate(args))
+    assert r.services.admissions["large"] is not before.admissions["large"]
