@@ -58,6 +58,12 @@ async def openai_events(
                     out.append(DONE)
                     done = True
                     continue
+                spliced = normaliser.event(data)
+                if spliced is not None:
+                    out.append(spliced[0])
+                    tokens += spliced[1]
+                    events += 1
+                    continue
                 chunk = json.loads(data)
                 tokens += _openai_tokens(chunk)
                 events += 1
