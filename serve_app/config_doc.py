@@ -27,6 +27,9 @@ from .config import AppConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 TUNING = "tuning"
+# The section only the KubeRay manifest renderer reads: documented in its own part, and not
+# counted among the settings the application needs decided.
+KUBERNETES = "kubernetes"
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,19 @@ def settings() -> list[Setting]:
     return [s for section in sections() for s in section.settings if s.leaf]
 
 
+def _kubernetes(path: str) -> bool:
+    return path == KUBERNETES or path.startswith(KUBERNETES + ".")
+
+
 def user_settings() -> list[Setting]:
-    """The leaf settings outside any `tuning` section: what a platform engineer decides."""
-    return [s for s in settings() if not s.tuning]
+    """The leaf settings outside any `tuning` section and outside `kubernetes`: what a platform
+    engineer decides for the application."""
+    return [s for s in settings() if not s.tuning and not _kubernetes(s.path)]
+
+
+def kubernetes_settings() -> list[Setting]:
+    """The leaf settings only the KubeRay manifest renderer reads."""
+    return [s for s in settings() if _kubernetes(s.path)]
 
 
 def tuning_settings() -> list[Setting]:
@@ -238,6 +251,7 @@ def _render_section(section: Section) -> list[str]:
 def render() -> str:
     """docs/configuration.md."""
     user, tuning = user_settings(), tuning_settings()
+    kubernetes = kubernetes_settings()
     lines = [
         "# Configuration",
         "",
@@ -254,13 +268,21 @@ def render() -> str:
         "level is an error that says where it went (e.g. `lease_idle_s` moved to "
         "`tuning.lease_idle_s`).",
         "",
-        f"User-facing settings: {len(user)}. Tuning settings: {len(tuning)}.",
+        "The `kubernetes` section is read only by the KubeRay manifest renderer (`python -m "
+        "serve_app.kuberay render`): pod sizes and placement, disruption budgets and spread "
+        "(docs/kubernetes.md). Its settings are listed in a part of their own.",
+        "",
+        f"User-facing settings: {len(user)}. Kubernetes settings: {len(kubernetes)}. "
+        f"Tuning settings: {len(tuning)}.",
         "",
         "Key paths: `a.b` is key `b` of section `a`; `a[]` is a list of sections.",
         "",
     ]
-    first_tuning = True
+    first_tuning = first_kubernetes = True
     for section in sections():
+        if _kubernetes(section.path) and first_kubernetes:
+            lines += ["# Kubernetes", "", "Read only by the KubeRay manifest renderer.", ""]
+            first_kubernetes = False
         if section.tuning and first_tuning:
             lines += ["# Tuning", "", "Mechanism; the defaults suit most deployments.", ""]
             first_tuning = False

@@ -43,3 +43,8 @@ def validator(kind_file: str = "ray.io_rayservices.yaml") -> Draft202012Validato
     schema = strict(version["schema"]["openAPIV3Schema"])
     # apiVersion/kind/metadata are the API server's to check; the schema leaves them open.
     return Draft202012Validator(schema)
+
+
+# Kubernetes' own kinds (Ingress, PodDisruptionBudget, Job, NetworkPolicy, ...): validated
+# strictly (unknown fields are errors) against this release's schemas by kubernetes-validate.
+KUBERNETES_VERSION = "1.32.0"

@@ -15,10 +15,32 @@ What is derived from the config, so that it cannot drift:
   authentication with the token read from a mounted Secret, secrets as files mounted only where
   they are read, Pod Security "restricted" settings, NetworkPolicies, and, where a model cache is
   mounted, the Job that fills it (serving pods mount it read-only and wait for it).
-Pod sizes and scheduling hints that are not in the config come from `Overlay`.
+- each pod's size and placement from the config's `kubernetes` section, or derived from the tier
+  (CPU and memory per GPU) and the overlay; a PodDisruptionBudget per worker group and topology
+  spread of each group over nodes and zones (docs/kubernetes.md).
+What the config does not say about the environment (GPU nodes or not, the model cache's claim)
+comes from `Overlay`.
 """
 
-from .groups import ROUTER_RESOURCE, autoscaler_options, router_group, tier_resource, worker_group
+from .disruption import GROUP_LABEL, disruption_budget, group_labels, topology_spread
+from .edge import (
+    EDGES,
+    EdgeLimits,
+    edge_limits,
+    gateway,
+    http_route,
+    ingress,
+)
+from .groups import (
+    ROUTER_GROUP,
+    ROUTER_RESOURCE,
+    autoscaler_options,
+    disruption_budgets,
+    router_group,
+    tier_group,
+    tier_resource,
+    worker_group,
+)
 from .model_cache import FILL_POD_LABELS, fill_job, fill_marker, wait_for_cache
 from .overlays import OVERLAYS, Overlay
 from .pods import (
@@ -47,6 +69,7 @@ from .render import (
     RAY_VERSION,
     manifests,
     render,
+    render_edge_file,
     render_file,
     serve_config_v2,
 )
@@ -60,18 +83,36 @@ from .security import (
     TOKEN_AUTH_ENV,
     SecretFile,
 )
+from .sizing import (
+    CPU_PER_GPU,
+    GPU_TOLERATION,
+    MEMORY_GIB_BASE,
+    MEMORY_GIB_PER_GPU,
+    PodShape,
+    cores,
+    derived_tier_size,
+    head_shape,
+    router_shape,
+    tier_shape,
+)
 
 __all__ = [
     "API_KEYS",
     "CACHE_ENV",
     "CONTAINER_SECURITY",
+    "CPU_PER_GPU",
     "DASHBOARD_PORT",
     "DEFAULT_IMAGE",
+    "EDGES",
     "FILL_POD_LABELS",
+    "GPU_TOLERATION",
+    "GROUP_LABEL",
     "HEADER",
     "HEAD_PORTS",
     "HF_TOKEN",
     "IMAGE_UID",
+    "MEMORY_GIB_BASE",
+    "MEMORY_GIB_PER_GPU",
     "METRICS_PORT",
     "MODEL_CACHE",
     "NO_CACHE_ENV",
@@ -84,27 +125,45 @@ __all__ = [
     "RAY_TMP",
     "RAY_TOKEN",
     "RAY_VERSION",
+    "ROUTER_GROUP",
     "ROUTER_RESOURCE",
     "SERVE_PORT",
     "TMP",
     "TOKEN_AUTH_ENV",
     "WORKER_PORTS",
     "WRITABLE_ENV",
+    "EdgeLimits",
     "Overlay",
+    "PodShape",
     "Role",
     "SecretFile",
     "autoscaler_options",
     "container_resources",
+    "cores",
+    "derived_tier_size",
+    "disruption_budget",
+    "disruption_budgets",
+    "edge_limits",
     "fill_job",
     "fill_marker",
+    "gateway",
+    "group_labels",
+    "head_shape",
+    "http_route",
+    "ingress",
     "manifests",
     "network_policies",
     "pod",
     "render",
+    "render_edge_file",
     "render_file",
     "router_group",
+    "router_shape",
     "serve_config_v2",
+    "tier_group",
     "tier_resource",
+    "tier_shape",
+    "topology_spread",
     "wait_for_cache",
     "worker_group",
 ]

@@ -1,5 +1,6 @@
 """The command line: `python -m serve_app.kuberay render CONFIG --overlay NAME [--image IMAGE]`
-prints an overlay's manifests."""
+prints an overlay's manifests; `python -m serve_app.kuberay edge CONFIG --kind ingress|gateway`
+the TLS edge for the config's router limits."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .edge import EDGES
 from .overlays import OVERLAYS
-from .render import DEFAULT_IMAGE, render_file
+from .render import DEFAULT_IMAGE, render_edge_file, render_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("config", type=Path)
     cmd.add_argument("--overlay", choices=sorted(OVERLAYS), required=True)
     cmd.add_argument("--image", default=DEFAULT_IMAGE)
+    edge = commands.add_parser(
+        "edge", help="print the Ingress (or Gateway and HTTPRoute) with the router's limits"
+    )
+    edge.add_argument("config", type=Path)
+    edge.add_argument("--kind", choices=sorted(EDGES), required=True)
     args = parser.parse_args(argv)
-    sys.stdout.write(render_file(args.config, args.overlay, args.image))
+    if args.command == "edge":
+        sys.stdout.write(render_edge_file(args.config, args.kind))
+    else:
+        sys.stdout.write(render_file(args.config, args.overlay, args.image))
     return 0
 
 

@@ -1,47 +1,54 @@
 """The RayCluster's worker groups (one per tier, one for the router), the custom Ray resources
-that pin each to its group, and the head's autoscaler sidecar."""
+that pin each to its group, their disruption budgets, and the head's autoscaler sidecar."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from ..config import AppConfig, TierConfig
+from ..config import AppConfig, KubernetesConfig, TierConfig
+from .disruption import GROUP_LABEL, disruption_budget, topology_spread
 from .model_cache import fill_marker, wait_for_cache
 from .overlays import Overlay
 from .pods import NO_CACHE_ENV, TMP, WRITABLE_ENV, Role, container_resources, pod
 from .security import CONTAINER_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
+from .sizing import router_shape, tier_shape
 
 ROUTER_RESOURCE = "serve_app_router"
+ROUTER_GROUP = "router"
 
 
 def tier_resource(tier: TierConfig) -> str:
     return f"tier_{tier.name.replace('-', '_')}"
 
 
-def worker_group(tier: TierConfig, overlay: Overlay, image: str) -> dict[str, Any]:
-    if tier.tuning.cpus_per_replica > float(overlay.worker_cpu):
-        raise ValueError(
-            f"tier {tier.name!r} asks {tier.tuning.cpus_per_replica} CPUs per replica; the "
-            f"{overlay.name!r} overlay's workers have {overlay.worker_cpu}"
-        )
-    gpus = tier.gpus_per_replica if overlay.gpu else 0
+def tier_group(tier: TierConfig) -> str:
+    return f"tier-{tier.name}"
+
+
+def worker_group(
+    tier: TierConfig, kube: KubernetesConfig, overlay: Overlay, image: str
+) -> dict[str, Any]:
+    shape = tier_shape(tier, kube, overlay)
     amounts = {k: int(v) if float(v).is_integer() else v for k, v in tier.ray_resources.items()}
     resources = json.dumps(amounts, separators=(",", ":"))
-    params = {"resources": f"'{resources}'", "num-cpus": overlay.worker_cpu}
-    if gpus:
-        params["num-gpus"] = str(gpus)
+    params = {"resources": f"'{resources}'", "num-cpus": shape.ray_cpus}
+    if shape.gpus:
+        params["num-gpus"] = str(shape.gpus)
     marker = fill_marker(tier.engine.model_id, tier.engine.revision)
-    init = [wait_for_cache(image, marker)] if overlay.model_cache_claim else None
-    sizes = container_resources(overlay.worker_cpu, overlay.worker_memory, gpus)
+    init = None
+    if overlay.model_cache_claim:
+        init = [wait_for_cache(image, marker, tier.engine.model_id)]
+    name = tier_group(tier)
     return {
-        "groupName": f"tier-{tier.name}",
+        "groupName": name,
         "replicas": tier.replicas.min,
         "minReplicas": tier.replicas.min,
         "maxReplicas": tier.replicas.max,
         "rayStartParams": params,
-        "template": pod(Role.TIER, overlay, image, sizes, gpus, init),
-    }
+        "template": pod(Role.TIER, overlay, image, shape, init, {GROUP_LABEL: name},
+                        topology_spread(name, kube.spread)),
+    }  # fmt: skip
 
 
 def router_group(config: AppConfig, overlay: Overlay, image: str) -> dict[str, Any]:
@@ -50,15 +57,25 @@ def router_group(config: AppConfig, overlay: Overlay, image: str) -> dict[str, A
                for k, v in config.router.ray_resources.items()}  # fmt: skip
     resources = json.dumps(amounts, separators=(",", ":"))
     replicas = config.router.replicas
+    shape = router_shape(config.kubernetes, overlay)
     return {
-        "groupName": "router",
+        "groupName": ROUTER_GROUP,
         "replicas": replicas,
         "minReplicas": replicas,
         "maxReplicas": replicas,
         "rayStartParams": {"resources": f"'{resources}'", "num-cpus": "0"},
-        "template": pod(Role.ROUTER, overlay, image,
-                        container_resources(overlay.router_cpu, overlay.router_memory)),
+        "template": pod(Role.ROUTER, overlay, image, shape, None, {GROUP_LABEL: ROUTER_GROUP},
+                        topology_spread(ROUTER_GROUP, config.kubernetes.spread)),
     }  # fmt: skip
+
+
+def disruption_budgets(config: AppConfig) -> list[dict[str, Any]]:
+    """One PodDisruptionBudget per worker group: the router's and each tier's."""
+    kube = config.kubernetes
+    budgets = [disruption_budget(ROUTER_GROUP, kube.router.max_unavailable)]
+    budgets += [disruption_budget(tier_group(t), kube.tier(t.name).max_unavailable)
+                for t in config.tiers]  # fmt: skip
+    return budgets
 
 
 def autoscaler_options() -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""What the config does not say about pods, per overlay: sizes, GPU nodes or not, the model cache's
-claim and the monitoring namespace."""
+"""What the config does not say, per overlay: the default sizes of the head, router and CPU worker
+pods (GPU tiers are sized per GPU, `sizing.py`), GPU nodes or not, the model cache's claim and
+the monitoring namespace."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Overlay:
-    """What the config does not say about pods: sizes, and GPU nodes or not."""
+    """What the config does not say about pods: default sizes, and GPU nodes or not."""
 
     name: str
     gpu: bool

@@ -6,9 +6,19 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+from ..pod_log import ENV as POD_LOG_ENV
+from ..pod_log import ON_KUBERNETES as POD_LOG_ON_KUBERNETES
 from ..serve_env import INGRESS_GUARDS, SERVE_TUNING
 from .overlays import Overlay
-from .security import API_KEYS, CONTAINER_SECURITY, POD_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
+from .security import (
+    API_KEYS,
+    CONTAINER_SECURITY,
+    HF_TOKEN,
+    POD_SECURITY,
+    RAY_TOKEN,
+    TOKEN_AUTH_ENV,
+)
+from .sizing import PodShape
 
 SERVE_PORT, METRICS_PORT, DASHBOARD_PORT = 8000, 8080, 8265
 HEAD_PORTS = [
@@ -35,6 +45,8 @@ RAY_ENV = [
     *({"name": k, "value": v} for k, v in SERVE_TUNING.items()),
     # Serve's ingress: unfinished requests cut off, headers Serve reads made safe.
     *({"name": k, "value": v} for k, v in INGRESS_GUARDS.items()),
+    # Engine output and usage lines also to the pod's log, where `kubectl logs` shows them.
+    {"name": POD_LOG_ENV, "value": POD_LOG_ON_KUBERNETES},
 ]
 # The root filesystem is read-only: home, caches and Ray's temp dir live on the writable mounts.
 WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}]
@@ -69,10 +81,19 @@ def container_resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
     return {"limits": limits, "requests": {"cpu": cpu, "memory": memory}}
 
 
+def _downloads(role: Role, overlay: Overlay) -> bool:
+    """Whether this role's pods download weights themselves: tier pods without a model cache
+    (their engines fill their own Hugging Face cache at start)."""
+    return role is Role.TIER and not overlay.model_cache_claim
+
+
 def _env(role: Role, overlay: Overlay) -> list[dict[str, Any]]:
     cached = role is Role.TIER and overlay.model_cache_claim
+    # The replica reads the token file at every engine start: a rotated Secret is used by the
+    # next engine, without a pod restart.
+    token = [{"name": "HF_TOKEN_PATH", "value": HF_TOKEN.path}] if _downloads(role, overlay) else []
     return [*RAY_ENV, *TOKEN_AUTH_ENV, *WRITABLE_ENV,
-            *([*CACHE_ENV, *OFFLINE_ENV] if cached else NO_CACHE_ENV)]  # fmt: skip
+            *([*CACHE_ENV, *OFFLINE_ENV] if cached else NO_CACHE_ENV), *token]  # fmt: skip
 
 
 def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -82,6 +103,8 @@ def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[st
              (RAY_TOKEN.as_volume(), RAY_TOKEN.as_mount())]  # fmt: skip
     if role is Role.ROUTER:
         pairs.append((API_KEYS.as_volume(), API_KEYS.as_mount()))
+    if _downloads(role, overlay):
+        pairs.append((HF_TOKEN.as_volume(), HF_TOKEN.as_mount()))
     if role is Role.TIER and overlay.model_cache_claim:
         claim = {"claimName": overlay.model_cache_claim, "readOnly": True}
         pairs.append(({"name": "models", "persistentVolumeClaim": claim},
@@ -90,16 +113,19 @@ def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[st
 
 
 def pod(
-    role: Role, overlay: Overlay, image: str, resources: dict[str, Any], gpus: int = 0,
-    init: list[dict[str, Any]] | None = None,
+    role: Role, overlay: Overlay, image: str, shape: PodShape,
+    init: list[dict[str, Any]] | None = None, labels: dict[str, str] | None = None,
+    spread: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """A Ray pod's template: `shape` says its size and placement, `labels` (beside
+    `RAY_POD_LABELS`) its group, `spread` its topology spread constraints."""
     pairs = _volumes(role, overlay)
     container = {
         "name": "ray-head" if role is Role.HEAD else "ray-worker",
         "image": image,
         "ports": HEAD_PORTS if role is Role.HEAD else WORKER_PORTS,
         "env": _env(role, overlay),
-        "resources": resources,
+        "resources": container_resources(shape.cpu, shape.memory, shape.gpus),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [mount for _, mount in pairs],
     }
@@ -111,12 +137,15 @@ def pod(
         "containers": [container],
         "volumes": [volume for volume, _ in pairs],
     }
-    if gpus:
-        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                "effect": "NoSchedule"}]  # fmt: skip
-        if overlay.node_selector:
-            spec["nodeSelector"] = dict(overlay.node_selector)
-    metadata: dict[str, Any] = {"labels": dict(RAY_POD_LABELS)}
+    if shape.tolerations:
+        spec["tolerations"] = [dict(t) for t in shape.tolerations]
+    if shape.node_selector:
+        spec["nodeSelector"] = dict(shape.node_selector)
+    if shape.priority_class:
+        spec["priorityClassName"] = shape.priority_class
+    if spread:
+        spec["topologySpreadConstraints"] = spread
+    metadata: dict[str, Any] = {"labels": {**RAY_POD_LABELS, **(labels or {})}}
     if role is Role.HEAD:
         # The policy scanner's one exception on a pod, stated where it applies.
         metadata["annotations"] = {

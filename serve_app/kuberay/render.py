@@ -10,12 +10,22 @@ from typing import Any
 import yaml
 
 from ..config import AppConfig
-from .groups import ROUTER_RESOURCE, autoscaler_options, router_group, tier_resource, worker_group
+from .disruption import GROUP_LABEL
+from .edge import EDGES
+from .groups import (
+    ROUTER_RESOURCE,
+    autoscaler_options,
+    disruption_budgets,
+    router_group,
+    tier_resource,
+    worker_group,
+)
 from .model_cache import fill_job
 from .overlays import OVERLAYS, Overlay
-from .pods import SERVE_PORT, Role, container_resources, pod
+from .pods import SERVE_PORT, Role, pod
 from .policies import network_policies
 from .security import API_KEYS, RAY_TOKEN
+from .sizing import head_shape
 
 RAY_VERSION = "2.60.0"
 DEFAULT_IMAGE = "registry.example.com/serve-app:0.1.0"
@@ -25,6 +35,7 @@ def _cluster_args(args: dict[str, Any], config: AppConfig) -> dict[str, Any]:
     """The application's args for a cluster: every tier pinned to its worker group's resource,
     the router to the router group's, API keys read from the file the router's pods mount."""
     pinned = copy.deepcopy(args)
+    pinned.pop("kubernetes", None)  # the renderer's, not the application's
     router = pinned.setdefault("router", {})
     router.setdefault("api_keys", {"file": API_KEYS.path})
     router.setdefault("ray_resources", {ROUTER_RESOURCE: 1})
@@ -41,19 +52,21 @@ def serve_config_v2(document: dict[str, Any]) -> tuple[str, AppConfig]:
     app = dict(apps[0])
     config = AppConfig.model_validate(app.get("args", {}))
     app["args"] = _cluster_args(app.get("args", {}), config)
+    placed = AppConfig.model_validate(app["args"]).model_copy(
+        update={"kubernetes": config.kubernetes}
+    )
     rendered = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
         "applications": [app],
     }
-    return yaml.safe_dump(rendered, sort_keys=False), AppConfig.model_validate(app["args"])
+    return yaml.safe_dump(rendered, sort_keys=False), placed
 
 
 def render(
     document: dict[str, Any], overlay: Overlay, image: str = DEFAULT_IMAGE
 ) -> dict[str, Any]:
     serve_config, config = serve_config_v2(document)
-    head_sizes = container_resources(overlay.head_cpu, overlay.head_memory)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -73,11 +86,18 @@ def render(
                     # controller responsive. The dashboard listens on the pod network for the
                     # operator and the cluster's own pods (NetworkPolicy), behind the token.
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": pod(Role.HEAD, overlay, image, head_sizes),
+                    "template": pod(
+                        Role.HEAD,
+                        overlay,
+                        image,
+                        head_shape(config.kubernetes, overlay),
+                        None,
+                        {GROUP_LABEL: "head"},
+                    ),
                 },
                 "workerGroupSpecs": [
                     router_group(config, overlay, image),
-                    *(worker_group(t, overlay, image) for t in config.tiers),
+                    *(worker_group(t, config.kubernetes, overlay, image) for t in config.tiers),
                 ],
             },
         },
@@ -87,9 +107,9 @@ def render(
 def manifests(document: dict[str, Any], overlay: Overlay, image: str) -> list[dict[str, Any]]:
     """Everything an overlay deploys that comes from the config."""
     service = render(document, overlay, image)
-    docs = [service, *network_policies(overlay)]
+    _, config = serve_config_v2(document)
+    docs = [service, *network_policies(overlay), *disruption_budgets(config)]
     if overlay.model_cache_claim:
-        _, config = serve_config_v2(document)
         docs.append(fill_job(config, overlay, image))
     return docs
 
@@ -119,4 +139,19 @@ def render_file(config: Path, overlay: str, image: str = DEFAULT_IMAGE) -> str:
     document = yaml.safe_load(config.read_text())
     docs = manifests(document, OVERLAYS[overlay], image)
     header = HEADER.format(config=config.as_posix(), overlay=overlay)
+    return header + yaml.dump_all(docs, Dumper=_ManifestDumper, sort_keys=False, width=100)
+
+
+EDGE_HEADER = (
+    "# Rendered by `python -m serve_app.kuberay edge {config} --kind {kind}`.\n"
+    "# Do not edit: change the config and render again (a test fails on drift). Host, issuer and\n"
+    "# class are examples: patch them in your overlay.\n"
+)
+
+
+def render_edge_file(config: Path, kind: str) -> str:
+    """The edge of `kind` (`ingress`, `gateway`) for the config's router limits."""
+    _, app = serve_config_v2(yaml.safe_load(config.read_text()))
+    docs = EDGES[kind](app)
+    header = EDGE_HEADER.format(config=config.as_posix(), kind=kind)
     return header + yaml.dump_all(docs, Dumper=_ManifestDumper, sort_keys=False, width=100)

@@ -4,8 +4,9 @@ them. Written to the `serve_app.usage` logger at INFO, once per request on every
 (answered, refused, failed, client gone), so that lines and requests are one to one.
 
 Route it like any Python logger. Unless it was given handlers of its own, the router replica
-writes the bare lines to its process's standard output file (`to_stdout`): Ray keeps it as the
-replica's `worker-*.out` log. Not through `sys.stdout`, which Serve turns into its own log
+writes the bare lines to the pod's log where there is one (`serve_app.pod_log`: on Kubernetes,
+what `kubectl logs` shows), else to its process's standard output file (`to_stdout`): Ray keeps
+it as the replica's `worker-*.out` log. Not through `sys.stdout`, which Serve turns into its own log
 records, prefixed and held in a buffer of up to 1,000 records before they reach the file.
 """
 
@@ -17,6 +18,8 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
+
+from .. import pod_log
 
 logger = logging.getLogger("serve_app.usage")
 FEATURE_HEADER = "x-feature"
@@ -60,13 +63,15 @@ def to_stdout() -> None:
     whatever `sys.stdout` was made into), unless the logger has handlers already."""
     if logger.handlers:
         return
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if pod_log.attach(logger):  # on Kubernetes: the pod's log, what `kubectl logs` shows
+        return
     # the handler holds the stream for the life of the process
     stream = open(os.dup(1), "w", buffering=1, encoding="utf-8")  # noqa: SIM115
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def write(record: UsageRecord) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from .. import pod_log
 from ..autoscaling import ENGINE_QUEUE, ENGINE_RUNNING, admission_stats, fresh_reports
 from ..config import TierConfig, TracingConfig
 from ..engine.client import EngineReply
@@ -28,6 +29,8 @@ from .call import TierCall
 from .replica_choice import EngineState
 
 logger = logging.getLogger("ray.serve")
+# The engine's output and its supervisor's messages: Ray's replica log, and the pod's log
+engine_logger = logging.getLogger("ray.serve.engine")
 
 
 class ReplicaLog(logging.LoggerAdapter):
@@ -45,7 +48,8 @@ class TierDeployment:
         self._gpus = tier.gpus_per_replica
         self._metered_at = time.monotonic()  # the GPUs are held from here: GPU-seconds count
         replica = serve.get_replica_context().replica_id.unique_id
-        log = ReplicaLog(logger, {"tier": tier.name, "replica": replica})
+        pod_log.attach(engine_logger)
+        log = ReplicaLog(engine_logger, {"tier": tier.name, "replica": replica})
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         # With the direct data path, routers on any node stream from the engine: it listens on
         # the node's address (its key keeps everyone else out); otherwise on loopback only.

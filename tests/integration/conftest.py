@@ -17,6 +17,7 @@ from openai import OpenAI
 from devstack import localstack
 from devstack.hosts import engines_under, free_port
 from devstack.local_ray import Head
+from serve_app.pod_log import ENV as POD_LOG_ENV
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,11 +114,17 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A Ray head per test module, on ports of its own; stopped however the module ends."""
+def ray_head(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A Ray head per test module, on ports of its own; stopped however the module ends. A
+    module with `POD_LOG = True` gets a pod log (`serve_app.pod_log`) at `workdir/pod.log`, as
+    a KubeRay pod has its first process's stdout."""
     workdir = tmp_path_factory.mktemp("stack")
     env = localstack.ray_env()
     env["TMPDIR"] = str(tmp_path_factory.mktemp("replicas"))  # marks this stack's engines
+    if getattr(request.module, "POD_LOG", False):
+        env[POD_LOG_ENV] = str(workdir / "pod.log")
     head = localstack.start_head(Head.private(), env)
     try:
         yield Stack(head, env, free_port(), workdir)

@@ -20,7 +20,13 @@ import yaml
 from tests.unit.kuberay.test_render import ROOT, kustomize
 
 CHECKOV = "checkov==3.3.30"
-PATHS = ["kuberay/overlays/gpu", "kuberay/overlays/local", "kuberay/monitoring"]
+PATHS = [
+    "kuberay/overlays/gpu",
+    "kuberay/overlays/local",
+    "kuberay/overlays/gpu-ha",
+    "kuberay/overlays/gpu-gateway",
+    "kuberay/monitoring",
+]
 # Checks that do not apply, each with its reason. Exceptions for one pod are annotations on it
 # (`checkov.io/skip1`), rendered by serve_app/kuberay/pods.py.
 SKIPPED = {

@@ -52,7 +52,12 @@ def stack(ray_head: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     small = args["tiers"][0]
     small.pop("overflow_tier")
     small["replicas"] = {"min": 1, "max": 1}
-    args["tiers"] = [small]  # one engine is enough here
+    # a stream that lasts 20 s (50 ms a token) whatever the model would say, for a key to be
+    # revoked in the middle of
+    slow = ["--sim-itl-ms", "50", "--sim-output-tokens", "400"]
+    engine = {"launcher": "local", "model_id": "simulated", "extra_args": slow}
+    sim = {"name": "sim", "default_max_tokens": 400, "engine": engine}
+    args["tiers"] = [small, sim]  # one real engine is enough here
     args["router"]["auto_rules"] = []
     args["router"]["api_keys"] = {"file": str(path), "tuning": {"reload_interval_s": 1}}
     ray_head.deploy(config)
@@ -195,10 +200,8 @@ def test_a_body_no_tier_could_take_is_refused_unparsed(stack: Stack) -> None:
 def test_a_revoked_keys_stream_ends_with_an_error(stack: Stack) -> None:
     sdk = client(stack, "revoked")
     stream = sdk.chat.completions.create(
-        model="small",
-        messages=[{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
-        max_tokens=500, stream=True,
-    )  # fmt: skip
+        model="sim", messages=[{"role": "user", "content": "Hi"}], max_tokens=400, stream=True
+    )
     chunks = 0
     with pytest.raises(openai.APIError, match="revoked"):
         for _ in stream:

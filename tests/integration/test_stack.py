@@ -6,9 +6,12 @@ process is left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,10 +19,14 @@ import yaml
 from openai import NotFoundError
 
 from devstack import localstack
+from serve_app.compare.report import markdown as report_table
 from tests.helpers import wait_for
 
 from .conftest import Stack, local_config
 
+# engines' output and usage lines in a pod log, as on KubeRay (tests/integration/conftest.py)
+POD_LOG = True
+EVAL = Path(__file__).resolve().parents[2] / "bench" / "eval" / "basics.jsonl"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
@@ -112,6 +119,50 @@ def test_router_metrics_carry_the_tier(stack: Stack) -> None:
         )
 
     wait_for(exported, 60, "tier-labelled application metrics on Ray's metrics port")
+
+
+def test_compare_two_tiers_on_an_eval_set(stack: Stack, tmp_path: Path) -> None:
+    """`python -m serve_app.compare` through the stack: both tiers answer every case, and the
+    result has the figures and the table a team reads."""
+    cases = [line for line in EVAL.read_text().splitlines() if line][:6]
+    eval_file = tmp_path / "six.jsonl"
+    eval_file.write_text("\n".join(cases) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.compare", "--eval", str(eval_file),
+         "--targets", "small,large", "--url", stack.url, "--concurrency", "3",
+         "--max-tokens", "12", "--out", str(tmp_path), "--name", "run"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert [t["target"] for t in result["targets"]] == ["small", "large"]
+    for figures in result["targets"]:
+        assert figures["requests"] == 6 and figures["errors"] == 0, figures["error_examples"]
+        assert figures["completion_tokens"] > 0 and figures["prompt_tokens"] > 0
+        assert figures["ttft_ms"]["p50"] > 0 and figures["graded"] == 6
+        assert figures["contains_expected"] > 0  # "Paris" at least
+    assert result["agreement"]["compared"] == 6
+    assert (tmp_path / "run.md").read_text() == report_table(result)
+    assert "| exact match |" in done.stdout
+
+
+def test_the_pod_log_shows_engine_start_up_and_usage_lines(stack: Stack) -> None:
+    """What `kubectl logs` of a pod shows (SERVE_APP_POD_LOG, /proc/1/fd/1 on KubeRay): each
+    engine's start-up output and its supervisor's messages prefixed with tier and replica, and a
+    usage line per request."""
+    reply = httpx.post(f"{stack.url}/v1/chat/completions", timeout=60,
+                       headers={"x-request-id": "pod-log-usage"},
+                       json={"model": "small", "messages": QUESTION, "max_tokens": 2})  # fmt: skip
+    assert reply.status_code == 200
+    log = stack.workdir / "pod.log"
+    wait_for(lambda: "pod-log-usage" in log.read_text(), 30, "the usage line in the pod log")
+    lines = log.read_text().splitlines()
+    for tier in ("small", "large"):
+        mine = [line for line in lines if line.startswith(f"[tier={tier} replica=")]
+        assert any("starting engine:" in line for line in mine), mine[:5]
+        assert any("Connected: serving on" in line for line in mine), mine[:10]
+    (usage,) = [json.loads(line) for line in lines if '"pod-log-usage"' in line]
+    assert usage["tier"] == "small" and usage["status"] == 200 and usage["completion_tokens"] > 0
 
 
 def test_serve_status_shows_every_deployment_healthy(stack: Stack) -> None:

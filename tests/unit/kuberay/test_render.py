@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from jsonschema import ValidationError
@@ -15,7 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import AppConfig
 from serve_app.kuberay import render_file
-from tests.crd import validator
+from tests.crd import KUBERNETES_VERSION, validator
 
 ROOT = Path(__file__).resolve().parents[3]
 OVERLAYS = {"gpu": "configs/gpu.yaml", "local": "configs/local.yaml"}
@@ -44,10 +46,36 @@ def test_committed_manifest_is_what_the_config_renders(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["kuberay/overlays/gpu", "kuberay/overlays/local",
+                                  "kuberay/overlays/gpu-ha", "kuberay/overlays/gpu-gateway",
                                   "kuberay/monitoring"])  # fmt: skip
 def test_kustomize_renders(path: str) -> None:
     kinds = {doc["kind"] for doc in kustomize(path)}
     assert kinds, path
+
+
+ALL_OVERLAYS = ["gpu", "local", "gpu-ha", "gpu-gateway"]
+CUSTOM_GROUPS = ("ray.io/", "gateway.networking.k8s.io/", "monitoring.coreos.com/")
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_every_kubernetes_object_is_strictly_valid(overlay: str) -> None:
+    """Kubernetes' own kinds (PodDisruptionBudget, Ingress, Job, NetworkPolicy, ...) against
+    Kubernetes' schemas, unknown fields being errors as with `kubectl apply`'s strict
+    validation; the RayService against KubeRay's CRD (below)."""
+    checked = set()
+    for doc in kustomize(f"kuberay/overlays/{overlay}"):
+        if not doc["apiVersion"].startswith(CUSTOM_GROUPS):
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            checked.add(doc["kind"])
+    assert {"PodDisruptionBudget", "NetworkPolicy", "ConfigMap"} <= checked
+
+
+def test_strict_validation_refuses_an_unknown_field() -> None:
+    (budget, *_) = [d for d in kustomize("kuberay/overlays/local")
+                    if d["kind"] == "PodDisruptionBudget"]  # fmt: skip
+    budget["spec"]["maxUnavailabe"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(budget, KUBERNETES_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
@@ -151,6 +179,8 @@ def test_each_secret_is_mounted_only_where_it_is_read(overlay: str) -> None:
         expected = {"ray-auth-token"} if name != "fill-job" else {"hf-token"}
         if name == "router":
             expected.add("serve-app-api-keys")
+        if name.startswith("tier-") and overlay == "local":
+            expected.add("hf-token")  # no model cache: its engines download their weights
         assert secret_mounts(spec) == expected, name
         for mount in mounts(spec).values():
             if "secret" in mount["volume"]:
@@ -216,7 +246,7 @@ def test_serving_pods_read_the_model_cache_and_wait_for_the_fill_job() -> None:
         cache = mounts(spec)["/models"]
         assert cache["readOnly"] and cache["volume"]["persistentVolumeClaim"]["readOnly"]
         (wait,) = spec["initContainers"]
-        marker = wait["command"][-1].split()[3]
+        marker = re.search(r"until \[ -f (\S+) \]", wait["command"][-1]).group(1)
         assert f"touch {marker}" in fill, name
         env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
         assert env["HF_HUB_OFFLINE"] == "1"
@@ -254,3 +284,68 @@ def test_from_outside_the_cluster_only_serve_metrics_and_the_operator_get_in(ove
         (8080,): [{"namespaceSelector": monitoring}],
         (8265,): [{"namespaceSelector": {}, "podSelector": operator}],
     }
+
+
+# -- pod sizes and disruption safety ----------------------------------------------------------
+
+
+def test_gpu_tiers_are_sized_from_the_config_per_gpu() -> None:
+    """configs/gpu.yaml: the 1-GPU tier derived (8 CPUs, 80Gi), the 4-GPU one 32 CPUs derived
+    and its memory as the config's `kubernetes` section says."""
+    groups = rayservice("gpu")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    sizes = {}
+    for group in groups:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        sizes[group["groupName"]] = (limits["cpu"], limits["memory"], limits.get("nvidia.com/gpu"))
+        if limits.get("nvidia.com/gpu"):
+            assert group["rayStartParams"]["num-cpus"] == limits["cpu"]
+    assert sizes["tier-small"] == ("8", "80Gi", 1)
+    assert sizes["tier-large"] == ("32", "320Gi", 4)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_the_kubernetes_section_stays_out_of_the_applications_args(overlay: str) -> None:
+    (app,) = yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])["applications"]
+    assert "kubernetes" not in app["args"]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_every_worker_group_has_a_budget_and_spreads(overlay: str) -> None:
+    docs = kustomize(f"kuberay/overlays/{overlay}")
+    budgets = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    cluster = rayservice(overlay)["spec"]["rayClusterConfig"]
+    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    for group in cluster["workerGroupSpecs"]:
+        labels = group["template"]["metadata"]["labels"]
+        budget = budgets.pop(f"llm-{group['groupName']}")
+        assert budget["maxUnavailable"] == 1
+        selector = budget["selector"]["matchLabels"]
+        assert selector.items() <= labels.items() and not selector.items() <= head_labels.items()
+        others = [g for g in cluster["workerGroupSpecs"] if g is not group]
+        assert not any(selector.items() <= g["template"]["metadata"]["labels"].items()
+                       for g in others)  # fmt: skip
+        spread = group["template"]["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} == {
+            "kubernetes.io/hostname",
+            "topology.kubernetes.io/zone",
+        }
+        assert all(c["labelSelector"]["matchLabels"] == selector for c in spread)
+    assert not budgets  # none for the head: one pod, restarted in place
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_the_hf_token_reaches_every_pod_that_downloads_weights_as_a_file(overlay: str) -> None:
+    """With a model cache only the fill Job downloads; without one, every tier pod does. The
+    token is a file there (a rotated Secret reaches the next engine start), optional."""
+    for name, spec in pods(overlay).items():
+        downloads = name == "fill-job" or (name.startswith("tier-") and overlay == "local")
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        token = [m for m in mounts(spec).values()
+                 if m["volume"].get("secret", {}).get("secretName") == "hf-token"]  # fmt: skip
+        assert bool(token) == downloads, name
+        if downloads:
+            (mount,) = token
+            assert mount["volume"]["secret"]["optional"] is True
+            assert Path(env["HF_TOKEN_PATH"]).parent.as_posix() == mount["mountPath"]
+        else:
+            assert "HF_TOKEN_PATH" not in env, name
