@@ -7,7 +7,8 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
                                                          refused before a tier: tier `none`)
     ray_serve_app_in_flight_requests{tier}               requests the router is serving now
     ray_serve_app_time_to_first_token_seconds{tier}      histogram (whole answers: their end)
-    ray_serve_app_inter_token_latency_seconds{tier}      histogram, between streamed chunks
+    ray_serve_app_inter_token_latency_seconds{tier}      histogram, a stream's mean gap between
+                                                         writes (one observation per stream)
     ray_serve_app_request_duration_seconds{tier}         histogram, end to end
     ray_serve_app_prompt_tokens_total{tier}
     ray_serve_app_completion_tokens_total{tier}
@@ -66,7 +67,8 @@ class _Metrics:
         )  # fmt: skip
         self.itl = metrics.Histogram(
             "serve_app_inter_token_latency_seconds",
-            "Time between the router's streamed writes (chunks that arrive together go in one).",
+            "A stream's mean time between the router's writes after its first, one observation "
+            "per streamed request (chunks that arrive together go in one write).",
             LATENCY_BUCKETS_S, tier,
         )  # fmt: skip
         self.duration = metrics.Histogram(

@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from ..errors import EngineReplyError, EngineUnavailable, EngineUnreachable
-from .sse import Batch, sse_batches
+from .sse import Batch, EventSplitter
 
 logger = logging.getLogger("ray.serve")
 
@@ -221,8 +221,15 @@ class EngineClient:
         async with self._sent("POST", path, payload, headers) as reply:
             if reply.status != 200:
                 raise reply_error(reply.status, await reply.read())
+            # Read as `sse_batches` does, without its generator layers: this runs per chunk.
+            splitter, read = EventSplitter(), reply.content.readany
             try:
-                async for batch in sse_batches(reply.content.iter_any()):
+                while piece := await read():
+                    batch = splitter.feed(piece)
+                    if batch:
+                        yield batch
+                batch = splitter.end()
+                if batch:
                     yield batch
             except BaseException:
                 reply.close()  # unfinished: drop the connection, never reuse it

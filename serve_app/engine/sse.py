@@ -38,6 +38,16 @@ class EventSplitter:
         self._data: list[str] = []
 
     def feed(self, piece: bytes) -> Batch:
+        if (
+            not self._tail
+            and not self._data
+            and piece.startswith(b"data:")
+            and piece.endswith(b"\n\n")
+            and piece.count(b"\n") == 2
+            and b"\r" not in piece
+        ):  # the common piece: one whole one-line event
+            value = piece[5:-2]
+            return [(value[1:] if value.startswith(b" ") else value).decode()]
         lines = (self._tail + piece if self._tail else piece).split(b"\n")
         self._tail = lines.pop()
         events: Batch = []

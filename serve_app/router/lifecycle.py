@@ -97,6 +97,7 @@ class RequestLife:
         self._arrived = time.perf_counter()
         self._start = self._last = 0.0
         self._first: float | None = None
+        self._gaps = 0  # gaps between a stream's writes with tokens, after the first
         self._usage: Usage | None = None
         self._sent = False  # the call went to the tier: the engine may be reading the prompt
         self._tally: Tally | None = None  # a streamed answer's
@@ -268,38 +269,35 @@ class RequestLife:
         self, events: AsyncIterator[bytes], tally: Tally, calls: Calls[Batch | None]
     ) -> Response:
         """The streamed answer; should it fail to build, the stream is cancelled and the
-        request settled here, since no answer will ever run to do it."""
+        request settled here, since no answer will ever run to do it. Its writes are timed
+        through the tally (`_chunk`), with nothing more per chunk."""
         self._tally = tally
+        tally.on_batch = self._chunk
         try:
-            return LifeStream(self._metered(events, tally), self, calls, self.answer_headers)
+            return LifeStream(events, self, calls, self.answer_headers)
         except BaseException as exc:
             calls.cancel()
             self.settle(exc)
             raise
 
-    async def _metered(self, events: AsyncIterator[bytes], tally: Tally) -> AsyncIterator[bytes]:
-        """The stream's writes, timed: the first token, and the gaps between batches."""
-        seen = writes = 0
-        try:
-            async for write in events:
-                if tally.batches != seen:
-                    seen = tally.batches
-                    self._chunk()
-                writes += 1
-                yield write
-        finally:
-            self.trace.set({"serve_app.stream_chunks": writes})
-
     def _chunk(self) -> None:
+        """A write with tokens goes out: the first token's time is recorded at once, the gaps
+        after it once the request settles (`_record_gaps`)."""
         now = time.perf_counter()
-        assert self.tier is not None
         if self._first is None:
+            assert self.tier is not None
             self._first = now
             self._s.recorder.first_token(self.tier, now - self._start)
             self.trace.first_token()
         else:
-            self._s.recorder.between_tokens(self.tier, now - self._last)
+            self._gaps += 1
         self._last = now
+
+    def _record_gaps(self, tier: str) -> None:
+        """A stream's inter-token latency, one observation per request: the mean gap between
+        its writes with tokens after the first."""
+        if self._gaps and self._first is not None:
+            self._s.recorder.between_tokens(tier, (self._last - self._first) / self._gaps)
 
     def report(self, usage: Usage | None) -> None:
         """The engine's own count, which wins over the counted chunks."""
@@ -345,6 +343,11 @@ class RequestLife:
             self._s.in_flight.add(tier, -1)
         with _logged():
             self._s.recorder.finished(tier, self.status, time.perf_counter() - self._start, usage)
+        with _logged():
+            self._record_gaps(tier)
+        if tally is not None:
+            with _logged():
+                self.trace.set({"serve_app.stream_chunks": tally.writes})
         with _logged():
             self.trace.usage(
                 {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}

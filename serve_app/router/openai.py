@@ -15,6 +15,7 @@ from typing import Any
 
 from ..engine.sse import DONE, json_event
 from .requests import OpenAIRequest
+from .splice import Splicer
 
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "stop": "stop", "length": "length"}
 
@@ -30,6 +31,12 @@ class Normaliser:
         self._object = "chat.completion" if request.kind == "chat" else "text_completion"
         self.usage: dict[str, int] | None = None
         self._deltas = DeltaState()
+        obj = "chat.completion.chunk" if request.kind == "chat" else "text_completion"
+        header = json.dumps(self._header(obj), separators=(",", ":"))[:-1]
+        deltas = self._deltas
+        self._splicer = Splicer(
+            header, request.kind == "chat", lambda: deltas.started(0), lambda: deltas.start(0)
+        )
 
     def _header(self, obj: str) -> dict[str, Any]:
         return {
@@ -60,6 +67,12 @@ class Normaliser:
             "choices": choices,
             "usage": engine_body.get("usage"),
         }
+
+    def event(self, data: str) -> tuple[bytes, int] | None:
+        """A plain chunk (one token, nothing finished, no usage) rewritten without parsing it,
+        and the tokens it carries; None for any other, which `chunk` takes
+        (`serve_app.router.splice`)."""
+        return self._splicer.event(data)
 
     def chunk(self, engine_chunk: dict[str, Any]) -> list[bytes]:
         """SSE events for one engine chunk (usage split into its own final chunk, as OpenAI
@@ -109,6 +122,12 @@ class DeltaState:
         self._started: set[int] = set()
         self._calls: dict[int, set[int]] = {}  # choice index -> tool-call indexes seen
         self._finished: set[int] = set()
+
+    def started(self, index: int) -> bool:
+        return index in self._started
+
+    def start(self, index: int) -> None:
+        self._started.add(index)
 
     def delta(self, choice: dict[str, Any]) -> dict[str, Any]:
         index = choice.get("index", 0)

@@ -5,8 +5,8 @@ stream reached its end), which the request's settlement reads."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..engine.client import stream_error
@@ -22,17 +22,22 @@ if TYPE_CHECKING:
 
 @dataclass
 class Tally:
-    """What a stream's events carried so far."""
+    """What a stream's events carried so far. `on_batch` is told of each batch of engine
+    events as its write goes out (the request's timing: first token, gaps between writes)."""
 
     tokens: int = 0  # generated tokens counted from the events
     batches: int = 0  # batches of events read from the engine
+    writes: int = 0  # writes to the client
     usage: Usage | None = None  # the engine's own count, which wins over `tokens`
     status: int | None = None  # an error event's status
     ended: bool = False  # the stream reached its end (else the client cut it)
+    on_batch: Callable[[], None] | None = field(default=None, repr=False)
 
     def batch(self, tokens: int) -> None:
         self.tokens += tokens
         self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch()
 
     def report(self, usage: Usage | None) -> None:
         if usage is not None:
@@ -58,6 +63,12 @@ async def openai_events(
                     out.append(DONE)
                     done = True
                     continue
+                spliced = normaliser.event(data)
+                if spliced is not None:
+                    out.append(spliced[0])
+                    tokens += spliced[1]
+                    events += 1
+                    continue
                 chunk = json.loads(data)
                 tokens += _openai_tokens(chunk)
                 events += 1
@@ -74,6 +85,7 @@ async def openai_events(
             if batch is None:
                 break
             if out:
+                tally.writes += 1
                 yield b"".join(out)
                 out = []
             batch = await anext(batches, None)  # to the end: the connection is then reused
@@ -85,6 +97,7 @@ async def openai_events(
     if not done:
         out.append(DONE)
     if out:
+        tally.writes += 1
         yield b"".join(out)
     tally.ended = True
 
@@ -103,11 +116,13 @@ async def tgi_events(
                 if data.startswith('{"error"'):
                     tally.status = api_error(stream_error(data)).tgi_status()
             tally.batch(tokens)
+            tally.writes += 1
             yield b"".join([event(data) for data in batch])
             batch = await anext(batches, None)
     except Exception as exc:
         error = api_error(exc)
         tally.status = error.tgi_status()
+        tally.writes += 1
         yield json_event(error.tgi_body())
     tally.ended = True
 

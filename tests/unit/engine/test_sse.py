@@ -43,3 +43,12 @@ def test_batches_from_a_byte_stream_skip_reads_that_complete_nothing() -> None:
         return [batch async for batch in sse_batches(pieces())]
 
     assert asyncio.run(collect()) == [["a"], ["b"], ["c"]]
+
+
+def test_a_piece_holding_one_whole_event_reads_as_fed_byte_by_byte() -> None:
+    pieces = [b"data: one\n\n", b"data:two\n\n", b"data: three\r\n\r\n", b"data:\n\n",
+              b"data: a\nb\n\n", b": comment\n\n", b"data: \xc3\xa9\n\n"]  # fmt: skip
+    for piece in pieces:
+        whole, bytewise = EventSplitter(), EventSplitter()
+        expected = [e for i in range(len(piece)) for e in bytewise.feed(piece[i : i + 1])]
+        assert whole.feed(piece) == expected, piece

@@ -50,6 +50,7 @@ class ListRecorder:
     rejections: list[tuple[str, str]] = field(default_factory=list)
     refusals: list[tuple[str, int]] = field(default_factory=list)
     first_tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
 
     def in_flight(self, tier: str, count: int) -> None:
         self.gauges[tier] = count
@@ -60,6 +61,7 @@ class ListRecorder:
 
     def between_tokens(self, tier: str, seconds: float) -> None:
         assert seconds >= 0
+        self.gaps.append(seconds)
 
     def finished(self, tier: str, status: int, seconds: float, usage: Usage) -> None:
         self.outcomes.append((tier, status, usage))

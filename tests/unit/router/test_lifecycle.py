@@ -88,6 +88,16 @@ def test_a_client_gone_while_waiting_settles_and_cancels(tmp_path: Path, path: s
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/generate_stream"])
+def test_a_streams_timing_is_recorded_once_per_request(tmp_path: Path, path: str) -> None:
+    """The first token at once; the gaps between writes as one mean, at settlement."""
+    r, recorder, _ = router(config(tmp_path), slow_engine)
+    body = {**CHAT, "stream": True} if path.startswith("/v1") else {"inputs": "hi"}
+    asyncio.run(call(r.asgi_app(), "POST", path, body, bearer("team-a"), hang_up_after_chunks=5))
+    assert recorder.first_tokens == 1
+    assert len(recorder.gaps) == 1 and recorder.gaps[0] > 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/generate_stream"])
 def test_a_stream_cut_by_the_client_settles_and_is_charged(tmp_path: Path, path: str) -> None:
     r, recorder, _ = router(config(tmp_path), slow_engine)
     body = {**CHAT, "stream": True} if path.startswith("/v1") else {"inputs": "hi"}
