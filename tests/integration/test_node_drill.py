@@ -142,10 +142,29 @@ class Outcome:
     status: int  # 0: no answer (connection error or timeout)
     body: str
 
+    @property
+    def failed(self) -> bool:
+        """Not answered 200, or a stream that ended with an error event (then `[DONE]`, as the
+        router ends every stream) or without `[DONE]`."""
+        if self.status != 200:
+            return True
+        if not self.body.startswith("data:"):
+            return False
+        return not self.body.rstrip().endswith("data: [DONE]") or '{"error"' in self.error
 
-def load(url: str, stop: threading.Event, outcomes: list[Outcome]) -> None:
+    @property
+    def error(self) -> str:
+        """The error as the router shaped it: the body, or a stream's last event."""
+        if not self.body.startswith("data:"):
+            return self.body
+        events = [e.strip() for e in self.body.split("data:") if e.strip() not in ("", "[DONE]")]
+        return events[-1] if events else ""
+
+
+def load(url: str, stream: bool, stop: threading.Event, outcomes: list[Outcome]) -> None:
+    """One client asking in a row until `stop`: whole answers, or streams."""
     headers = {"authorization": f"Bearer {KEYS['load']}"}
-    body = {"model": "sim", "messages": QUESTION, "max_tokens": 16}
+    body = {"model": "sim", "messages": QUESTION, "max_tokens": 16, "stream": stream}
     with httpx.Client(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S) as client:
         while not stop.is_set():
             start = time.monotonic()
@@ -154,7 +173,9 @@ def load(url: str, stop: threading.Event, outcomes: list[Outcome]) -> None:
                 status, text = reply.status_code, reply.text
             except httpx.HTTPError as error:
                 status, text = 0, repr(error)
-            outcomes.append(Outcome(start, time.monotonic(), status, text[:300]))
+            # a stream's first and last events (its end, or the error that ended it)
+            text = text if len(text) < 600 else text[:200] + "..." + text[-400:]
+            outcomes.append(Outcome(start, time.monotonic(), status, text))
 
 
 def engine_counts(url: str) -> dict[str, float]:
@@ -186,15 +207,23 @@ def test_losing_a_worker_node(drill: Drill) -> None:
 
     outcomes: list[Outcome] = []
     stop = threading.Event()
-    clients = [
-        threading.Thread(target=load, args=(drill.url, stop, outcomes)) for _ in range(CLIENTS)
+    clients = [  # half of them stream
+        threading.Thread(target=load, args=(drill.url, n % 2 == 1, stop, outcomes))
+        for n in range(CLIENTS)
     ]
     begin = time.monotonic()
     for client in clients:
         client.start()
     time.sleep(KILL_AFTER_S)
+    at_engine = engine_counts(engines[lost.address])
     killed_at = time.monotonic()
     killed = lost.kill_all()
+    # requests the lost node's engine had taken and not finished
+    on_lost_node = (
+        at_engine["tgi_request_count"]
+        - at_engine.get("tgi_request_success", 0)
+        - at_engine.get("tgi_request_failure", 0)
+    )
     # the load goes on for LOAD_S in all, and until Serve has replaced the lost replica
     replaced_s = None
     while time.monotonic() - begin < LOAD_S or replaced_s is None:
@@ -210,7 +239,7 @@ def test_losing_a_worker_node(drill: Drill) -> None:
         client.join(timeout=REQUEST_TIMEOUT_S + 5)
     assert not any(client.is_alive() for client in clients), "a client hung"
 
-    failed = [o for o in outcomes if o.status != 200]
+    failed = [o for o in outcomes if o.failed]
     last_failure = max((o.end for o in failed), default=killed_at)
     survivor_after = engine_counts(engines[survivor.address])
     survivor_failures = survivor_after.get("tgi_request_failure", 0) - survivor_before.get(
@@ -251,6 +280,7 @@ def test_losing_a_worker_node(drill: Drill) -> None:
         "answered_200": len(outcomes) - len(failed),
         "failures_on_survivor": survivor_failures,
         "survivor_requests_served": survivor_served,
+        "in_flight_on_lost_node_at_kill": on_lost_node,
         "failures_on_lost_node": len(failed),
         "failure_statuses": statuses,
         "slowest_failure_s": round(max((o.end - o.start for o in failed), default=0), 2),
@@ -262,12 +292,19 @@ def test_losing_a_worker_node(drill: Drill) -> None:
         "real_engine_status": real.status_code,
     }
     print("\nDRILL " + json.dumps(figures), flush=True)
+    near = [o for o in outcomes if killed_at - 1 <= o.end and o.start <= killed_at + 1]
+    for o in sorted(near, key=lambda o: o.start):
+        print(f"{o.start - killed_at:+.2f} {o.end - killed_at:+.2f} {o.status} {o.body[-160:]!r}")
+    print("logs:", drill.cluster.head.temp_dir)
 
     assert survivor_failures == 0
     assert all(o.start >= killed_at - 1 for o in failed), "a request failed before the kill"
-    assert all(o.status >= 500 and router_error_shape(o.body) for o in failed), failed[:3]
+    assert all(o.status in (200, 500, 502, 503, 504) for o in failed), failed[:3]
+    assert all(router_error_shape(o.error) for o in failed), failed[:3]
     assert all(o.end - o.start <= FAIL_FAST_S for o in failed), failed[:3]
-    assert len(failed) <= 4 * CLIENTS, statuses  # bounded: at most a few rounds of the clients
+    # bounded: only requests already running on the lost node fail (at most one per client);
+    # those sent to it afterwards find its engine or replica gone and are sent again
+    assert len(failed) <= CLIENTS, statuses
     assert last_failure - killed_at <= RECOVERY_BOUND_S
     assert replaced_s is not None, "Serve did not replace the lost replica on the survivor"
     assert left == 0, "requests left counted in flight"
