@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -39,6 +39,8 @@ class Head:
     num_cpus: int = 2
     num_gpus: int = 0
     sessions: tuple[int, ...] = field(default=())
+    # the node's address: loopback, or a network namespace's own (`devstack.cluster`)
+    host: str = "127.0.0.1"
 
     @classmethod
     def private(cls, *, prefer_defaults: bool = False, **kwargs: int) -> Head:
@@ -62,11 +64,11 @@ class Head:
 
     @property
     def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{self.host}:{self.dashboard_port}"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.gcs_port}"
+        return f"{self.host}:{self.gcs_port}"
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +86,11 @@ class Head:
 
 def head_args(head: Head) -> list[str]:
     """`ray start --head` for this head: every port Ray would otherwise take by default."""
+    node = [] if head.host == "127.0.0.1" else [f"--node-ip-address={head.host}"]
     return [
-        "--head",
+        "--head", *node,
         f"--port={head.gcs_port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}",
+        f"--dashboard-host={head.host}", f"--dashboard-port={head.dashboard_port}",
         f"--ray-client-server-port={head.client_port}",
         f"--dashboard-agent-listen-port={head.agent_port}",
         f"--metrics-export-port={head.metrics_port}",
@@ -97,10 +100,11 @@ def head_args(head: Head) -> list[str]:
     ]  # fmt: skip
 
 
-def ray_start(args: Iterable[str], env: Mapping[str, str]) -> int:
-    """Run `ray start ARGS` in a new process session; returns that session's id."""
+def ray_start(args: Iterable[str], env: Mapping[str, str], prefix: Sequence[str] = ()) -> int:
+    """Run `ray start ARGS` in a new process session; returns that session's id. `prefix` runs
+    it through another command (`ip netns exec NS`, `devstack.netns`)."""
     process = subprocess.Popen(
-        [str(BIN / "ray"), "start", *args],
+        [*prefix, str(BIN / "ray"), "start", *args],
         env=dict(env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -31,3 +31,11 @@ def test_a_head_round_trips_through_its_state_file(tmp_path: Path) -> None:
     assert Head.load(tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{")
     assert Head.load(tmp_path / "bad.json") is None
+
+
+def test_a_head_on_an_address_of_its_own_listens_and_is_reached_there() -> None:
+    head = Head(1, 2, 3, 4, 5, "/tmp/ray-x", host="10.77.3.2")
+    args = head_args(head)
+    assert {"--node-ip-address=10.77.3.2", "--dashboard-host=10.77.3.2"} <= set(args)
+    assert head.address == "10.77.3.2:1" and head.dashboard == "http://10.77.3.2:2"
+    assert not any(a.startswith("--node-ip-address") for a in head_args(Head(1, 2, 3, 4, 5, "x")))
