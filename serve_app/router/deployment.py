@@ -43,6 +43,7 @@ class RouterDeployment:
         )
         usage_log.to_stdout()
         missing = missing_protections(os.environ)
+        self._router.missing_guards = sorted(missing)
         if missing:
             logger.warning(
                 "this Ray cluster was started without the settings the local stack and the "

@@ -79,6 +79,8 @@ class Router:
             background=set(),
         )
         self._created = int(time.time())
+        # the ingress settings this Ray cluster lacks (`serve_app.serve_env.missing_protections`)
+        self.missing_guards: list[str] = []
 
     @property
     def services(self) -> Services:
@@ -171,6 +173,9 @@ class Router:
         return Response(reply.body, media_type="application/json", headers=headers)
 
     async def health(self, request: Request) -> Response:
+        """Up; on a Ray cluster started without the stack's ingress settings, their names."""
+        if self.missing_guards:
+            return JSONResponse({"status": "ok", "ingress_guards_missing": self.missing_guards})
         return JSONResponse({"status": "ok"})
 
     # -- the boundary: a request's life begins, errors become HTTP answers ---------------------
