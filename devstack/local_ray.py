@@ -82,10 +82,16 @@ class Head:
             return None
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def head_args(head: Head) -> list[str]:
-    """`ray start --head` for this head: every port Ray would otherwise take by default."""
+    """`ray start --head` for this head: every port Ray would otherwise take by default, and
+    the node's address on loopback, so that what binds to it (Ray's client server, engines on
+    the direct data path) is not reachable from the machine's network."""
     return [
         "--head",
+        f"--node-ip-address={LOOPBACK}",
         f"--port={head.gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}",
         f"--ray-client-server-port={head.client_port}",

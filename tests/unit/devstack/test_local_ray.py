@@ -19,7 +19,8 @@ def test_head_args_name_every_port_ray_would_take_by_default() -> None:
     args = head_args(head)
     expected = ["--port=1", "--dashboard-port=2", "--metrics-export-port=3",
                 "--ray-client-server-port=4", "--dashboard-agent-listen-port=5",
-                "--temp-dir=/tmp/ray-x", "--num-cpus=3", "--dashboard-host=127.0.0.1"]  # fmt: skip
+                "--temp-dir=/tmp/ray-x", "--num-cpus=3", "--dashboard-host=127.0.0.1",
+                "--node-ip-address=127.0.0.1"]  # fmt: skip
     assert set(expected) <= set(args)
     assert args[0] == "--head"
 

@@ -34,3 +34,11 @@ def test_ray_env_guards_serve_s_ingress_and_keeps_a_client_timeout_already_set()
     assert INGRESS_GUARDS.items() <= env.items()
     assert env["PATH"] == f"{localstack.BIN}:/usr/bin"
     assert localstack.ray_env({"PATH": "/usr/bin", CLIENT_TIMEOUT: "12"})[CLIENT_TIMEOUT] == "12"
+
+
+def test_the_local_node_takes_loopback_for_its_address() -> None:
+    """What binds to the node's address (Ray's client server, engines on the direct data path)
+    is then on 127.0.0.1; Ray would otherwise swap a loopback `--node-ip-address` for the
+    machine's network address."""
+    env = localstack.ray_env({"PATH": "/usr/bin"})
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
