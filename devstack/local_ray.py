@@ -84,11 +84,17 @@ class Head:
             return None
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def head_args(head: Head) -> list[str]:
-    """`ray start --head` for this head: every port Ray would otherwise take by default."""
-    node = [] if head.host == "127.0.0.1" else [f"--node-ip-address={head.host}"]
+    """`ray start --head` for this head: every port Ray would otherwise take by default, and
+    the node's address (`host`: loopback unless a test's network namespace gives it another),
+    so that what binds to it (Ray's client server, engines on the direct data path) is not
+    reachable from the machine's network."""
     return [
-        "--head", *node,
+        "--head",
+        f"--node-ip-address={head.host}",
         f"--port={head.gcs_port}",
         f"--dashboard-host={head.host}", f"--dashboard-port={head.dashboard_port}",
         f"--ray-client-server-port={head.client_port}",

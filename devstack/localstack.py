@@ -72,6 +72,12 @@ def start_head(head: Head, env: Mapping[str, str], *, prefer_defaults: bool = Fa
     return local_ray.start_head(head, {**env, **ingress})
 
 
+# One machine, one node: Ray takes loopback for the node's address (Ray otherwise replaces a
+# `--node-ip-address` of 127.0.0.1 with the machine's network address), so that what binds to
+# it (Ray's client server, engines on the direct data path) is not reachable from the network.
+SINGLE_NODE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment every Ray process and CLI call of a local stack gets.
 
@@ -83,6 +89,7 @@ def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env["RAY_AUTH_MODE"] = "disabled"
     env["RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"] = "true"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.update(SINGLE_NODE)
     env.update(SERVE_TUNING)
     env.update(ingress_guards(env))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"

@@ -25,6 +25,8 @@ class Overlay:
     model_cache_claim: str | None = "model-cache"
     node_selector: dict[str, str] = field(default_factory=dict)
     monitoring_namespace: str = "monitoring"
+    # where the KubeRay operator runs (`helm install … --namespace kuberay-system`)
+    operator_namespace: str = "kuberay-system"
 
 
 OVERLAYS = {

@@ -15,7 +15,9 @@ OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
 def network_policies(overlay: Overlay) -> list[dict[str, Any]]:
     """Ingress to the Ray pods: Serve's HTTP port from anywhere (API keys guard it), the
     metrics port from the monitoring namespace, the dashboard (Serve's REST API) from the
-    KubeRay operator, and every port from the cluster's own pods. The fill Job takes none."""
+    KubeRay operator's pods in its own namespace (both selectors in one peer: a pod with the
+    operator's label in any other namespace stays out), and every port from the cluster's own
+    pods. The fill Job takes none."""
     tcp = "TCP"
     ray = {
         "apiVersion": "networking.k8s.io/v1",
@@ -33,7 +35,8 @@ def network_policies(overlay: Overlay) -> list[dict[str, Any]]:
                     "ports": [{"port": METRICS_PORT, "protocol": tcp}],
                 },
                 {
-                    "from": [{"namespaceSelector": {},
+                    "from": [{"namespaceSelector": {"matchLabels": {
+                                  "kubernetes.io/metadata.name": overlay.operator_namespace}},
                               "podSelector": {"matchLabels": dict(OPERATOR_LABELS)}}],
                     "ports": [{"port": DASHBOARD_PORT, "protocol": tcp}],
                 },

@@ -79,6 +79,7 @@ class RouterDeployment:
         self._replica = serve.get_replica_context().replica_id.unique_id
         usage_log.to_stdout()
         missing = missing_protections(os.environ)
+        self._router.missing_guards = sorted(missing)
         if missing:
             logger.warning(
                 "this Ray cluster was started without the settings the local stack and the "

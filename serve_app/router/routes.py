@@ -53,6 +53,8 @@ class Router:
         self._ledger = ledger
         self._services = self._build(config, None, recorder)
         self._created = int(time.time())
+        # the ingress settings this Ray cluster lacks (`serve_app.serve_env.missing_protections`)
+        self.missing_guards: list[str] = []
 
     def reconfigure(self, config: AppConfig) -> None:
         """Apply `config` to the requests that arrive from now on; those under way finish
@@ -209,6 +211,9 @@ class Router:
         return Response(reply.body, media_type="application/json", headers=headers)
 
     async def health(self, request: Request) -> Response:
+        """Up; on a Ray cluster started without the stack's ingress settings, their names."""
+        if self.missing_guards:
+            return JSONResponse({"status": "ok", "ingress_guards_missing": self.missing_guards})
         return JSONResponse({"status": "ok"})
 
     # -- the boundary: a request's life begins, errors become HTTP answers ---------------------

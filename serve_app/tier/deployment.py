@@ -46,6 +46,17 @@ class ReplicaLog(logging.LoggerAdapter):
         return f"[tier={self.extra['tier']} replica={self.extra['replica']}] {msg}", kwargs
 
 
+def node_address() -> str:
+    """This node's address as Ray registered it (`ray start --node-ip-address`: loopback on the
+    local stack, the pod's IP on KubeRay); a worker's own guess would be the machine's network
+    address whatever the node says."""
+    node = ray.get_runtime_context().get_node_id()
+    for found in ray.nodes():
+        if found["NodeID"] == node:
+            return str(found["NodeManagerAddress"])
+    return ray.util.get_node_ip_address()
+
+
 @serve.deployment
 class TierDeployment:
     """Forwards requests for one tier to this replica's engine, and lives and dies with it."""
@@ -59,7 +70,7 @@ class TierDeployment:
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         # With the direct data path, routers on any node stream from the engine: it listens on
         # the node's address (its key keeps everyone else out); otherwise on loopback only.
-        host = ray.util.get_node_ip_address() if tier.tuning.data_path == "direct" else "127.0.0.1"
+        host = node_address() if tier.tuning.data_path == "direct" else "127.0.0.1"
         self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log, tracing, host)
         self._tier = tier
         self._tracing = Tracing.configure(tracing, f"tier-{tier.name}")

@@ -68,3 +68,11 @@ def test_the_deployed_config_is_written_beside_the_state(tmp_path: Path) -> None
         root / ".vllm/venv/bin/python"
     )
     assert localstack.tier_names(out) == ["small", "vllm-small"]
+
+
+def test_the_local_node_takes_loopback_for_its_address() -> None:
+    """What binds to the node's address (Ray's client server, engines on the direct data path)
+    is then on 127.0.0.1; Ray would otherwise swap a loopback `--node-ip-address` for the
+    machine's network address."""
+    env = localstack.ray_env({"PATH": "/usr/bin"})
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"

@@ -281,10 +281,12 @@ def test_from_outside_the_cluster_only_serve_metrics_and_the_operator_get_in(ove
         open_ports[ports] = sources
     monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
     operator = {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    # the operator's pods in the operator's namespace only, not a pod so labelled anywhere
+    operators = {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
     assert open_ports == {
         (8000,): None,
         (8080,): [{"namespaceSelector": monitoring}],
-        (8265,): [{"namespaceSelector": {}, "podSelector": operator}],
+        (8265,): [{"namespaceSelector": operators, "podSelector": operator}],
     }
 
 

@@ -51,7 +51,11 @@ def test_models_list_only_what_a_key_may_use(tmp_path: Path) -> None:
         asyncio.run(call(app, "GET", "/v1/models/large", None, bearer("small-only"))).status == 404
     )
     assert asyncio.run(call(app, "GET", "/v1/models", None, {})).status == 401
-    assert asyncio.run(call(app, "GET", "/health", None, {})).status == 200
+    assert asyncio.run(call(app, "GET", "/health", None, {})).json() == {"status": "ok"}
+    r.missing_guards = ["RAY_SERVE_HAPROXY_BINARY_PATH"]  # a Ray cluster started by hand
+    assert asyncio.run(call(app, "GET", "/health", None, {})).json() == {
+        "status": "ok", "ingress_guards_missing": ["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    }  # fmt: skip
 
 
 # -- TGI's model naming and error vocabulary ------------------------------------------------
