@@ -193,5 +193,5 @@ def test_rays_environment_runs_tgis_python_as_every_other_pod() -> None:
     assert "COPY --from=tgi /root/.local/share/uv/python /opt/python" in vllm
     tgi_build = (ROOT.parent / "shared" / "refs" / "tgi" / "Dockerfile").read_text()
     (tgi_python,) = re.findall(r"^ENV PYTHON_VERSION=(\S+)$", tgi_build, re.M)
-    assert f"cpython-{tgi_python}*/bin/python{tgi_python}" in vllm
+    assert f"cpython-{tgi_python}.*/bin/python{tgi_python}" in vllm
     assert f"sys.version_info[:2] == ({tgi_python.replace('.', ', ')})" in vllm
