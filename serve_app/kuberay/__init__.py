@@ -9,6 +9,9 @@ What is derived from the config, so that it cannot drift:
   every node; each tier pinned to its own worker group through a custom Ray resource
   `tier_<name>` (added to the tier's `ray_resources` unless the tier names its own), the router
   to the `router` group (resource `serve_app_router`), the only pods that mount the API keys.
+- each pod's image: vLLM's (`--vllm-image`, kuberay/Dockerfile.vllm) for the worker groups of
+  tiers with `engine.launcher: vllm`, whose engine runs the image's vLLM interpreter unless
+  `engine.tuning.python` says otherwise; the TGI-based one (`--image`) for every other pod.
 - one worker group per tier: `replicas`/`minReplicas`/`maxReplicas` from the tier's replica bounds
   (one Serve replica per pod), `nvidia.com/gpu` from `gpus_per_replica`, the tier resource
   advertised in `rayStartParams`; one `router` group with a pod per router replica.
@@ -42,6 +45,7 @@ from .groups import (
     tier_resource,
     worker_group,
 )
+from .images import DEFAULT_VLLM_IMAGE, VLLM_IMAGE_PYTHON, Images
 from .model_cache import FILL_POD_LABELS, fill_job, fill_marker, wait_for_cache
 from .overlays import OVERLAYS, Overlay
 from .pods import (
@@ -104,6 +108,7 @@ __all__ = [
     "CPU_PER_GPU",
     "DASHBOARD_PORT",
     "DEFAULT_IMAGE",
+    "DEFAULT_VLLM_IMAGE",
     "EDGES",
     "FILL_POD_LABELS",
     "GPU_TOLERATION",
@@ -131,9 +136,11 @@ __all__ = [
     "SERVE_PORT",
     "TMP",
     "TOKEN_AUTH_ENV",
+    "VLLM_IMAGE_PYTHON",
     "WORKER_PORTS",
     "WRITABLE_ENV",
     "EdgeLimits",
+    "Images",
     "Overlay",
     "PodShape",
     "Role",

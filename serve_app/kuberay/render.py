@@ -22,6 +22,7 @@ from .groups import (
     tier_resource,
     worker_group,
 )
+from .images import DEFAULT_IMAGE, DEFAULT_VLLM_IMAGE, VLLM_IMAGE_PYTHON, Images
 from .model_cache import fill_job
 from .overlays import OVERLAYS, Overlay
 from .pods import SERVE_PORT, Role, pod
@@ -30,12 +31,12 @@ from .security import API_KEYS, RAY_TOKEN
 from .sizing import head_shape
 
 RAY_VERSION = "2.60.0"
-DEFAULT_IMAGE = "registry.example.com/serve-app:0.1.0"
 
 
 def _cluster_args(args: dict[str, Any], config: AppConfig) -> dict[str, Any]:
     """The application's args for a cluster: every tier pinned to its worker group's resource,
-    the router to the router group's, API keys read from the file the router's pods mount."""
+    the router to the router group's, API keys read from the file the router's pods mount, and
+    each vLLM tier's engine started with the vLLM image's interpreter unless the tier names one."""
     pinned = copy.deepcopy(args)
     pinned.pop("kubernetes", None)  # the renderer's, not the application's
     router = pinned.setdefault("router", {})
@@ -43,6 +44,9 @@ def _cluster_args(args: dict[str, Any], config: AppConfig) -> dict[str, Any]:
     router.setdefault("ray_resources", {ROUTER_RESOURCE: 1})
     for raw, tier in zip(pinned["tiers"], config.tiers, strict=True):
         raw.setdefault("ray_resources", {tier_resource(tier): 1})
+        if tier.engine.launcher == "vllm":
+            tuning = raw.setdefault("engine", {}).setdefault("tuning", {})
+            tuning.setdefault("python", VLLM_IMAGE_PYTHON)
     return pinned
 
 
@@ -72,9 +76,12 @@ def serve_config_v2(document: dict[str, Any]) -> tuple[str, AppConfig]:
 
 
 def render(
-    document: dict[str, Any], overlay: Overlay, image: str = DEFAULT_IMAGE
-) -> dict[str, Any]:
+    document: dict[str, Any], overlay: Overlay, image: str = DEFAULT_IMAGE,
+    vllm_image: str = DEFAULT_VLLM_IMAGE,
+) -> dict[str, Any]:  # fmt: skip
+    """The RayService: `image` for every pod but vLLM tiers', which run `vllm_image`."""
     serve_config, config = serve_config_v2(document)
+    images = Images(image, vllm_image)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -105,16 +112,22 @@ def render(
                 },
                 "workerGroupSpecs": [
                     router_group(config, overlay, image),
-                    *(worker_group(t, config.kubernetes, overlay, image) for t in config.tiers),
+                    *(
+                        worker_group(t, config.kubernetes, overlay, images.for_tier(t))
+                        for t in config.tiers
+                    ),
                 ],
             },
         },
     }
 
 
-def manifests(document: dict[str, Any], overlay: Overlay, image: str) -> list[dict[str, Any]]:
+def manifests(
+    document: dict[str, Any], overlay: Overlay, image: str,
+    vllm_image: str = DEFAULT_VLLM_IMAGE,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Everything an overlay deploys that comes from the config."""
-    service = render(document, overlay, image)
+    service = render(document, overlay, image, vllm_image)
     _, config = serve_config_v2(document)
     docs = [service, *network_policies(overlay), *disruption_budgets(config)]
     if overlay.model_cache_claim:
@@ -148,9 +161,11 @@ HEADER = (
 )
 
 
-def render_file(config: Path, overlay: str, image: str = DEFAULT_IMAGE) -> str:
+def render_file(
+    config: Path, overlay: str, image: str = DEFAULT_IMAGE, vllm_image: str = DEFAULT_VLLM_IMAGE
+) -> str:
     document = yaml.safe_load(config.read_text())
-    docs = manifests(document, OVERLAYS[overlay], image)
+    docs = manifests(document, OVERLAYS[overlay], image, vllm_image)
     header = HEADER.format(config=config.as_posix(), overlay=overlay)
     return header + yaml.dump_all(docs, Dumper=_ManifestDumper, sort_keys=False, width=100)
 

@@ -294,8 +294,8 @@ def test_from_outside_the_cluster_only_serve_metrics_and_the_operator_get_in(ove
 
 
 def test_gpu_tiers_are_sized_from_the_config_per_gpu() -> None:
-    """configs/gpu.yaml: the 1-GPU tier derived (8 CPUs, 80Gi), the 4-GPU one 32 CPUs derived
-    and its memory as the config's `kubernetes` section says."""
+    """configs/gpu.yaml: the 1-GPU tiers derived (8 CPUs, 80Gi; TGI's and vLLM's alike), the
+    4-GPU one 32 CPUs derived and its memory as the config's `kubernetes` section says."""
     groups = rayservice("gpu")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     sizes = {}
     for group in groups:
@@ -303,7 +303,7 @@ def test_gpu_tiers_are_sized_from_the_config_per_gpu() -> None:
         sizes[group["groupName"]] = (limits["cpu"], limits["memory"], limits.get("nvidia.com/gpu"))
         if limits.get("nvidia.com/gpu"):
             assert group["rayStartParams"]["num-cpus"] == limits["cpu"]
-    assert sizes["tier-small"] == ("8", "80Gi", 1)
+    assert sizes["tier-small"] == sizes["tier-vllm-small"] == ("8", "80Gi", 1)
     assert sizes["tier-large"] == ("32", "320Gi", 4)
 
 
