@@ -79,7 +79,7 @@ class RouterDeployment:
         self._replica = serve.get_replica_context().replica_id.unique_id
         usage_log.to_stdout()
         missing = missing_protections(os.environ)
-        self._router.missing_guards = sorted(missing)
+        self._missing_guards = sorted(missing)  # shown by /health
         if missing:
             logger.warning(
                 "this Ray cluster was started without the settings the local stack and the "
@@ -102,6 +102,7 @@ class RouterDeployment:
         if self._router is None or self._transport is None:
             self._transport = ServeTransport(handles, tiers, keep_leases=config.tracing is None)
             self._router = Router(config, self._transport, MetricsRecorder(), self._ledger)
+            self._router.missing_guards = self._missing_guards
             self._app.serve(self._router.asgi_app())
         else:
             self._transport.update(handles, tiers)

@@ -247,10 +247,12 @@ def test_tgi_routes_and_early_closed_streams_are_charged(stack: Stack) -> None:
     body = {"inputs": "Tell me a long story.", "parameters": {"max_new_tokens": 100}}
 
     def generate(route: str) -> httpx.Response:
-        return httpx.post(f"{stack.url}{route}", headers=auth("tokens"), timeout=120, json=body)
+        return httpx.post(f"{stack.url}{route}", headers={**auth("tokens"), "x-tier": "sim"},
+                          timeout=120, json=body)  # fmt: skip
 
-    # each call reserves 21 + 100 tokens of the key's 400 a minute: three fit at once (a fourth
-    # only once one has finished and given back what it did not use)
+    # each call reserves its prompt (at most 21 tokens) + 100 of the key's 400 a minute: three
+    # fit at once, and on the sim tier (50 ms a token) none finishes, giving back what it did
+    # not use, before all six have asked
     with ThreadPoolExecutor(6) as pool:
         replies = list(pool.map(generate, ["/generate", "/", "/generate", "/", "/generate", "/"]))
     statuses = sorted(r.status_code for r in replies)
