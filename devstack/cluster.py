@@ -57,7 +57,10 @@ def start(
     try:
         host = network.hosts[0]
         head = replace(Head.private(num_cpus=head_cpus), host=host.address)
-        env = {**env, **localstack.ingress_env(head.temp_dir)}
+        # Several nodes, each on an address of its own: Ray's single-node loopback setting
+        # (`localstack.SINGLE_NODE`) would refuse them.
+        multi_node = {key: "1" for key in localstack.SINGLE_NODE}
+        env = {**env, **localstack.ingress_env(head.temp_dir), **multi_node}
         args = [*head_args(head), f"--resources={json.dumps(dict(head_resources or {}))}"]
         head = replace(head, sessions=(ray_start(args, env, prefix=host.command([])),))
         for worker in network.hosts[1:]:

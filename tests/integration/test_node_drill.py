@@ -85,9 +85,12 @@ class Drill:
     url: str
 
     def replicas(self, deployment: str) -> list[dict[str, Any]]:
+        """A deployment's replicas, in whichever application holds it (each tier is its own)."""
         reply = httpx.get(f"{self.cluster.head.dashboard}/api/serve/applications/", timeout=10)
-        app = reply.json()["applications"]["llm"]
-        return list(app["deployments"][deployment]["replicas"])
+        for app in reply.json()["applications"].values():
+            if deployment in app["deployments"]:
+                return list(app["deployments"][deployment]["replicas"])
+        raise KeyError(deployment)
 
     def engines(self) -> dict[str, str]:
         """The simulated engines' URLs by node address."""
