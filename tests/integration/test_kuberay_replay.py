@@ -27,6 +27,7 @@ from openai import OpenAI
 from devstack import local_ray, localstack
 from devstack.hosts import free_port
 from serve_app.kuberay import API_KEYS, RAY_TOKEN
+from serve_app.serve_env import HAPROXY_BINARY, IMAGE_SCRIPTS, haproxy_guard
 from tests.helpers import all_deployments
 from tests.unit.kuberay.test_render import rayservice
 
@@ -52,8 +53,13 @@ def manifest_ray_env(container: dict[str, Any], token_file: Path) -> dict[str, s
     env = localstack.ray_env()  # the local base: PATH to this checkout's Ray
     env.update({e["name"]: e["value"] for e in container["env"]
                 if e["name"].startswith("RAY_") and "value" in e})  # fmt: skip
+    # the HAProxy launcher where the image installs it, and where this checkout has it
+    assert env[HAPROXY_BINARY] == haproxy_guard(IMAGE_SCRIPTS)[HAPROXY_BINARY]
+    env.update(haproxy_guard())
     assert env["RAY_AUTH_TOKEN_PATH"] == RAY_TOKEN.path
     env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+    # a head and its worker groups, as on a cluster: not the local stack's one node
+    env.update({key: "1" for key in localstack.SINGLE_NODE})
     return env
 
 
