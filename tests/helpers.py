@@ -21,9 +21,9 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def metric_samples(metrics_port: int, name: str) -> dict[str, float]:
+def metric_samples(metrics_port: int, name: str, host: str = "127.0.0.1") -> dict[str, float]:
     """A metric's samples from Ray's metrics port: labels text -> value."""
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    text = httpx.get(f"http://{host}:{metrics_port}/metrics", timeout=10).text
     found = {}
     for line in text.splitlines():
         if line.startswith(name + "{"):

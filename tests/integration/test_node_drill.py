@@ -24,6 +24,7 @@ import yaml
 from devstack import cluster, localstack, netns
 from devstack.cluster import Cluster
 from devstack.hosts import engine_url, engines_under, free_port
+from tests.helpers import metric_samples
 
 pytestmark = pytest.mark.skipif(
     (reason := netns.available()) is not None, reason=f"no network namespaces: {reason}"
@@ -103,13 +104,7 @@ class Drill:
 
     def metric(self, name: str) -> dict[str, float]:
         head = self.cluster.head
-        text = httpx.get(f"http://{head.host}:{head.metrics_port}/metrics", timeout=10).text
-        found = {}
-        for line in text.splitlines():
-            if line.startswith(name + "{"):
-                labels, value = line[len(name) :].rsplit(" ", 1)
-                found[labels] = float(value)
-        return found
+        return metric_samples(head.metrics_port, name, head.host)
 
 
 @pytest.fixture(scope="module")
