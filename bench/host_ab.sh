@@ -17,6 +17,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-/tmp/host-ab}; mkdir -p "$out"
 py=${PY:-python3}; site=${SITE:-/tmp/site}
 echo "cores $(nproc) $($py --version) $(date -u +%T)"
+# HAProxy is started through the project's launcher (splicing off), found next to the interpreter
+bin=$("$py" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+[ -x "$bin/serve-app-haproxy" ] || printf '#!%s\nfrom serve_app.ingress_haproxy import main\nmain()\n' \
+  "$("$py" -c 'import sys; print(sys.executable)')" > "$bin/serve-app-haproxy" && chmod +x "$bin/serve-app-haproxy"
 for side in ${SIDES:-base after}; do
   tree=$here/$side
   start=$(date +%s)
