@@ -51,6 +51,7 @@ from .openai import Normaliser
 from .prompt_tokens import PromptTokens
 from .quota import Quotas, Reservation
 from .requests import GenerateRequest, Kind, OpenAIRequest, parse_generate, parse_openai
+from .shadow import Outcome, ShadowCopy, Shadows, answer_text, shadow_call, sse_text, tapped
 from .sse import Tally, openai_events, tgi_events
 from .tgi import reply_usage
 from .versions import SERVED_HEADER, Target, Versions, session_of
@@ -77,6 +78,7 @@ class Services:
     prompts: PromptTokens  # prompts counted by the tier's engine, for token quotas
     background: set[asyncio.Future[None]]  # quota settlements under way
     versions: Versions  # each tier's stable and candidate versions (`serve_app.router.versions`)
+    shadows: Shadows  # copies of stable requests to candidates (`serve_app.router.shadow`)
 
 
 class RequestLife:
@@ -93,6 +95,9 @@ class RequestLife:
         self.tier: str | None = None  # once admitted
         self.target: Target | None = None  # the version that serves it, once chosen
         self._parsed: OpenAIRequest | GenerateRequest | None = None
+        self._shadow: ShadowCopy | None = None  # this request's copy to the candidate
+        self._answer_text: str | None = None  # a whole answer's, for the copy's comparison
+        self._streamed_bytes: bytearray | None = None  # a shadowed stream's, the same
         self.status = 200
         self.answer_headers: dict[str, str] = {}
         self._reservation: Reservation | None = None
@@ -141,6 +146,7 @@ class RequestLife:
         call = await self._call(parsed, parsed.grammars, choice)
         normaliser = Normaliser(parsed)
         await self.admit(choice, call)
+        self._start_shadow()
         if not call.stream:
             try:
                 self._sent = True
@@ -150,6 +156,8 @@ class RequestLife:
                 self._chunk()  # a whole answer's first token comes with its last
                 answer = normaliser.complete(json.loads(reply.body))
                 self.report(usage_from(answer))
+                if self._shadow is not None:
+                    self._answer_text = answer_text(answer)
             except BaseException as exc:
                 self.settle(exc)
                 raise
@@ -167,6 +175,7 @@ class RequestLife:
         self.chosen = choice.tier
         call = await self._call(parsed, parsed.grammars, choice)
         await self.admit(choice, call)
+        self._start_shadow()
         if not call.stream:
             try:
                 self._sent = True
@@ -175,6 +184,8 @@ class RequestLife:
                 if reply.status == 200:
                     self._chunk()  # a whole answer's first token comes with its last
                     self.report(reply_usage(reply, self._prompt_tokens))
+                    if self._shadow is not None:
+                        self._answer_text = answer_text(json.loads(reply.body))
             except BaseException as exc:
                 self.settle(exc)
                 raise
@@ -208,6 +219,25 @@ class RequestLife:
         tenant = self.tenant
         session = session_of(self.request.headers, user, tenant.key_sha256 if tenant else None)
         return self._s.versions.pick(tier, session)
+
+    def _start_shadow(self) -> None:
+        """A copy of a stable-served request to the tier's candidate, if this one is drawn
+        (`serve_app.router.shadow`): in the background, never billed, never waited for."""
+        target, parsed, services = self.target, self._parsed, self._s
+        candidate = services.versions.shadow(target) if target is not None else None
+        if candidate is None or parsed is None:
+            return
+        try:
+            call = shadow_call(parsed, candidate)
+        except Exception:  # a request the candidate's engine could not take as a whole answer
+            return
+        dispatch = services.dispatch
+
+        def send(key: str, shadowed: TierCall) -> Any:
+            return dispatch.request(key, shadowed, RequestTrace())
+
+        timeout_s = candidate.config.request_timeout_s
+        self._shadow = services.shadows.start(candidate, call, send, services.versions, timeout_s)
 
     def _serve_as(self, target: Target) -> None:
         self.target = target
@@ -320,6 +350,9 @@ class RequestLife:
         through the tally (`_chunk`), with nothing more per chunk."""
         self._tally = tally
         tally.on_batch = self._chunk
+        if self._shadow is not None:  # the text it carries, for the copy's comparison
+            self._streamed_bytes = bytearray()
+            events = tapped(events, self._streamed_bytes)
         try:
             return LifeStream(events, self, calls, self.answer_headers)
         except BaseException as exc:
@@ -394,6 +427,9 @@ class RequestLife:
             self._s.recorder.finished(tier, self.status, seconds, usage, self.version)
         with _logged():
             self._judge(seconds)
+        if self._shadow is not None:
+            with _logged():
+                self._shadow.settled(self._outcome(seconds, usage))
         with _logged():
             self._record_gaps(tier)
         if tally is not None:
@@ -420,6 +456,13 @@ class RequestLife:
     def version(self) -> str:
         """The version that served the request, as metrics name it."""
         return self.target.version if self.target is not None else "none"
+
+    def _outcome(self, seconds: float, usage: Usage) -> Outcome:
+        """This (stable) answer, for its shadow copy's comparison."""
+        text = self._answer_text
+        if self._streamed_bytes is not None:
+            text = sse_text(bytes(self._streamed_bytes))
+        return Outcome(self.status, seconds, usage.completion_tokens, text)
 
     def _judge(self, seconds: float) -> None:
         """A candidate's outcome into its rollback window: its duration, or for a stream its

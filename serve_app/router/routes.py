@@ -31,6 +31,7 @@ from .lifecycle import RequestLife, Services
 from .prompt_tokens import PromptTokens
 from .quota import LedgerCalls, Quotas
 from .requests import parse_tokenize
+from .shadow import Shadows
 from .versions import Versions, targets
 
 Handler = Callable[[RequestLife], Awaitable[Response]]
@@ -88,6 +89,7 @@ class Router:
             grammars = GrammarCompiler()
             background: set[Any] = set()
             versions = Versions(config)
+            shadows = Shadows(recorder, background)
         else:
             old = previous.config
             same_keys = old.router.api_keys == keys
@@ -100,7 +102,7 @@ class Router:
                 quotas = previous.quotas
             in_flight, tracing = previous.in_flight, previous.tracing
             grammars, background = previous.grammars, previous.background
-            versions = previous.versions
+            versions, shadows = previous.versions, previous.shadows
             versions.update(config)
         return Services(
             config=config,
@@ -123,6 +125,7 @@ class Router:
             ),
             background=background,
             versions=versions,
+            shadows=shadows,
         )
 
     def rolled_back(self, key: str) -> None:
