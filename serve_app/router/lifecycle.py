@@ -496,8 +496,12 @@ class RequestLife:
         self.settle(error)
 
     def finish(self, response: Response) -> Response:
-        """The answer as sent: its span, and how long the request waited for its turn."""
+        """The answer as sent: its span, the version that served it (an error's too), and how
+        long the request waited for its turn."""
         response = self.trace.finish(response)
+        target = self.target
+        if self.tier is not None and target is not None and SERVED_HEADER not in response.headers:
+            response.headers[SERVED_HEADER] = target.version  # an error answer's too
         if self._turn is not None:
             waited_ms = round(self._turn[1].waited_s * 1000)
             response.raw_headers.append((WAIT_HEADER.encode(), str(waited_ms).encode()))

@@ -262,3 +262,15 @@ def test_the_versions_route_shows_the_state(tmp_path: Path) -> None:
     assert small["stable"]["application"] == "tier-small"
     assert small["candidate"]["application"] == "tier-small@v2"
     assert small["candidate"]["weight_percent"] == 25
+
+
+def test_an_error_answer_names_the_version_too(tmp_path: Path) -> None:
+    r, _, _ = router(with_candidate(tmp_path, 100), engine)
+    transport = r._transport  # type: ignore[attr-defined]
+
+    def request(tier: str, c: Any) -> Any:
+        raise TierUnavailable(f"tier {tier!r} has no running replica")
+
+    transport.request = request
+    answer = asyncio.run(call(r.asgi_app(), "POST", "/v1/chat/completions", CHAT))
+    assert answer.status == 503 and answer.headers["x-served-version"] == "stable"
