@@ -73,7 +73,11 @@ def targets(config: AppConfig) -> dict[str, TierConfig]:
     for tier in config.tiers:
         out[tier.name] = tier
         if tier.candidate is not None:
-            out[candidate_key(tier.name, tier.candidate.version)] = tier.candidate_tier()
+            candidate = tier.candidate_tier()
+            if candidate.replicas.min == 0:  # no spare lease: renewing it would wake it
+                tuning = candidate.tuning.model_copy(update={"lease_spare_s": 0.0})
+                candidate = candidate.model_copy(update={"tuning": tuning})
+            out[candidate_key(tier.name, tier.candidate.version)] = candidate
     return out
 
 

@@ -274,3 +274,10 @@ def test_an_error_answer_names_the_version_too(tmp_path: Path) -> None:
     transport.request = request
     answer = asyncio.run(call(r.asgi_app(), "POST", "/v1/chat/completions", CHAT))
     assert answer.status == 503 and answer.headers["x-served-version"] == "stable"
+
+
+def test_a_candidate_that_may_scale_to_zero_keeps_no_spare_lease() -> None:
+    cfg = versioned().model_dump(mode="json", exclude_unset=True)
+    cfg["tiers"][0]["candidate"]["replicas"] = {"min": 0, "max": 1}
+    found = targets(AppConfig.model_validate(cfg))
+    assert found["small@v2"].tuning.lease_spare_s == 0 and found["small"].tuning.lease_spare_s > 0
