@@ -35,7 +35,9 @@ def engine(ttft_ms: int = 20, failure_rate: float = 0.0) -> dict[str, Any]:
     }
 
 
-def config(version: str, candidate: dict[str, Any] | None, stable_engine: Any = None) -> Any:
+def config(
+    version: str, candidate: dict[str, Any] | None, stable_engine: Any = None, routers: int = 1
+) -> Any:
     tier: dict[str, Any] = {
         "name": "small",
         "version": version,
@@ -51,7 +53,7 @@ def config(version: str, candidate: dict[str, Any] | None, stable_engine: Any = 
         "http_options": {"host": "127.0.0.1"},
         "applications": [{
             "name": "llm", "route_prefix": "/", "import_path": "serve_app.app:build_app",
-            "args": {"tiers": [tier]},
+            "args": {"router": {"replicas": routers}, "tiers": [tier]},
         }],
     }  # fmt: skip
 
@@ -153,8 +155,9 @@ def test_a_failing_candidate_is_rolled_back_with_no_stable_errors(stack: Stack) 
     rule = {"window_s": 20, "min_requests": 10, "max_error_rate": 0.05}
     faulty = {"version": "v3", "engine": engine(failure_rate=0.5), "weight_percent": 50,
               "rollback": rule}  # fmt: skip
-    stack.deploy(render(config("v1", faulty)))
+    stack.deploy(render(config("v1", faulty, routers=2)))  # the decision is shared by both
     wait_for(lambda: state(stack)["candidate"]["version"] == "v3", 60, "candidate v3")
+    wait_for(lambda: len(replicas(stack).get("router", ())) == 2, 120, "two router replicas")
     statuses: dict[str, list[int]] = {"v1": [], "v3": []}
     first_v3: float | None = None
     deadline = time.monotonic() + 90
@@ -177,6 +180,11 @@ def test_a_failing_candidate_is_rolled_back_with_no_stable_errors(stack: Stack) 
           f"({sum(s >= 500 for s in statuses['v3'])} failed), v1 answers {len(statuses['v1'])} "
           f"(failed: {sum(s != 200 for s in statuses['v1'])})")  # fmt: skip
     assert took <= 30
+
+    def every_router_rolled_back() -> bool:  # HAProxy spreads these over both replicas
+        return all(state(stack)["candidate"]["rollback"] is not None for _ in range(20))
+
+    wait_for(every_router_rolled_back, 10, "every router replica to apply the rollback")
     assert set(statuses) <= {"v1", "v3"}, statuses  # every answer names its version
     assert all(s == 200 for s in statuses["v1"])
     assert all(r.status_code == 200 and served(r) == "v1" for r in after)
@@ -192,7 +200,7 @@ def test_a_failing_candidate_is_rolled_back_with_no_stable_errors(stack: Stack) 
 
 def test_promote_with_streams_in_flight_loses_none(stack: Stack) -> None:
     good = {"version": "v4", "engine": engine(ttft_ms=30), "weight_percent": 50}
-    stack.deploy(render(config("v1", good)))
+    stack.deploy(render(config("v1", good, routers=2)))
     wait_for(lambda: ask(stack).status_code == 200, 60, "the tier")
     wait_for(lambda: state(stack)["candidate"]["version"] == "v4", 60, "candidate v4")
     before = replicas(stack)
@@ -221,7 +229,7 @@ def test_promote_with_streams_in_flight_loses_none(stack: Stack) -> None:
         t.start()
         time.sleep(0.05)
     time.sleep(0.5)  # every stream under way (each takes ~10 s)
-    promoted = config("v4", None, stable_engine=good["engine"])
+    promoted = config("v4", None, stable_engine=good["engine"], routers=2)
     started = time.monotonic()
     stack.deploy(render(promoted), wait=False)
     deployed = time.monotonic()
