@@ -168,7 +168,7 @@ class Router:
                 Route("/info", tgi(self.info), methods=["GET"]),
                 Route("/tokenize", tgi(self.tokenize), methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
-                Route("/v1/versions", self.versions, methods=["GET"]),
+                Route("/v1/versions", openai(self.versions), methods=["GET"]),
             ],
         )
 
@@ -232,9 +232,10 @@ class Router:
             return JSONResponse({"status": "ok", "ingress_guards_missing": self.missing_guards})
         return JSONResponse({"status": "ok"})
 
-    async def versions(self, request: Request) -> Response:
+    async def versions(self, life: RequestLife) -> Response:
         """Every tier's versions as this router replica applies them: weights, the candidate's
-        health over its rollback window, a rollback and why (`Versions.state`)."""
+        health over its rollback window, a rollback and why (`Versions.state`); with keys on,
+        for any valid key."""
         return JSONResponse(self._services.versions.state())
 
     # -- the boundary: a request's life begins, errors become HTTP answers ---------------------

@@ -24,7 +24,7 @@ from serve_app.router.versions import (
     targets,
 )
 
-from .router_kit import CHAT, call, config, engine, router
+from .router_kit import CHAT, bearer, call, config, engine, router
 
 
 def versioned(weight: float = 10, shadow: float = 0, **rollback: Any) -> AppConfig:
@@ -281,3 +281,12 @@ def test_a_candidate_that_may_scale_to_zero_keeps_no_spare_lease() -> None:
     cfg["tiers"][0]["candidate"]["replicas"] = {"min": 0, "max": 1}
     found = targets(AppConfig.model_validate(cfg))
     assert found["small@v2"].tuning.lease_spare_s == 0 and found["small"].tuning.lease_spare_s > 0
+
+
+def test_the_versions_route_needs_a_key_when_keys_are_on(tmp_path: Path) -> None:
+    cfg = config(tmp_path).model_dump(mode="json", exclude_unset=True)
+    cfg["tiers"][0]["candidate"] = {"version": "v2"}
+    r, _, _ = router(AppConfig.model_validate(cfg), engine)
+    assert asyncio.run(call(r.asgi_app(), "GET", "/v1/versions")).status == 401
+    answer = asyncio.run(call(r.asgi_app(), "GET", "/v1/versions", None, bearer("team-a")))
+    assert answer.status == 200 and answer.json()["tiers"]["small"]["candidate"]["version"] == "v2"
