@@ -549,8 +549,8 @@ class TierConfig(_Tuned):
     )
     candidate: CandidateVersion | None = Field(
         None,
-        description="A second version of the tier (canary, shadow, automatic rollback); "
-        "promote it by making its `version` and `engine` the tier's own and removing this.",
+        description="Promote it by making its `version` and `engine` the tier's own and "
+        'removing this (docs/operations.md, "Versions: canary, shadow, rollback, promote").',
     )
 
     @model_validator(mode="after")
