@@ -13,7 +13,13 @@ from ray.serve.deployment import Deployment
 from .config import AppConfig, TierConfig, TracingConfig
 from .router.deployment import RouterDeployment
 from .router.ledger import LedgerDeployment
-from .serve_config import ROUTER_DEPLOYMENT, request_router_config, scaling_options
+from .router.version_board import VersionBoardDeployment
+from .serve_config import (
+    ROUTER_DEPLOYMENT,
+    request_router_config,
+    scaling_options,
+    tier_app_name,
+)
 from .tier.deployment import TierDeployment, TierEntry
 
 # Ray's own resource of the head node (Ray places its state actors there the same way).
@@ -38,7 +44,7 @@ def tier_deployment(
     if tier.routing is not None:
         scaling["request_router_config"] = request_router_config(tier, routers)
     return TierDeployment.options(
-        name=f"tier-{tier.name}",
+        name=tier_app_name(tier.name, tier.version),
         ray_actor_options={
             "num_cpus": tier.tuning.cpus_per_replica,
             "num_gpus": tier.gpus_per_replica,
@@ -70,6 +76,12 @@ def tier_deployment(
 def build_app(args: dict[str, Any]) -> Application:
     """Validate `args` as an `AppConfig` (errors name the bad field) and bind the deployments."""
     config = AppConfig.model_validate(args)
+    versioned = [t.name for t in config.tiers if t.candidate is not None]
+    if versioned:
+        raise ValueError(
+            f"tiers {versioned}: a candidate version is an application of its own: deploy the "
+            "rendered config (`python -m serve_app.serve_config`)"
+        )
     tiers = {
         tier.name: tier_deployment(tier, config.router.replicas).bind(
             tier.for_replicas(), config.tracing
@@ -123,7 +135,7 @@ def build_tier(args: dict[str, Any]) -> Application:
     # HAProxy (which would bypass it), though nothing reaches a tier's application over HTTP:
     # a routed tier's application is topped by a stub that holds no engine.
     return TierEntry.options(
-        name=f"tier-{tier.name}-entry",
+        name=f"{tier_app_name(tier.name, tier.version)}-entry",
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1,
@@ -137,5 +149,17 @@ def build_router(args: dict[str, Any]) -> Application:
     change: whether it holds the quota ledger, where it runs, and tracing (in `args` only so
     that a change of it restarts the router)."""
     return router_deployment(1, args.get("ray_resources") or {}).bind(
-        None, None, ledger_deployment() if args.get("ledger") else None
+        None, None, ledger_deployment() if args.get("ledger") else None, board_deployment()
     )
+
+
+def board_deployment() -> Application:
+    # One replica holds the candidates' rollbacks for every router replica
+    # (`serve_app.router.version_board`), on the head node as the ledger.
+    return VersionBoardDeployment.options(
+        name="version-board",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}},
+        max_ongoing_requests=1000,
+        health_check_period_s=5,
+    ).bind()

@@ -14,11 +14,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import vllm_args
 
 TIER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+VERSION_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,18}[a-z0-9])?$")
+# A tier's stable version when it has no `version` name (metrics, headers, the status).
+STABLE = "stable"
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -419,6 +422,69 @@ class TierTuning(_Strict):
     )
 
 
+class RollbackRule(_Strict):
+    """When routers send a candidate's traffic back to the stable version on their own."""
+
+    window_s: PositiveFloat = Field(
+        60.0, description="The candidate's requests of this last stretch of time are judged."
+    )
+    min_requests: PositiveInt = Field(
+        20, description="Fewest requests in the window before it is judged at all."
+    )
+    max_error_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of the window's requests that may fail on the server's side (5xx, "
+        "engine errors; not a client's 4xx) before the candidate is rolled back.",
+    )
+    max_p99_s: PositiveFloat | None = Field(
+        10.0,
+        description="Slowest p99 of the window's request durations (whole answers: to their "
+        "end; streams: to their first token) before the candidate is rolled back; unset: not "
+        "judged.",
+    )
+
+
+class CandidateVersion(_Strict):
+    """A second version of a tier beside its stable one: its own Serve application, sent a
+    share of the tier's sessions (canary) and copies of its requests (shadow)."""
+
+    version: str = Field(
+        description="The candidate's name (a-z, 0-9, '.', '-', at most 20); its application is "
+        "`tier-<name>@<version>`."
+    )
+    engine: EngineConfig | None = Field(
+        None, description="The candidate's engine and model; the tier's own `engine` when unset."
+    )
+    weight_percent: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Share of the tier's sessions sent to the candidate (canary), by a stable "
+        "hash of the session (`x-session-id`, else the OpenAI `user`, else the API key).",
+    )
+    shadow_percent: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Share of the stable version's requests also sent to the candidate in the "
+        "background (shadow): answers discarded and compared, never billed, never waited for.",
+    )
+    replicas: ReplicaBounds = Field(ReplicaBounds(), description="The candidate's replicas.")
+    rollback: RollbackRule = Field(
+        RollbackRule(), description="When routers roll the candidate back by themselves."
+    )
+
+    @model_validator(mode="after")
+    def _named(self) -> CandidateVersion:
+        if not VERSION_NAME.match(self.version):
+            raise ValueError(
+                f"version {self.version!r} must be a-z, 0-9, '.' or '-' (at most 20 characters)"
+            )
+        return self
+
+
 class TierConfig(_Tuned):
     """One model tier: its own Serve deployment whose replicas each supervise one engine."""
 
@@ -476,6 +542,16 @@ class TierConfig(_Tuned):
         description="Replica concurrency and queues, engine leases, spill-over threshold, start "
         "attempts.",
     )
+    version: str | None = Field(
+        None,
+        description="The stable version's name (a-z, 0-9, '.', '-', at most 20); its "
+        "application is then `tier-<name>@<version>` (else `tier-<name>`).",
+    )
+    candidate: CandidateVersion | None = Field(
+        None,
+        description="Promote it by making its `version` and `engine` the tier's own and "
+        'removing this (docs/operations.md, "Versions: canary, shadow, rollback, promote").',
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> TierConfig:
@@ -483,6 +559,17 @@ class TierConfig(_Tuned):
             raise ValueError(
                 f"name {self.name!r} must be a lower-case DNS label (a-z, 0-9, '-', at most 40)"
             )
+        if self.version is not None and not VERSION_NAME.match(self.version):
+            raise ValueError(
+                f"version {self.version!r} must be a-z, 0-9, '.' or '-' (at most 20 characters)"
+            )
+        if self.candidate is not None:
+            if self.candidate.version == self.version_label:
+                raise ValueError(
+                    f"candidate.version {self.candidate.version!r} must differ from the "
+                    "stable version's"
+                )
+            self.candidate_tier()  # its engine must fit the tier's token limits
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds "
@@ -516,6 +603,29 @@ class TierConfig(_Tuned):
         return self.keeps_leases and self.tuning.lease_spare_s > 0 and self.replicas.min > 0
 
     @property
+    def version_label(self) -> str:
+        """The stable version's name, as metrics and answers give it."""
+        return self.version or STABLE
+
+    def candidate_tier(self) -> TierConfig:
+        """The candidate as a tier of its own: the tier as it will be once the candidate is
+        promoted (its version and engine, no candidate), on the candidate's replicas. Its
+        application's args are thus those of the promoted tier: promoting restarts nothing."""
+        candidate = self.candidate
+        assert candidate is not None
+        data = self.model_dump(mode="json", exclude_unset=True)
+        data.pop("candidate", None)
+        data["version"] = candidate.version
+        if candidate.engine is not None:
+            data["engine"] = candidate.engine.model_dump(mode="json", exclude_unset=True)
+        data["replicas"] = candidate.replicas.model_dump(mode="json")
+        try:
+            return TierConfig.model_validate(data)
+        except ValidationError as exc:
+            why = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+            raise ValueError(f"candidate {candidate.version!r}: {why}") from None
+
+    @property
     def model_names(self) -> tuple[str, ...]:
         """Every `model` value that selects this tier, canonical name first."""
         return (self.name, *self.aliases)
@@ -546,6 +656,7 @@ BUILDER_ONLY = ("replicas", "scaling", "ray_resources", "tuning.max_start_attemp
 # and engine: a change restarts that tier's replicas (and only them).
 TIER_LIVE = (
     "aliases",
+    "candidate",
     "default_max_tokens",
     "max_tokens_limit",
     "replica_wait_timeout_s",

@@ -30,6 +30,8 @@ TUNING = "tuning"
 # The section only the KubeRay manifest renderer reads: documented in its own part, and not
 # counted among the settings the application needs decided.
 KUBERNETES = "kubernetes"
+VERSIONS = "tiers[].version"
+CANDIDATE = "tiers[].candidate"
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ def settings() -> list[Setting]:
     return [s for section in sections() for s in section.settings if s.leaf]
 
 
+def _versions(path: str) -> bool:
+    return path in (VERSIONS, CANDIDATE) or path.startswith(CANDIDATE + ".")
+
+
 def _kubernetes(path: str) -> bool:
     return path == KUBERNETES or path.startswith(KUBERNETES + ".")
 
@@ -127,7 +133,15 @@ def _kubernetes(path: str) -> bool:
 def user_settings() -> list[Setting]:
     """The leaf settings outside any `tuning` section and outside `kubernetes`: what a platform
     engineer decides for the application."""
-    return [s for s in settings() if not s.tuning and not _kubernetes(s.path)]
+    return [
+        s for s in settings() if not s.tuning and not _kubernetes(s.path) and not _versions(s.path)
+    ]
+
+
+def version_settings() -> list[Setting]:
+    """A tier's versions (`version`, `candidate`): what an operator sets for a while, during a
+    rollout, not what the platform engineer decides once."""
+    return [s for s in settings() if _versions(s.path)]
 
 
 def kubernetes_settings() -> list[Setting]:
@@ -136,7 +150,7 @@ def kubernetes_settings() -> list[Setting]:
 
 
 def tuning_settings() -> list[Setting]:
-    return [s for s in settings() if s.tuning]
+    return [s for s in settings() if s.tuning and not _versions(s.path)]
 
 
 # -- rendering ----------------------------------------------------------------------------------
@@ -276,7 +290,7 @@ def _restarts() -> list[str]:
 def render() -> str:
     """docs/configuration.md."""
     user, tuning = user_settings(), tuning_settings()
-    kubernetes = kubernetes_settings()
+    kubernetes, versions = kubernetes_settings(), version_settings()
     lines = [
         "# Configuration",
         "",
@@ -299,8 +313,11 @@ def render() -> str:
         "serve_app.kuberay render`): pod sizes and placement, disruption budgets and spread "
         "(docs/kubernetes.md). Its settings are listed in a part of their own.",
         "",
-        f"User-facing settings: {len(user)}. Kubernetes settings: {len(kubernetes)}. "
-        f"Tuning settings: {len(tuning)}.",
+        "A tier's `version` and `candidate` are set during a rollout (docs/operations.md, "
+        '"Versions: canary, shadow, rollback, promote") and counted apart.',
+        "",
+        f"User-facing settings: {len(user)}. Version settings: {len(versions)}. "
+        f"Kubernetes settings: {len(kubernetes)}. Tuning settings: {len(tuning)}.",
         "",
         "Key paths: `a.b` is key `b` of section `a`; `a[]` is a list of sections.",
         "",

@@ -3,15 +3,26 @@
 Exported through Ray's metrics agent: each Ray pod serves them on its metrics port (8080) with a
 `ray_` prefix, next to Serve's own metrics, so one PodMonitor scrapes everything. Names:
 
-    ray_serve_app_requests_total{tier, status}           requests answered by the router (those
+    ray_serve_app_requests_total{tier, version, status}  requests answered by the router (those
                                                          refused before a tier: tier `none`)
     ray_serve_app_in_flight_requests{tier}               requests the router is serving now
-    ray_serve_app_time_to_first_token_seconds{tier}      histogram (whole answers: their end)
-    ray_serve_app_inter_token_latency_seconds{tier}      histogram, a stream's mean gap between
-                                                         writes (one observation per stream)
-    ray_serve_app_request_duration_seconds{tier}         histogram, end to end
-    ray_serve_app_prompt_tokens_total{tier}
-    ray_serve_app_completion_tokens_total{tier}
+    ray_serve_app_time_to_first_token_seconds{tier, version}  histogram (whole answers: their
+                                                         end)
+    ray_serve_app_inter_token_latency_seconds{tier, version}  histogram, a stream's mean gap
+                                                         between writes (one per stream)
+    ray_serve_app_request_duration_seconds{tier, version}  histogram, end to end
+    ray_serve_app_prompt_tokens_total{tier, version}
+    ray_serve_app_completion_tokens_total{tier, version}
+        (`version`: the version that served the request, the tier's `version` or `stable`, or
+        its candidate's; `none` for requests refused before one was chosen)
+    ray_serve_app_version_rolled_back{tier, version, reason}  1 once routers rolled a candidate
+                                                         back (reason: error_rate, p99_latency)
+    ray_serve_app_shadow_requests_total{tier, version, result}  copies of stable requests sent to
+                                                         the candidate: ok, error, dropped (busy)
+    ray_serve_app_shadow_latency_ratio{tier, version}    histogram, candidate / stable duration
+    ray_serve_app_shadow_token_ratio{tier, version}      histogram, candidate / stable completion
+                                                         tokens
+    ray_serve_app_shadow_text_similarity{tier, version}  histogram, 0..1 (difflib ratio of texts)
     ray_serve_app_engine_queue{tier}                     engine's waiting queue, per replica
     ray_serve_app_engine_running{tier}                   engine's running batch, per replica
     ray_serve_app_engine_starts_total{tier}              engines started (replica starts)
@@ -39,6 +50,19 @@ from typing import Protocol
 
 from ray.serve import metrics
 
+from .config import STABLE
+
+
+class ShadowResult(Protocol):
+    @property
+    def result(self) -> str: ...
+    @property
+    def latency_ratio(self) -> float | None: ...
+    @property
+    def token_ratio(self) -> float | None: ...
+    @property
+    def similarity(self) -> float | None: ...
+
 
 class TokenUsage(Protocol):
     @property
@@ -48,37 +72,66 @@ class TokenUsage(Protocol):
 
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+RATIO_BUCKETS = [0.25, 0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2, 4]
+SIMILARITY_BUCKETS = [0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
 
 
 class _Metrics:
     def __init__(self) -> None:
         tier = ("tier",)
+        served = ("tier", "version")
         self.requests = metrics.Counter(
             "serve_app_requests",
-            "Requests answered, by tier and status; those refused before a tier was chosen "
-            "under tier `none`.",
-            ("tier", "status"),
+            "Requests answered, by tier, version and status; those refused before a tier was "
+            "chosen under tier `none`.",
+            ("tier", "version", "status"),
         )
         self.in_flight = metrics.Gauge("serve_app_in_flight_requests", "Requests in flight.", tier)
         self.ttft = metrics.Histogram(
             "serve_app_time_to_first_token_seconds",
             "Time to the first token (to the whole answer when not streamed).",
-            LATENCY_BUCKETS_S, tier,
+            LATENCY_BUCKETS_S, served,
         )  # fmt: skip
         self.itl = metrics.Histogram(
             "serve_app_inter_token_latency_seconds",
             "A stream's mean time between the router's writes after its first, one observation "
             "per streamed request (chunks that arrive together go in one write).",
-            LATENCY_BUCKETS_S, tier,
+            LATENCY_BUCKETS_S, served,
         )  # fmt: skip
         self.duration = metrics.Histogram(
             "serve_app_request_duration_seconds", "End-to-end request time.",
-            LATENCY_BUCKETS_S, tier,
+            LATENCY_BUCKETS_S, served,
         )  # fmt: skip
-        self.prompt_tokens = metrics.Counter("serve_app_prompt_tokens", "Prompt tokens.", tier)
+        self.prompt_tokens = metrics.Counter("serve_app_prompt_tokens", "Prompt tokens.", served)
         self.completion_tokens = metrics.Counter(
-            "serve_app_completion_tokens", "Completion tokens.", tier
+            "serve_app_completion_tokens", "Completion tokens.", served
         )
+        self.rolled_back = metrics.Gauge(
+            "serve_app_version_rolled_back",
+            "1 once the routers rolled the tier's candidate version back to the stable one.",
+            ("tier", "version", "reason"),
+        )
+        self.shadow_requests = metrics.Counter(
+            "serve_app_shadow_requests",
+            "Copies of stable requests sent to the candidate, by result: ok, error, dropped "
+            "(the candidate's copies were all in flight).",
+            ("tier", "version", "result"),
+        )
+        self.shadow_latency_ratio = metrics.Histogram(
+            "serve_app_shadow_latency_ratio",
+            "The candidate's duration over the stable version's, per shadowed request.",
+            RATIO_BUCKETS, served,
+        )  # fmt: skip
+        self.shadow_token_ratio = metrics.Histogram(
+            "serve_app_shadow_token_ratio",
+            "The candidate's completion tokens over the stable version's, per shadowed request.",
+            RATIO_BUCKETS, served,
+        )  # fmt: skip
+        self.shadow_similarity = metrics.Histogram(
+            "serve_app_shadow_text_similarity",
+            "How alike the two versions' texts are (difflib ratio, 0..1), per shadowed request.",
+            SIMILARITY_BUCKETS, served,
+        )  # fmt: skip
         self.engine_queue = metrics.Gauge("serve_app_engine_queue", "Engine queue.", tier)
         self.engine_running = metrics.Gauge("serve_app_engine_running", "Engine batch.", tier)
         self.engine_starts = metrics.Counter("serve_app_engine_starts", "Engines started.", tier)
@@ -164,14 +217,16 @@ class MetricsRecorder:
     def in_flight(self, tier: str, count: int) -> None:
         app_metrics().in_flight.set(count, {"tier": tier})
 
-    def first_token(self, tier: str, seconds: float) -> None:
-        app_metrics().ttft.observe(seconds, {"tier": tier})
+    def first_token(self, tier: str, seconds: float, version: str = STABLE) -> None:
+        app_metrics().ttft.observe(seconds, {"tier": tier, "version": version})
 
-    def between_tokens(self, tier: str, seconds: float) -> None:
-        app_metrics().itl.observe(seconds, {"tier": tier})
+    def between_tokens(self, tier: str, seconds: float, version: str = STABLE) -> None:
+        app_metrics().itl.observe(seconds, {"tier": tier, "version": version})
 
-    def finished(self, tier: str, status: int, seconds: float, usage: TokenUsage) -> None:
-        m, tags = app_metrics(), {"tier": tier}
+    def finished(
+        self, tier: str, status: int, seconds: float, usage: TokenUsage, version: str = STABLE
+    ) -> None:
+        m, tags = app_metrics(), {"tier": tier, "version": version}
         m.requests.inc(1, {**tags, "status": str(status)})
         m.duration.observe(seconds, tags)
         if usage.prompt_tokens:
@@ -181,7 +236,21 @@ class MetricsRecorder:
 
     def refused(self, tier: str, status: int) -> None:
         """A request answered before admission (`tier`: the one it asked for, or `none`)."""
-        app_metrics().requests.inc(1, {"tier": tier, "status": str(status)})
+        app_metrics().requests.inc(1, {"tier": tier, "version": "none", "status": str(status)})
+
+    def rolled_back(self, tier: str, version: str, reason: str) -> None:
+        app_metrics().rolled_back.set(1, {"tier": tier, "version": version, "reason": reason})
+
+    def shadowed(self, tier: str, version: str, comparison: ShadowResult) -> None:
+        """A shadow copy's outcome, and its comparison with the stable answer when both are in."""
+        m, tags = app_metrics(), {"tier": tier, "version": version}
+        m.shadow_requests.inc(1, {**tags, "result": comparison.result})
+        if comparison.latency_ratio is not None:
+            m.shadow_latency_ratio.observe(comparison.latency_ratio, tags)
+        if comparison.token_ratio is not None:
+            m.shadow_token_ratio.observe(comparison.token_ratio, tags)
+        if comparison.similarity is not None:
+            m.shadow_similarity.observe(comparison.similarity, tags)
 
     def spill_over(self, tier: str, to_tier: str) -> None:
         app_metrics().spill_overs.inc(1, {"tier": tier, "to_tier": to_tier})

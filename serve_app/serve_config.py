@@ -7,7 +7,10 @@ that application becomes:
 
 - one application per tier, `tier-<name>` (`serve_app.app:build_tier`, no route): its `args` are
   the settings that shape its replicas and engine (`config.engine_settings`); its deployment's
-  `user_config` and replica bounds are the live ones (`config.TIER_LIVE`);
+  `user_config` and replica bounds are the live ones (`config.TIER_LIVE`). A tier with a
+  `version` is `tier-<name>@<version>`, and its `candidate` one more, `tier-<name>@<candidate>`,
+  whose args are those the tier will have once the candidate is promoted (so promoting restarts
+  neither version: Serve only deletes the former stable one);
 - the router's application (named as the source's, `serve_app.app:build_router`, the route): its
   `args` say only whether it holds the quota ledger, where its replicas run and how it traces;
   the whole configuration is its deployment's `user_config`.
@@ -35,9 +38,10 @@ ROUTER_ENTRY = "serve_app.app:build_router"
 ROUTER_DEPLOYMENT = "router"
 
 
-def tier_app_name(tier: str) -> str:
-    """A tier's application; its one deployment has the same name."""
-    return f"tier-{tier}"
+def tier_app_name(tier: str, version: str | None = None) -> str:
+    """A tier's application, or one version's (`tier-<name>@<version>`, the tier's `version` or
+    its candidate's); its one deployment has the same name."""
+    return f"tier-{tier}" if version is None else f"tier-{tier}@{version}"
 
 
 def scaling_options(tier: TierConfig) -> dict[str, Any]:
@@ -85,7 +89,7 @@ def tier_user_config(tier: TierConfig) -> dict[str, Any]:
 
 
 def tier_app(tier: TierConfig, config: AppConfig) -> dict[str, Any]:
-    name = tier_app_name(tier.name)
+    name = tier_app_name(tier.name, tier.version)
     args: dict[str, Any] = {"tier": engine_settings(tier)}
     if tier.routing is not None:
         args["routers"] = config.router.replicas  # the replica choice's share of each router
@@ -125,7 +129,9 @@ def applications(app: dict[str, Any]) -> list[dict[str, Any]]:
     """One source application as the router's application and one per tier."""
     config = AppConfig.model_validate(app.get("args") or {})
     router = router_app(app.get("name", "llm"), app.get("route_prefix", "/"), config)
-    return [router, *(tier_app(tier, config) for tier in config.tiers)]
+    tiers = [tier_app(tier, config) for tier in config.tiers]
+    candidates = [tier_app(t.candidate_tier(), config) for t in config.tiers if t.candidate]
+    return [router, *tiers, *candidates]
 
 
 def render(document: dict[str, Any]) -> dict[str, Any]:

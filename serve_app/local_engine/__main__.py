@@ -75,7 +75,9 @@ def load_backend(args: EngineArgs) -> Backend:
         cache = PrefixCache(args.sim_prefix_cache_tokens) if args.sim_prefix_cache_tokens else None
         per_token = args.sim_prefill_us_per_token / 1e6
         prefill = Prefill(per_token, cache) if per_token else None
-        return SimulatedBackend(table, slots=args.max_batch_size, prefill=prefill)
+        return SimulatedBackend(
+            table, slots=args.max_batch_size, prefill=prefill, failure_rate=args.sim_failure_rate
+        )
     gguf = resolve_gguf(args.model_id)
     log.info("loading %s with %d slots", gguf.name, args.max_batch_size)
     return LlamaBackend(

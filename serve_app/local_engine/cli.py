@@ -61,6 +61,7 @@ class EngineArgs:
     compute_type: str  # TGI's `x-compute-type` header, from the COMPUTE_TYPE variable as in TGI
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
+    sim_failure_rate: float = 0.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="prefill time per uncached prompt token (0: none)")  # fmt: skip
     sim.add_argument("--sim-prefix-cache-tokens", type=int, default=0,
                      help="prefix cache size in tokens (0: no cache)")  # fmt: skip
+    sim.add_argument("--sim-failure-rate", type=float, default=0.0,
+                     help="share of generations that fail with a 500")  # fmt: skip
     for flag in GPU_ONLY_FLAGS:
         if flag in GPU_ONLY_SWITCHES:
             p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)

@@ -3,8 +3,9 @@
 Selected with `--model-id simulated`. It speaks the same protocol through the same scheduler (so
 admission, queueing, batch slots and TGI's metrics behave as with a model), and generates on a
 timetable: the first token after `--sim-ttft-ms`, then one every `--sim-itl-ms`, up to
-`--sim-output-tokens` (then end-of-sequence) or `max_new_tokens`. For benchmarks and autoscaling
-experiments only; functional tests use the real model.
+`--sim-output-tokens` (then end-of-sequence) or `max_new_tokens`; `--sim-failure-rate` makes
+that share of generations fail with a 500, as a faulty engine version would. For benchmarks,
+autoscaling and rollout experiments only; functional tests use the real model.
 
 One process streams tens of thousands of tokens/s (bench/sim_engine.py; docs/benchmarks.md):
 the tokens are made once, not per stream and step. Each stream keeps its own timer: one timer
@@ -15,14 +16,15 @@ emit in bursts, which cost more at the client than the timers saved.
 from __future__ import annotations
 
 import asyncio
+import random
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .backend import Finished, GeneratedToken, Token
 from .prefix_cache import Prefill
-from .validation import Sampling
+from .validation import EngineError, Sampling
 
 SIMULATED_MODEL = "simulated"
 
@@ -35,8 +37,18 @@ class Timetable:
 
 
 class SimulatedBackend:
-    def __init__(self, timetable: Timetable, *, slots: int, prefill: Prefill | None = None) -> None:
+    def __init__(
+        self,
+        timetable: Timetable,
+        *,
+        slots: int,
+        prefill: Prefill | None = None,
+        failure_rate: float = 0.0,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
         self._timetable = timetable
+        self._failure_rate = failure_rate  # generations that fail, as a faulty engine's would
+        self._draw = draw
         self.slots = slots
         self._prefill = prefill  # prompt-length-dependent prefill, with a prefix cache
         tokens = [Token(id=1000 + i % 100, text=f" w{i}", logprob=-0.5) for i in range(
@@ -66,6 +78,8 @@ class SimulatedBackend:
         if self._prefill is not None:
             prefill_s = self._prefill.seconds([i for i, _ in await self.tokenize(prompt)])
         await asyncio.sleep(table.ttft_s + prefill_s)
+        if self._failure_rate and self._draw() < self._failure_rate:
+            raise EngineError(500, "generation", "simulated failure (--sim-failure-rate)")
         for i in range(count):
             if i:
                 await asyncio.sleep(table.itl_s)

@@ -13,7 +13,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
-from ..config import AppConfig
+from ..config import AppConfig, TierConfig
 from ..metrics import MetricsRecorder
 from ..serve_config import tier_app_name
 from ..serve_env import missing_protections
@@ -21,6 +21,8 @@ from . import usage_log
 from .dispatch import ServeTransport
 from .ledger import ServeLedger
 from .routes import Router
+from .version_board import share_rollbacks
+from .versions import targets
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,6 +67,7 @@ class RouterDeployment:
         config: AppConfig | None,
         tiers: Mapping[str, DeploymentHandle] | None,
         ledger: DeploymentHandle | None = None,
+        board: DeploymentHandle | None = None,
     ) -> None:
         """`config` and `tiers`: every tier bound into one application with the router
         (`serve_app.app.build_app`). Both `None`: the router's own application, which reaches
@@ -76,6 +79,8 @@ class RouterDeployment:
         self._transport: ServeTransport | None = None
         self._app = LateApp()
         self._reporting: asyncio.Task[None] | None = None
+        self._board = board  # the version board: rollbacks shared with the other replicas
+        self._sharing: asyncio.Task[None] | None = None
         self._replica = serve.get_replica_context().replica_id.unique_id
         usage_log.to_stdout()
         missing = missing_protections(os.environ)
@@ -97,7 +102,7 @@ class RouterDeployment:
         self._configure(AppConfig.model_validate(user_config).for_router())
 
     def _configure(self, config: AppConfig) -> None:
-        tiers = {tier.name: tier for tier in config.tiers}
+        tiers = targets(config)  # every version of every tier
         handles = self._tier_handles(tiers)
         if self._router is None or self._transport is None:
             self._transport = ServeTransport(handles, tiers, keep_leases=config.tracing is None)
@@ -111,17 +116,27 @@ class RouterDeployment:
         if self._reporting is not None:
             self._reporting.cancel()
         self._reporting = asyncio.create_task(self._router.report_queues(self._replica))
+        if self._board is not None and self._sharing is None:
+            router = self._router
+            self._sharing = asyncio.create_task(
+                share_rollbacks(self._board, lambda: router.services.versions, router.rolled_back)
+            )
 
-    def _tier_handles(self, tiers: Mapping[str, Any]) -> dict[str, DeploymentHandle]:
-        if self._by_name:  # a tier's application and its deployment share its name
-            for name in tiers:
-                if name not in self._handles:
-                    app = tier_app_name(name)
-                    # Not looked up now: a tier's application may deploy after the router's
-                    # (a blocking check would also stall this replica's loop). A call waits
-                    # for the tier's replicas, within its `replica_wait_timeout_s`.
-                    self._handles[name] = serve.get_deployment_handle(app, app, _check_exists=False)
-        return {name: self._handles[name] for name in tiers}
+    def _tier_handles(self, tiers: Mapping[str, TierConfig]) -> dict[str, DeploymentHandle]:
+        """Each version's handle under its transport key (`serve_app.router.versions.targets`):
+        a tier's application, or a version's, and its deployment share its name."""
+        if not self._by_name:
+            return {name: self._handles[name] for name in tiers}
+        handles = {}
+        for key, tier in tiers.items():
+            app = tier_app_name(tier.name, tier.version)
+            if app not in self._handles:
+                # Not looked up now: a tier's application may deploy after the router's
+                # (a blocking check would also stall this replica's loop). A call waits
+                # for the tier's replicas, within its `replica_wait_timeout_s`.
+                self._handles[app] = serve.get_deployment_handle(app, app, _check_exists=False)
+            handles[key] = self._handles[app]
+        return handles
 
     def __serve_build_asgi_app__(self) -> LateApp:
         return self._app

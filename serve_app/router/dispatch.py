@@ -81,7 +81,11 @@ class ServeTransport:
         lease keeping changed, or that is gone, has its kept leases given back."""
         keeping = {name: self._keeping(t) for name, t in tiers.items()}
         for name, leases in list(self._leases.items()):
-            if name not in tiers or keeping[name] != self._keeping(self._tiers[name]):
+            if (
+                name not in tiers
+                or keeping[name] != self._keeping(self._tiers[name])
+                or handles[name] is not self._handles.get(name)  # another version now
+            ):
                 leases.close()
                 del self._leases[name]
         # Kept leases: direct tiers without their own replica choice (a kept lease skips it),
@@ -292,11 +296,24 @@ class Dispatcher:
             async with asyncio.timeout(timeout):  # passes on a cancellation, always
                 await anext(calls)
         except TimeoutError:
-            raise TierUnavailable(
+            raise ReplicaWaitTimeout(
                 f"no replica of tier {tier!r} took the request within {timeout:.0f}s "
                 "(replica_wait_timeout_s): the tier is starting or saturated; retry later"
             ) from None
         trace.replica_taken()
+
+
+class ReplicaWaitTimeout(TierUnavailable):
+    """No replica took the call within the tier's `replica_wait_timeout_s`."""
+
+
+def moved(exc: BaseException) -> bool:
+    """A version that cannot take requests now (no replica, its application being deleted by a
+    promote, its engine gone), as opposed to one that answered or was too slow: the request may
+    go to the tier's other version (`serve_app.router.versions`)."""
+    if isinstance(exc, ReplicaWaitTimeout):
+        return False
+    return isinstance(exc, (TierUnavailable, ReplicaUnavailable, EngineUnreachable))
 
 
 def unserved(exc: BaseException, taken: bool) -> bool:

@@ -43,7 +43,7 @@ from .accounting import CLIENT_CLOSED, InFlight, Recorder, Usage, prompt_estimat
 from .admission import ANONYMOUS, priority
 from .auth import Authenticator, KeyedCalls, Tenant
 from .body import BodyLimits, read_json
-from .dispatch import Calls, Dispatcher
+from .dispatch import Calls, Dispatcher, moved
 from .errors import api_error, rate_limit_headers
 from .fair_queue import Admission, Ticket
 from .grammar import GrammarCompiler, Grammars
@@ -51,8 +51,10 @@ from .openai import Normaliser
 from .prompt_tokens import PromptTokens
 from .quota import Quotas, Reservation
 from .requests import GenerateRequest, Kind, OpenAIRequest, parse_generate, parse_openai
+from .shadow import Outcome, ShadowCopy, Shadows, answer_text, shadow_call, sse_text, tapped
 from .sse import Tally, openai_events, tgi_events
 from .tgi import reply_usage
+from .versions import SERVED_HEADER, Target, Versions, session_of
 
 logger = logging.getLogger("ray.serve")
 WAIT_HEADER = "x-admission-wait-ms"  # how long the request waited for its turn
@@ -75,6 +77,8 @@ class Services:
     grammars: GrammarCompiler  # grammars compiled off the loop, with a deadline
     prompts: PromptTokens  # prompts counted by the tier's engine, for token quotas
     background: set[asyncio.Future[None]]  # quota settlements under way
+    versions: Versions  # each tier's stable and candidate versions (`serve_app.router.versions`)
+    shadows: Shadows  # copies of stable requests to candidates (`serve_app.router.shadow`)
 
 
 class RequestLife:
@@ -89,6 +93,11 @@ class RequestLife:
         self.model: str | None = None  # the model name asked for
         self.chosen: str | None = None  # the tier chosen, admitted or not
         self.tier: str | None = None  # once admitted
+        self.target: Target | None = None  # the version that serves it, once chosen
+        self._parsed: OpenAIRequest | GenerateRequest | None = None
+        self._shadow: ShadowCopy | None = None  # this request's copy to the candidate
+        self._answer_text: str | None = None  # a whole answer's, for the copy's comparison
+        self._streamed_bytes: bytearray | None = None  # a shadowed stream's, the same
         self.status = 200
         self.answer_headers: dict[str, str] = {}
         self._reservation: Reservation | None = None
@@ -137,21 +146,24 @@ class RequestLife:
         call = await self._call(parsed, parsed.grammars, choice)
         normaliser = Normaliser(parsed)
         await self.admit(choice, call)
+        self._start_shadow()
         if not call.stream:
             try:
                 self._sent = True
-                reply = await self._s.dispatch.request(choice.tier, call, self.trace)
+                reply = await self._request(call)
                 if reply.status != 200:
                     raise reply_error(reply.status, reply.body)
                 self._chunk()  # a whole answer's first token comes with its last
                 answer = normaliser.complete(json.loads(reply.body))
                 self.report(usage_from(answer))
+                if self._shadow is not None:
+                    self._answer_text = answer_text(answer)
             except BaseException as exc:
                 self.settle(exc)
                 raise
             self.settle()
             return JSONResponse(answer, headers=self.answer_headers)
-        first, chunks = await self._stream(choice.tier, call)
+        first, chunks = await self._stream(call)
         tally = Tally()
         return self._streamed(openai_events(normaliser, tally, first, chunks), tally, chunks)
 
@@ -163,14 +175,17 @@ class RequestLife:
         self.chosen = choice.tier
         call = await self._call(parsed, parsed.grammars, choice)
         await self.admit(choice, call)
+        self._start_shadow()
         if not call.stream:
             try:
                 self._sent = True
-                reply = await self._s.dispatch.request(choice.tier, call, self.trace)
+                reply = await self._request(call)
                 self.status = reply.status
                 if reply.status == 200:
                     self._chunk()  # a whole answer's first token comes with its last
                     self.report(reply_usage(reply, self._prompt_tokens))
+                    if self._shadow is not None:
+                        self._answer_text = answer_text(json.loads(reply.body))
             except BaseException as exc:
                 self.settle(exc)
                 raise
@@ -179,7 +194,7 @@ class RequestLife:
             return Response(
                 reply.body, reply.status, media_type="application/json", headers=headers
             )
-        first, chunks = await self._stream(choice.tier, call)
+        first, chunks = await self._stream(call)
         tally = Tally()
         return self._streamed(tgi_events(tally, first, chunks), tally, chunks)
 
@@ -187,13 +202,47 @@ class RequestLife:
                     choice: TierChoice) -> TierCall:  # fmt: skip
         """The tier's call, its grammars within the tier's policy (`serve_app.router.grammar`)."""
         tier = self._s.config.tier(choice.tier)
-        call = parsed.call(tier)
+        self._parsed = parsed
+        self.target = self._version(choice.tier, parsed)
+        call = parsed.call(self.target.config)
         if grammars:
             if self.tenant is not None:
                 self.tenant.check_tier(tier.name)  # nothing is compiled for a key that may not
             policy = tier.tuning.grammar
             await self._s.grammars.check(grammars.checked(policy), policy.check_timeout_s)
         return call
+
+    def _version(self, tier: str, parsed: OpenAIRequest | GenerateRequest) -> Target:
+        """The version of `tier` that serves the request (`serve_app.router.versions`): the
+        candidate for a share of the sessions, else the stable one."""
+        user = parsed.passthrough.get("user") if isinstance(parsed, OpenAIRequest) else None
+        tenant = self.tenant
+        session = session_of(self.request.headers, user, tenant.key_sha256 if tenant else None)
+        return self._s.versions.pick(tier, session)
+
+    def _start_shadow(self) -> None:
+        """A copy of a stable-served request to the tier's candidate, if this one is drawn
+        (`serve_app.router.shadow`): in the background, never billed, never waited for."""
+        target, parsed, services = self.target, self._parsed, self._s
+        candidate = services.versions.shadow(target) if target is not None else None
+        if candidate is None or parsed is None:
+            return
+        try:
+            call = shadow_call(parsed, candidate)
+        except Exception:  # a request the candidate's engine could not take as a whole answer
+            return
+        dispatch = services.dispatch
+
+        def send(key: str, shadowed: TierCall) -> Any:
+            return dispatch.request(key, shadowed, RequestTrace())
+
+        timeout_s = candidate.config.request_timeout_s
+        self._shadow = services.shadows.start(candidate, call, send, services.versions, timeout_s)
+
+    def _serve_as(self, target: Target) -> None:
+        self.target = target
+        self.answer_headers[SERVED_HEADER] = target.version
+        self.trace.set({"serve_app.version": target.version})
 
     async def read(self) -> dict[str, Any]:
         """The body, for a key that may send one now: a key over its requests per minute is
@@ -216,6 +265,8 @@ class RequestLife:
         tenant, tier = self.tenant, choice.tier
         self.trace.tier(self._s.config.tier(tier), tenant.name if tenant else None)
         self.answer_headers = {"x-tier": tier, "x-tier-reason": choice.reason}
+        if self.target is not None:
+            self._serve_as(self.target)
         prompt_tokens = prompt_estimate(call.prompt_chars)
         if tenant is not None:
             tenant.check_tier(tier)
@@ -251,12 +302,38 @@ class RequestLife:
 
     # -- run -----------------------------------------------------------------------------------
 
-    async def _stream(self, tier: str, call: TierCall) -> tuple[Batch | None, Calls[Batch | None]]:
-        """Start a stream; a failure before its first chunk settles here. A keyed stream ends
-        with an error event once its key is revoked (`KeyedCalls`)."""
+    async def _request(self, call: TierCall) -> Any:
+        """The whole answer, from the chosen version or (`_other`) the other one."""
+        assert self.target is not None
+        try:
+            return await self._s.dispatch.request(self.target.key, call, self.trace)
+        except Exception as exc:
+            call = self._other(exc)
+        assert self.target is not None
+        return await self._s.dispatch.request(self.target.key, call, self.trace)
+
+    def _other(self, exc: Exception) -> TierCall:
+        """A version that could not take the request (its application is going away, say):
+        the call for the tier's other version, which serves it from here; else `exc` again."""
+        other = self._s.versions.other(self.target) if self.target is not None else None
+        if other is None or self._parsed is None or not moved(exc):
+            raise exc
+        self._serve_as(other)
+        return self._parsed.call(other.config)
+
+    async def _stream(self, call: TierCall) -> tuple[Batch | None, Calls[Batch | None]]:
+        """Start a stream, on the chosen version or (`_other`) the other one; a failure before
+        its first chunk settles here. A keyed stream ends with an error event once its key is
+        revoked (`KeyedCalls`)."""
+        assert self.target is not None
+        dispatch = self._s.dispatch
         try:
             self._sent = True
-            first, chunks = await self._s.dispatch.stream(tier, call, self.trace)
+            try:
+                first, chunks = await dispatch.stream(self.target.key, call, self.trace)
+            except Exception as exc:
+                call = self._other(exc)
+                first, chunks = await dispatch.stream(self.target.key, call, self.trace)
         except BaseException as exc:
             self.settle(exc)
             raise
@@ -273,6 +350,9 @@ class RequestLife:
         through the tally (`_chunk`), with nothing more per chunk."""
         self._tally = tally
         tally.on_batch = self._chunk
+        if self._shadow is not None:  # the text it carries, for the copy's comparison
+            self._streamed_bytes = bytearray()
+            events = tapped(events, self._streamed_bytes)
         try:
             return LifeStream(events, self, calls, self.answer_headers)
         except BaseException as exc:
@@ -287,7 +367,7 @@ class RequestLife:
         if self._first is None:
             assert self.tier is not None
             self._first = now
-            self._s.recorder.first_token(self.tier, now - self._start)
+            self._s.recorder.first_token(self.tier, now - self._start, self.version)
             self.trace.first_token()
         else:
             self._gaps += 1
@@ -297,7 +377,8 @@ class RequestLife:
         """A stream's inter-token latency, one observation per request: the mean gap between
         its writes with tokens after the first."""
         if self._gaps and self._first is not None:
-            self._s.recorder.between_tokens(tier, (self._last - self._first) / self._gaps)
+            gap = (self._last - self._first) / self._gaps
+            self._s.recorder.between_tokens(tier, gap, self.version)
 
     def report(self, usage: Usage | None) -> None:
         """The engine's own count, which wins over the counted chunks."""
@@ -341,8 +422,14 @@ class RequestLife:
         # happening, nor turn an answer into an error.
         with _logged():
             self._s.in_flight.add(tier, -1)
+        seconds = time.perf_counter() - self._start
         with _logged():
-            self._s.recorder.finished(tier, self.status, time.perf_counter() - self._start, usage)
+            self._s.recorder.finished(tier, self.status, seconds, usage, self.version)
+        with _logged():
+            self._judge(seconds)
+        if self._shadow is not None:
+            with _logged():
+                self._shadow.settled(self._outcome(seconds, usage))
         with _logged():
             self._record_gaps(tier)
         if tally is not None:
@@ -365,6 +452,30 @@ class RequestLife:
             self._write_usage(usage)
         self.trace.release()
 
+    @property
+    def version(self) -> str:
+        """The version that served the request, as metrics name it."""
+        return self.target.version if self.target is not None else "none"
+
+    def _outcome(self, seconds: float, usage: Usage) -> Outcome:
+        """This (stable) answer, for its shadow copy's comparison."""
+        text = self._answer_text
+        if self._streamed_bytes is not None:
+            text = sse_text(bytes(self._streamed_bytes))
+        return Outcome(self.status, seconds, usage.completion_tokens, text)
+
+    def _judge(self, seconds: float) -> None:
+        """A candidate's outcome into its rollback window: its duration, or for a stream its
+        time to the first token (`serve_app.router.versions`)."""
+        target = self.target
+        if target is None or not target.candidate:
+            return
+        if self._tally is not None and self._first is not None:
+            seconds = self._first - self._start
+        rollback = self._s.versions.observe(target.key, self.status, seconds)
+        if rollback is not None:
+            self._s.recorder.rolled_back(target.tier, target.version, rollback.code)
+
     def _settle_quota(self, usage: Usage) -> None:
         """Settle the reservation with the tokens used, in the background: the request may be
         ending by cancellation, where nothing more can be awaited."""
@@ -385,8 +496,12 @@ class RequestLife:
         self.settle(error)
 
     def finish(self, response: Response) -> Response:
-        """The answer as sent: its span, and how long the request waited for its turn."""
+        """The answer as sent: its span, the version that served it (an error's too), and how
+        long the request waited for its turn."""
         response = self.trace.finish(response)
+        target = self.target
+        if self.tier is not None and target is not None and SERVED_HEADER not in response.headers:
+            response.headers[SERVED_HEADER] = target.version  # an error answer's too
         if self._turn is not None:
             waited_ms = round(self._turn[1].waited_s * 1000)
             response.raw_headers.append((WAIT_HEADER.encode(), str(waited_ms).encode()))

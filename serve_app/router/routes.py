@@ -31,6 +31,8 @@ from .lifecycle import RequestLife, Services
 from .prompt_tokens import PromptTokens
 from .quota import LedgerCalls, Quotas
 from .requests import parse_tokenize
+from .shadow import Shadows
+from .versions import Versions, targets
 
 Handler = Callable[[RequestLife], Awaitable[Response]]
 
@@ -73,7 +75,7 @@ class Router:
             else None
         )
         dispatch = Dispatcher(
-            self._transport, {t.name: t.replica_wait_timeout_s for t in config.tiers}
+            self._transport, {k: t.replica_wait_timeout_s for k, t in targets(config).items()}
         )
         tier_bytes = {
             t.name: tier_body_bytes(t.engine.max_input_tokens, limits.body_bytes_per_input_token)
@@ -86,6 +88,8 @@ class Router:
             tracing = Tracing.configure(config.tracing, "router")
             grammars = GrammarCompiler()
             background: set[Any] = set()
+            versions = Versions(config)
+            shadows = Shadows(recorder, background)
         else:
             old = previous.config
             same_keys = old.router.api_keys == keys
@@ -98,6 +102,8 @@ class Router:
                 quotas = previous.quotas
             in_flight, tracing = previous.in_flight, previous.tracing
             grammars, background = previous.grammars, previous.background
+            versions, shadows = previous.versions, previous.shadows
+            versions.update(config)
         return Services(
             config=config,
             policy=TierPolicy(config),
@@ -118,7 +124,16 @@ class Router:
                 {t.name: t.engine.protocol for t in config.tiers},
             ),
             background=background,
+            versions=versions,
+            shadows=shadows,
         )
+
+    def rolled_back(self, key: str) -> None:
+        """Another router replica rolled candidate `key` back (its board): its metric here too."""
+        rollback = self._services.versions.rolled_back.get(key)
+        if rollback is not None:
+            tier, _, version = key.partition("@")
+            self._services.recorder.rolled_back(tier, version, rollback.code)
 
     @property
     def services(self) -> Services:
@@ -153,6 +168,7 @@ class Router:
                 Route("/info", tgi(self.info), methods=["GET"]),
                 Route("/tokenize", tgi(self.tokenize), methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
+                Route("/v1/versions", openai(self.versions), methods=["GET"]),
             ],
         )
 
@@ -215,6 +231,12 @@ class Router:
         if self.missing_guards:
             return JSONResponse({"status": "ok", "ingress_guards_missing": self.missing_guards})
         return JSONResponse({"status": "ok"})
+
+    async def versions(self, life: RequestLife) -> Response:
+        """Every tier's versions as this router replica applies them: weights, the candidate's
+        health over its rollback window, a rollback and why (`Versions.state`); with keys on,
+        for any valid key."""
+        return JSONResponse(self._services.versions.state())
 
     # -- the boundary: a request's life begins, errors become HTTP answers ---------------------
 

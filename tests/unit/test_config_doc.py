@@ -47,6 +47,7 @@ def test_user_sections_come_first_then_their_tuning_in_the_same_order() -> None:
         "tiers[].routing.tuning",
         "tiers[].admission.tuning",
         "tiers[].scaling.tuning",
+        "tiers[].candidate.engine.tuning",
         "router.tuning",
         "router.api_keys.tuning",
     ]

@@ -143,7 +143,7 @@ def test_the_applications_build_as_serve_builds_them() -> None:
     args["router"]["api_keys"] = {"env": "KEYS"}
     router, small, _ = render(source(args))["applications"]
     built = flatten(build_router(router["args"]), name="llm").deployments
-    assert {d.name for d in built} == {"router", "quota-ledger"}
+    assert {d.name for d in built} == {"router", "quota-ledger", "version-board"}
     (tier,) = flatten(build_tier(small["args"]), name="tier-small").deployments
     assert tier.name == "tier-small"
     assert tier.ray_actor_options["resources"] == {"tier_small": 1}
@@ -172,3 +172,64 @@ def test_a_routed_tier_is_held_by_a_stub_that_serve_lets_top_its_application() -
     more_routers["router"]["replicas"] = 2
     changed = {n for n, v in versions(more_routers).items() if versions(args)[n] != v}
     assert changed == {"tier-small"}  # its request router's share of each router changed
+
+
+# -- versions: a candidate is an application of its own; promoting it restarts nothing --------
+
+
+def with_candidate(engine: dict[str, Any] | None = None, **candidate: Any) -> dict[str, Any]:
+    args = local_args()
+    args["tiers"][0]["version"] = "v1"
+    args["tiers"][0]["candidate"] = {"version": "v2", **candidate}
+    if engine is not None:
+        args["tiers"][0]["candidate"]["engine"] = engine
+    return args
+
+
+def promoted(args: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(args)
+    tier = out["tiers"][0]
+    candidate = tier.pop("candidate")
+    tier["version"] = candidate["version"]
+    if "engine" in candidate:
+        tier["engine"] = candidate["engine"]
+    return out
+
+
+def test_a_candidate_renders_as_an_application_of_its_own() -> None:
+    engine = {**local_args()["tiers"][0]["engine"], "max_total_tokens": 4096}
+    args = with_candidate(engine, weight_percent=10, replicas={"min": 1, "max": 3})
+    document = render(source(args))
+    ServeDeploySchema.model_validate(document)
+    apps = {app["name"]: app for app in document["applications"]}
+    assert "tier-small@v1" in apps and "tier-small@v2" in apps and "tier-small" not in apps
+    candidate = apps["tier-small@v2"]
+    assert candidate["args"]["tier"]["engine"]["max_total_tokens"] == 4096
+    assert candidate["args"]["tier"]["version"] == "v2" and "candidate" not in candidate["args"]
+    (deployment,) = candidate["deployments"]
+    assert deployment["name"] == "tier-small@v2"
+    assert deployment["autoscaling_config"]["max_replicas"] == 3
+    (tier,) = flatten(build_tier(candidate["args"]), name="tier-small@v2").deployments
+    assert tier.name == "tier-small@v2"
+    assert render(document) == document
+
+
+@pytest.mark.parametrize("engine", [None, {"model_id": "simulated", "max_total_tokens": 2048}])
+def test_promoting_a_candidate_restarts_neither_version(engine: dict[str, Any] | None) -> None:
+    args = with_candidate(engine, weight_percent=100)
+    before, after = versions(args), versions(promoted(args))
+    assert after["tier-small@v2"] == before["tier-small@v2"]  # the promoted one: unchanged
+    assert "tier-small@v1" not in after  # the former stable one: deleted by Serve
+    assert after["tier-large"] == before["tier-large"]
+
+
+def test_changing_the_candidates_weight_restarts_no_application() -> None:
+    assert versions(with_candidate(weight_percent=10)) == versions(
+        with_candidate(weight_percent=50, shadow_percent=100)
+    )
+
+
+def test_adding_or_removing_a_candidate_leaves_the_stable_version_running() -> None:
+    stable = local_args()
+    stable["tiers"][0]["version"] = "v1"
+    assert versions(stable)["tier-small@v1"] == versions(with_candidate())["tier-small@v1"]

@@ -52,3 +52,19 @@ def test_many_streams_keep_their_own_times() -> None:
     last = asyncio.run(many())
     due = table.ttft_s + 7 * table.itl_s
     assert all(due - 1e-3 <= t < due + 0.25 for t in last), (min(last), max(last))
+
+
+def test_a_failure_rate_fails_that_share_of_generations_with_a_500() -> None:
+    from serve_app.local_engine.validation import EngineError
+
+    table = Timetable(ttft_s=0.0, itl_s=0.0, output_tokens=2)
+    draws = iter([0.1, 0.9])
+    backend = SimulatedBackend(table, slots=1, failure_rate=0.5, draw=lambda: next(draws))
+    try:
+        asyncio.run(timed(backend, sampling(2)))
+    except EngineError as exc:
+        assert exc.status == 500
+    else:
+        raise AssertionError("the first generation should have failed")
+    _, events = asyncio.run(timed(backend, sampling(2)))
+    assert isinstance(events[-1][1], Finished)

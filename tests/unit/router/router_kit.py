@@ -15,12 +15,13 @@ import httpx
 import yaml
 from starlette.requests import Request
 
-from serve_app.config import AppConfig
+from serve_app.config import STABLE, AppConfig
 from serve_app.engine.client import EngineClient
 from serve_app.router.accounting import Usage
 from serve_app.router.lifecycle import RequestLife
 from serve_app.router.quota import LedgerCalls, QuotaLedger
 from serve_app.router.routes import Router
+from serve_app.router.versions import targets
 from serve_app.tier.call import TierCall
 from serve_app.tier.policy import TierChoice
 
@@ -51,20 +52,32 @@ class ListRecorder:
     refusals: list[tuple[str, int]] = field(default_factory=list)
     first_tokens: int = 0
     gaps: list[float] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    rollbacks: list[tuple[str, str, str]] = field(default_factory=list)
+    shadows: list[tuple[str, str, Any]] = field(default_factory=list)
 
     def in_flight(self, tier: str, count: int) -> None:
         self.gauges[tier] = count
 
-    def first_token(self, tier: str, seconds: float) -> None:
+    def first_token(self, tier: str, seconds: float, version: str = STABLE) -> None:
         assert seconds >= 0
         self.first_tokens += 1
 
-    def between_tokens(self, tier: str, seconds: float) -> None:
+    def between_tokens(self, tier: str, seconds: float, version: str = STABLE) -> None:
         assert seconds >= 0
         self.gaps.append(seconds)
 
-    def finished(self, tier: str, status: int, seconds: float, usage: Usage) -> None:
+    def finished(
+        self, tier: str, status: int, seconds: float, usage: Usage, version: str = STABLE
+    ) -> None:
         self.outcomes.append((tier, status, usage))
+        self.versions.append(version)
+
+    def rolled_back(self, tier: str, version: str, reason: str) -> None:
+        self.rollbacks.append((tier, version, reason))
+
+    def shadowed(self, tier: str, version: str, comparison: Any) -> None:
+        self.shadows.append((tier, version, comparison))
 
     def refused(self, tier: str, status: int) -> None:
         self.refusals.append((tier, status))
@@ -105,7 +118,7 @@ def router(
     recorder = ListRecorder()
     quota = QuotaLedger()
     url = engine_server().serve(engine)
-    clients = {t.name: EngineClient(url, 30) for t in cfg.tiers}
+    clients = {key: EngineClient(url, 30) for key in targets(cfg)}  # every version of every tier
     ledger = ledger if ledger is not None else InProcessLedger(quota)
     return Router(cfg, DirectTransport(clients), recorder, ledger), recorder, quota
 
