@@ -38,11 +38,10 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
 
 from ..config import TierConfig
 from ..engine.launcher import PASSTHROUGH_ENV, is_local_path, with_hf_token
@@ -53,8 +52,10 @@ MODEL_CACHE_ENV = "SERVE_APP_MODEL_CACHE"
 # Lines of a failed download's output kept in its reason.
 FAILURE_LINES = 20
 LOCK_POLL_S = 1.0
-# How often a replica waiting for another's download says so.
+# How often a replica waiting for another's download, or downloading, says so.
 WAITING_LOG_S = 60.0
+# The longest line of the download's output kept whole.
+LINE_LIMIT = 1 << 20
 # Weight files of every format: of a repository's top-level files, one format is fetched.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx",
                    ".gguf", ".ot", ".tflite")  # fmt: skip
@@ -125,6 +126,9 @@ def download_environ(environ: Mapping[str, str]) -> dict[str, str]:
         if name in environ:
             env[name] = environ[name]
     env["PYTHONUNBUFFERED"] = "1"
+    # No progress bars: a pipe would get them as one endless line. The replica says how far
+    # the download is instead (`hub_download`).
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     return env
 
 
@@ -159,7 +163,7 @@ async def fill(
         return marker
     marker.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + request.timeout_s
-    with await _locked(lock_path(marker), deadline, name, log):
+    async with _locked(lock_path(marker), deadline, name, log):
         if marker.exists():  # another replica filled it while this one waited
             log.info("model cache: %s was filled by another replica", name)
             return marker
@@ -181,40 +185,32 @@ async def fill(
         return marker
 
 
+@contextlib.asynccontextmanager
 async def _locked(
     path: Path, deadline: float, name: str, log: logging.LoggerAdapter
-) -> contextlib.AbstractContextManager[None]:
-    """The fill's lock, taken: waits (without blocking the replica's event loop) while another
-    replica holds it, until `deadline`."""
-    handle = path.open("a")
-    said = 0.0
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return _holding(handle)
-        except BlockingIOError:
-            now = time.monotonic()
-            if now >= deadline:
-                handle.close()
-                raise ModelFillError(
-                    f"filling the model cache with {name}: another replica still holds its "
-                    f"lock ({path}) after this one waited engine.tuning.startup_timeout_s"
-                ) from None
-            if now - said >= WAITING_LOG_S:
-                log.info("model cache: waiting for another replica downloading %s", name)
-                said = now
-            await asyncio.sleep(LOCK_POLL_S)
-        except BaseException:
-            handle.close()
-            raise
-
-
-@contextlib.contextmanager
-def _holding(handle: TextIO) -> Iterator[None]:
-    try:
+) -> AsyncIterator[None]:
+    """Hold the fill's lock: wait (without blocking the replica's event loop) while another
+    replica holds it, until `deadline`. Closing the file releases it, as does the holder's
+    death."""
+    with path.open("a") as handle:
+        said = 0.0
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise ModelFillError(
+                        f"filling the model cache with {name}: another replica still holds "
+                        f"its lock ({path}) after this one waited "
+                        "engine.tuning.startup_timeout_s"
+                    ) from None
+                if now - said >= WAITING_LOG_S:
+                    log.info("model cache: waiting for another replica downloading %s", name)
+                    said = now
+                await asyncio.sleep(LOCK_POLL_S)
         yield
-    finally:
-        handle.close()  # releases the lock
 
 
 def _write(path: Path, text: str) -> None:
@@ -254,7 +250,7 @@ async def hub_download(request: FillRequest, log: logging.LoggerAdapter) -> None
         argv += ["--revision", request.revision]
     child = await asyncio.create_subprocess_exec(
         *argv, env=dict(request.environ), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, limit=LINE_LIMIT,
     )  # fmt: skip
     tail: deque[str] = deque(maxlen=FAILURE_LINES)
 
@@ -265,6 +261,15 @@ async def hub_download(request: FillRequest, log: logging.LoggerAdapter) -> None
             tail.append(line)
             log.info("model cache: %s", line)
 
+    async def progress() -> None:
+        folder = request.hub_cache / ("models--" + request.model_id.replace("/", "--"))
+        while True:
+            await asyncio.sleep(WAITING_LOG_S)
+            size = await asyncio.to_thread(_bytes_under, folder)
+            log.info("model cache: downloading %s, %.1f GiB so far", request.model_id,
+                     size / 2**30)  # fmt: skip
+
+    ticker = asyncio.create_task(progress())
     try:
         await asyncio.wait_for(asyncio.gather(relay(), child.wait()), request.timeout_s)
     except TimeoutError:
@@ -273,11 +278,22 @@ async def hub_download(request: FillRequest, log: logging.LoggerAdapter) -> None
             + _last(tail)
         ) from None
     finally:
+        ticker.cancel()
         if child.returncode is None:
             child.kill()
             await child.wait()
     if child.returncode != 0:
         raise ModelFillError(f"the download exited with code {child.returncode}" + _last(tail))
+
+
+def _bytes_under(folder: Path) -> int:
+    """What a download has written so far (its finished blobs and those still coming)."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+    return total
 
 
 def _last(tail: deque[str]) -> str:

@@ -258,3 +258,19 @@ def test_a_download_past_its_time_is_killed_and_says_so(tmp_path: Path) -> None:
             asyncio.run(ensure_model_cached(tgi_tier(timeout_s=2), env, LOG))
         assert time.monotonic() - started < 10
     assert failed_path(marker_path(tmp_path, MODEL, None)).exists()
+
+
+def test_download_progress_counts_each_file_once(tmp_path: Path) -> None:
+    """Hugging Face's cache layout: blobs (finished, and `.incomplete` ones still coming) and
+    the snapshot's symlinks to them, which are not counted again."""
+    from serve_app.tier.model_fill import _bytes_under
+
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "aaa").write_bytes(b"x" * 1000)
+    (blobs / "bbb.incomplete").write_bytes(b"x" * 500)
+    snapshot = tmp_path / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(blobs / "aaa")
+    assert _bytes_under(tmp_path) == 1500
+    assert _bytes_under(tmp_path / "missing") == 0
