@@ -274,3 +274,18 @@ def test_download_progress_counts_each_file_once(tmp_path: Path) -> None:
     (snapshot / "model.safetensors").symlink_to(blobs / "aaa")
     assert _bytes_under(tmp_path) == 1500
     assert _bytes_under(tmp_path / "missing") == 0
+
+
+def test_the_fill_command_an_operator_runs_in_a_tier_pod(tmp_path: Path) -> None:
+    """`python -m serve_app.tier.model_fill fill MODEL`: the replica's fill, from a shell."""
+    import os
+
+    command = [sys.executable, "-m", "serve_app.tier.model_fill", "fill", MODEL]
+    base = {k: v for k, v in os.environ.items() if k != MODEL_CACHE_ENV}
+    outside = subprocess.run(command, env=base, capture_output=True, text=True, timeout=60)
+    assert outside.returncode == 2 and f"{MODEL_CACHE_ENV} is not set" in outside.stderr
+    env = {**base, **cached(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")}
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "Connection refused" in failed_path(marker_path(tmp_path, MODEL, None)).read_text()
+    assert f"filling the model cache with {MODEL} failed" in refused.stderr
