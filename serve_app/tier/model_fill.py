@@ -155,7 +155,22 @@ async def ensure_model_cached(
 async def fill(
     cache: Path, request: FillRequest, log: logging.LoggerAdapter, download: Download
 ) -> Path:
-    """The marker of `request`'s model, once it is there: found, or downloaded under the lock."""
+    """The marker of `request`'s model, once it is there: found, or downloaded under the lock.
+    Every failure is a `ModelFillError` with its reason, also in the replica's (and pod's) log."""
+    try:
+        return await _fill(cache, request, log, download)
+    except ModelFillError as exc:
+        log.error("%s", exc)
+        raise
+    except OSError as exc:  # the cache itself: not mounted, not writable, full
+        reason = f"filling the model cache with {_name(request)} failed: {exc}"
+        log.error("%s", reason)
+        raise ModelFillError(reason) from exc
+
+
+async def _fill(
+    cache: Path, request: FillRequest, log: logging.LoggerAdapter, download: Download
+) -> Path:
     marker = marker_path(cache, request.model_id, request.revision)
     name = _name(request)
     if marker.exists():
@@ -177,8 +192,8 @@ async def fill(
         except Exception as exc:
             reason = (f"filling the model cache with {name} failed on {socket.gethostname()} at "
                       f"{_now()}: {exc}")  # fmt: skip
-            _write(failed, reason + "\n")
-            log.error("%s", reason)
+            with contextlib.suppress(OSError):  # a full volume: the reason still goes up
+                _write(failed, reason + "\n")
             raise ModelFillError(reason) from exc
         _write(marker, f"{name} filled at {_now()} in {time.monotonic() - started:.0f}s\n")
         log.info("model cache: %s filled in %.0fs", name, time.monotonic() - started)

@@ -289,3 +289,10 @@ def test_the_fill_command_an_operator_runs_in_a_tier_pod(tmp_path: Path) -> None
     assert refused.returncode == 1
     assert "Connection refused" in failed_path(marker_path(tmp_path, MODEL, None)).read_text()
     assert f"filling the model cache with {MODEL} failed" in refused.stderr
+
+
+def test_a_cache_that_cannot_be_written_fails_the_start_with_why(tmp_path: Path) -> None:
+    blocked = tmp_path / "file-not-a-directory"
+    blocked.write_text("")  # the marker's folder cannot be made under it
+    with pytest.raises(ModelFillError, match="filling the model cache with org/gated-model failed"):
+        asyncio.run(ensure_model_cached(tgi_tier(), cached(blocked), LOG, Hub()))
