@@ -71,7 +71,10 @@ class EngineTuning(_Strict):
         "share a host's cores should split them, or their threads contend.",
     )
     startup_timeout_s: PositiveFloat = Field(
-        900.0, description="Download, load and warm-up must finish within this."
+        900.0,
+        description="Download, load and warm-up must finish within this. Where a shared model "
+        "cache is mounted (Kubernetes), the replica's fill of it gets as long again before the "
+        "engine starts.",
     )
     graceful_termination_timeout_s: PositiveInt = Field(
         30,

@@ -18,7 +18,10 @@ What is derived from the config, so that it cannot drift:
 - what a security review asks for (docs/operations.md "Kubernetes (KubeRay)"): Ray token
   authentication with the token read from a mounted Secret, secrets as files mounted only where
   they are read, Pod Security "restricted" settings, NetworkPolicies, and, where a model cache is
-  mounted, the Job that fills it (serving pods mount it read-only and wait for it).
+  mounted, the tier pods mounting it for their replicas to fill (`serve_app.tier.model_fill`).
+- nothing in `rayClusterConfig` from a tier's model or engine flags: a model change is a change
+  of `serveConfigV2` only, which KubeRay applies to the running cluster; only a pod's shape
+  (GPUs, size, placement, image) changes the RayCluster (docs/kubernetes.md).
 - each pod's size and placement from the config's `kubernetes` section, or derived from the tier
   (CPU and memory per GPU) and the overlay; a PodDisruptionBudget per worker group and topology
   spread of each group over nodes and zones (docs/kubernetes.md).
@@ -46,7 +49,6 @@ from .groups import (
     worker_group,
 )
 from .images import DEFAULT_VLLM_IMAGE, VLLM_IMAGE_PYTHON, Images
-from .model_cache import FILL_POD_LABELS, fill_job, fill_marker, wait_for_cache
 from .overlays import OVERLAYS, Overlay
 from .pods import (
     CACHE_ENV,
@@ -110,7 +112,6 @@ __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_VLLM_IMAGE",
     "EDGES",
-    "FILL_POD_LABELS",
     "GPU_TOLERATION",
     "GROUP_LABEL",
     "HEADER",
@@ -152,8 +153,6 @@ __all__ = [
     "disruption_budget",
     "disruption_budgets",
     "edge_limits",
-    "fill_job",
-    "fill_marker",
     "gateway",
     "group_labels",
     "head_shape",
@@ -172,6 +171,5 @@ __all__ = [
     "tier_resource",
     "tier_shape",
     "topology_spread",
-    "wait_for_cache",
     "worker_group",
 ]

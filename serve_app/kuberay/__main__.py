@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app.kuberay")
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser(
-        "render", help="print the RayService (and its NetworkPolicies, fill Job) for a config"
+        "render", help="print the RayService (and its NetworkPolicies, budgets) for a config"
     )
     cmd.add_argument("config", type=Path)
     cmd.add_argument("--overlay", choices=sorted(OVERLAYS), required=True)

@@ -8,7 +8,6 @@ from typing import Any
 
 from ..config import AppConfig, KubernetesConfig, TierConfig
 from .disruption import GROUP_LABEL, disruption_budget, topology_spread
-from .model_cache import fill_marker, wait_for_cache
 from .overlays import Overlay
 from .pods import NO_CACHE_ENV, TMP, WRITABLE_ENV, Role, container_resources, pod
 from .security import CONTAINER_SECURITY, RAY_TOKEN, TOKEN_AUTH_ENV
@@ -35,10 +34,6 @@ def worker_group(
     params = {"resources": f"'{resources}'", "num-cpus": shape.ray_cpus}
     if shape.gpus:
         params["num-gpus"] = str(shape.gpus)
-    marker = fill_marker(tier.engine.model_id, tier.engine.revision)
-    init = None
-    if overlay.model_cache_claim:
-        init = [wait_for_cache(image, marker, tier.engine.model_id)]
     name = tier_group(tier)
     return {
         "groupName": name,
@@ -46,7 +41,7 @@ def worker_group(
         "minReplicas": tier.replicas.min,
         "maxReplicas": tier.replicas.max,
         "rayStartParams": params,
-        "template": pod(Role.TIER, overlay, image, shape, init, {GROUP_LABEL: name},
+        "template": pod(Role.TIER, overlay, image, shape, {GROUP_LABEL: name},
                         topology_spread(name, kube.spread)),
     }  # fmt: skip
 
@@ -64,7 +59,7 @@ def router_group(config: AppConfig, overlay: Overlay, image: str) -> dict[str, A
         "minReplicas": replicas,
         "maxReplicas": replicas,
         "rayStartParams": {"resources": f"'{resources}'", "num-cpus": "0"},
-        "template": pod(Role.ROUTER, overlay, image, shape, None, {GROUP_LABEL: ROUTER_GROUP},
+        "template": pod(Role.ROUTER, overlay, image, shape, {GROUP_LABEL: ROUTER_GROUP},
                         topology_spread(ROUTER_GROUP, config.kubernetes.spread)),
     }  # fmt: skip
 

@@ -9,6 +9,7 @@ from typing import Any
 from ..pod_log import ENV as POD_LOG_ENV
 from ..pod_log import ON_KUBERNETES as POD_LOG_ON_KUBERNETES
 from ..serve_env import IMAGE_SCRIPTS, INGRESS_GUARDS, SERVE_TUNING, haproxy_guard
+from ..tier.model_fill import MODEL_CACHE_ENV
 from .overlays import Overlay
 from .security import (
     API_KEYS,
@@ -55,11 +56,15 @@ WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}]
 NO_CACHE_ENV = [{"name": "HF_HOME", "value": "/tmp/huggingface"}]
 # The model cache, as both of TGI's readers find it: its Python downloader and loader read
 # HUGGINGFACE_HUB_CACHE, its launcher (which reads the model's config.json first) $HF_HOME/hub.
+# Where it is mounted, each tier replica fills it with its own model before its engine starts
+# (serve_app.tier.model_fill): no pod names a model, so a model change leaves the pods as they are.
 CACHE_ENV = [
     {"name": "HF_HOME", "value": MODEL_CACHE},
     {"name": "HUGGINGFACE_HUB_CACHE", "value": f"{MODEL_CACHE}/hub"},
+    {"name": MODEL_CACHE_ENV, "value": MODEL_CACHE},
 ]
-# Serving pods read the model cache the fill Job wrote, and never the Hub.
+# Engines read the model cache their replica filled, and never the Hub (the fill itself is
+# online).
 OFFLINE_ENV = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
 
 # The writable places: /tmp (home, engines' private dirs, compile caches), Ray's temp dir (named
@@ -83,17 +88,12 @@ def container_resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
     return {"limits": limits, "requests": {"cpu": cpu, "memory": memory}}
 
 
-def _downloads(role: Role, overlay: Overlay) -> bool:
-    """Whether this role's pods download weights themselves: tier pods without a model cache
-    (their engines fill their own Hugging Face cache at start)."""
-    return role is Role.TIER and not overlay.model_cache_claim
-
-
 def _env(role: Role, overlay: Overlay) -> list[dict[str, Any]]:
     cached = role is Role.TIER and overlay.model_cache_claim
-    # The replica reads the token file at every engine start: a rotated Secret is used by the
-    # next engine, without a pod restart.
-    token = [{"name": "HF_TOKEN_PATH", "value": HF_TOKEN.path}] if _downloads(role, overlay) else []
+    # Tier pods download weights: their replicas into the model cache, or without one their
+    # engines into their own. The replica reads the token file at every fill and engine start:
+    # a rotated Secret is used by the next one, without a pod restart.
+    token = [{"name": "HF_TOKEN_PATH", "value": HF_TOKEN.path}] if role is Role.TIER else []
     return [*RAY_ENV, *TOKEN_AUTH_ENV, *WRITABLE_ENV,
             *([*CACHE_ENV, *OFFLINE_ENV] if cached else NO_CACHE_ENV), *token]  # fmt: skip
 
@@ -105,19 +105,19 @@ def _volumes(role: Role, overlay: Overlay) -> list[tuple[dict[str, Any], dict[st
              (RAY_TOKEN.as_volume(), RAY_TOKEN.as_mount())]  # fmt: skip
     if role is Role.ROUTER:
         pairs.append((API_KEYS.as_volume(), API_KEYS.as_mount()))
-    if _downloads(role, overlay):
+    if role is Role.TIER:
         pairs.append((HF_TOKEN.as_volume(), HF_TOKEN.as_mount()))
     if role is Role.TIER and overlay.model_cache_claim:
-        claim = {"claimName": overlay.model_cache_claim, "readOnly": True}
+        # written by the tier replicas' fills, one download per model (a lock in the cache)
+        claim = {"claimName": overlay.model_cache_claim}
         pairs.append(({"name": "models", "persistentVolumeClaim": claim},
-                      {"name": "models", "mountPath": MODEL_CACHE, "readOnly": True}))  # fmt: skip
+                      {"name": "models", "mountPath": MODEL_CACHE}))  # fmt: skip
     return pairs
 
 
 def pod(
     role: Role, overlay: Overlay, image: str, shape: PodShape,
-    init: list[dict[str, Any]] | None = None, labels: dict[str, str] | None = None,
-    spread: list[dict[str, Any]] | None = None,
+    labels: dict[str, str] | None = None, spread: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A Ray pod's template: `shape` says its size and placement, `labels` (beside
     `RAY_POD_LABELS`) its group, `spread` its topology spread constraints."""
@@ -135,7 +135,6 @@ def pod(
         # Only the head's autoscaler sidecar talks to the Kubernetes API.
         "automountServiceAccountToken": role is Role.HEAD,
         "securityContext": POD_SECURITY,
-        **({"initContainers": init} if init else {}),
         "containers": [container],
         "volumes": [volume for volume, _ in pairs],
     }

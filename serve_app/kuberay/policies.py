@@ -1,11 +1,9 @@
-"""The NetworkPolicies: who may reach the Ray pods on which port, and that nothing reaches the
-model-cache fill Job."""
+"""The NetworkPolicies: who may reach the Ray pods on which port."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .model_cache import FILL_POD_LABELS
 from .overlays import Overlay
 from .pods import DASHBOARD_PORT, METRICS_PORT, RAY_POD_LABELS, SERVE_PORT
 
@@ -17,7 +15,7 @@ def network_policies(overlay: Overlay) -> list[dict[str, Any]]:
     metrics port from the monitoring namespace, the dashboard (Serve's REST API) from the
     KubeRay operator's pods in its own namespace (both selectors in one peer: a pod with the
     operator's label in any other namespace stays out), and every port from the cluster's own
-    pods. The fill Job takes none."""
+    pods."""
     tcp = "TCP"
     ray = {
         "apiVersion": "networking.k8s.io/v1",
@@ -43,13 +41,4 @@ def network_policies(overlay: Overlay) -> list[dict[str, Any]]:
             ],
         },
     }  # fmt: skip
-    policies = [ray]
-    if overlay.model_cache_claim:
-        policies.append({
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "model-cache-fill"},
-            "spec": {"podSelector": {"matchLabels": dict(FILL_POD_LABELS)},
-                     "policyTypes": ["Ingress"]},
-        })  # fmt: skip
-    return policies
+    return [ray]

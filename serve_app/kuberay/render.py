@@ -23,7 +23,6 @@ from .groups import (
     worker_group,
 )
 from .images import DEFAULT_IMAGE, DEFAULT_VLLM_IMAGE, VLLM_IMAGE_PYTHON, Images
-from .model_cache import fill_job
 from .overlays import OVERLAYS, Overlay
 from .pods import SERVE_PORT, Role, pod
 from .policies import network_policies
@@ -106,7 +105,6 @@ def render(
                         overlay,
                         image,
                         head_shape(config.kubernetes, overlay),
-                        None,
                         {GROUP_LABEL: "head"},
                     ),
                 },
@@ -129,10 +127,7 @@ def manifests(
     """Everything an overlay deploys that comes from the config."""
     service = render(document, overlay, image, vllm_image)
     _, config = serve_config_v2(document)
-    docs = [service, *network_policies(overlay), *disruption_budgets(config)]
-    if overlay.model_cache_claim:
-        docs.append(fill_job(config, overlay, image))
-    return docs
+    return [service, *network_policies(overlay), *disruption_budgets(config)]
 
 
 class _ManifestDumper(yaml.SafeDumper):

@@ -38,8 +38,8 @@ class SecretFile:
 RAY_TOKEN = SecretFile("ray-auth-token", "ray-auth-token", "auth_token", "/etc/ray-auth")
 # The tenants' API keys: only on the router's pods, re-read there when the Secret changes.
 API_KEYS = SecretFile("api-keys", "serve-app-api-keys", "keys", "/etc/serve-app/api-keys")
-# The Hugging Face token: only in the pods that download weights: the model-cache fill Job or,
-# without a model cache, the tier pods. Optional: public models need none.
+# The Hugging Face token: only in the pods that download weights, the tier pods (their replicas
+# fill the model cache, or without one their engines download). Optional: public models need none.
 HF_TOKEN = SecretFile("hf-token", "hf-token", "token", "/etc/hf-token", optional=True)
 
 # Token auth with the token read from a file. KubeRay would otherwise add `RAY_AUTH_TOKEN` from

@@ -32,6 +32,7 @@ from ..metrics import app_metrics
 from ..router.leases import EngineLease, ReplicaLeases
 from ..tracing import Tracing
 from .call import TierCall
+from .model_fill import ensure_model_cached
 from .replica_choice import EngineState
 
 logger = logging.getLogger("ray.serve")
@@ -67,6 +68,9 @@ class TierDeployment:
         replica = serve.get_replica_context().replica_id.unique_id
         pod_log.attach(engine_logger)
         log = ReplicaLog(engine_logger, {"tier": tier.name, "replica": replica})
+        # The model-cache fill: this tier's model into the shared cache before its engine
+        # starts (a no-op without one, or for the local engine); a failed fill fails the start.
+        await ensure_model_cached(tier, os.environ, log)
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         # With the direct data path, routers on any node stream from the engine: it listens on
         # the node's address (its key keeps everyone else out); otherwise on loopback only.
@@ -219,7 +223,9 @@ class TierDeployment:
 
     async def __del__(self) -> None:
         self._meter()
-        await self._supervisor.stop()
+        supervisor = getattr(self, "_supervisor", None)  # none yet when the fill failed
+        if supervisor is not None:
+            await supervisor.stop()
 
 
 @serve.deployment

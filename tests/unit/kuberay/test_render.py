@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -135,8 +134,9 @@ def test_broken_manifests_are_rejected(change: str) -> None:
 
 
 def pods(overlay: str) -> dict[str, dict[str, Any]]:
-    """Every pod spec an overlay makes: the RayService's head and groups, and Jobs."""
+    """Every pod spec an overlay makes: the RayService's head and groups."""
     docs = kustomize(f"kuberay/overlays/{overlay}")
+    assert not [d for d in docs if d["kind"] in ("Job", "Pod", "Deployment")]
     found = {}
     for doc in docs:
         if doc["kind"] == "RayService":
@@ -144,8 +144,6 @@ def pods(overlay: str) -> dict[str, dict[str, Any]]:
             found["head"] = cluster["headGroupSpec"]["template"]["spec"]
             for group in cluster["workerGroupSpecs"]:
                 found[group["groupName"]] = group["template"]["spec"]
-        elif doc["kind"] == "Job":
-            found["fill-job"] = doc["spec"]["template"]["spec"]
     return found
 
 
@@ -179,11 +177,11 @@ def test_nothing_secret_is_in_any_environment(overlay: str) -> None:
 def test_each_secret_is_mounted_only_where_it_is_read(overlay: str) -> None:
     found = pods(overlay)
     for name, spec in found.items():
-        expected = {"ray-auth-token"} if name != "fill-job" else {"hf-token"}
+        expected = {"ray-auth-token"}
         if name == "router":
             expected.add("serve-app-api-keys")
-        if name.startswith("tier-") and overlay == "local":
-            expected.add("hf-token")  # no model cache: its engines download their weights
+        if name.startswith("tier-"):
+            expected.add("hf-token")  # its replica fills the model cache, or its engine downloads
         assert secret_mounts(spec) == expected, name
         for mount in mounts(spec).values():
             if "secret" in mount["volume"]:
@@ -207,9 +205,7 @@ def test_the_router_reads_its_keys_file_where_the_router_group_mounts_it() -> No
 def test_ray_token_auth_reads_the_token_from_the_mounted_secret(overlay: str) -> None:
     cluster = rayservice(overlay)["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token", "secretName": "ray-auth-token"}
-    for name, spec in pods(overlay).items():
-        if name == "fill-job":
-            continue
+    for spec in pods(overlay).values():
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == ""
         assert Path(env["RAY_AUTH_TOKEN_PATH"]).parent.as_posix() in mounts(spec)
@@ -229,9 +225,9 @@ def test_every_container_is_restricted_with_explicit_writable_mounts(overlay: st
             c["securityContext"] for c in spec["containers"] + spec.get("initContainers", [])
         ]
         writable = {p for p, m in mounts(spec).items() if not m.get("readOnly")}
-        expected = {"/tmp"} if name == "fill-job" else {"/tmp", "/tmp/ray", "/dev/shm"}
-        if name == "fill-job" and overlay == "gpu":
-            expected.add("/models")  # the one writer of the model cache
+        expected = {"/tmp", "/tmp/ray", "/dev/shm"}
+        if name.startswith("tier-") and overlay == "gpu":
+            expected.add("/models")  # its replicas fill the model cache
         assert writable == expected, name
     for context in contexts:
         assert context["allowPrivilegeEscalation"] is False
@@ -240,18 +236,23 @@ def test_every_container_is_restricted_with_explicit_writable_mounts(overlay: st
         assert context["runAsNonRoot"] is True and context["runAsUser"] >= 10000
 
 
-def test_serving_pods_read_the_model_cache_and_wait_for_the_fill_job() -> None:
+def test_tier_pods_fill_the_model_cache_and_name_no_model() -> None:
+    """The cache is mounted where every tier's replicas fill it; the engines read it offline.
+    No init container, no Job: nothing outside `serveConfigV2` names a model."""
     found = pods("gpu")
-    fill = found.pop("fill-job")["containers"][0]["command"][-1]
-    for name in ("tier-small", "tier-large"):
-        spec = found[name]
+    service = rayservice("gpu")
+    config = source_config(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    cluster = yaml.safe_dump(service["spec"]["rayClusterConfig"])
+    for tier in config.tiers:
+        spec = found[f"tier-{tier.name}"]
         cache = mounts(spec)["/models"]
-        assert cache["readOnly"] and cache["volume"]["persistentVolumeClaim"]["readOnly"]
-        (wait,) = spec["initContainers"]
-        marker = re.search(r"until \[ -f (\S+) \]", wait["command"][-1]).group(1)
-        assert f"touch {marker}" in fill, name
+        assert not cache.get("readOnly")
+        assert cache["volume"]["persistentVolumeClaim"] == {"claimName": "model-cache"}
+        assert "initContainers" not in spec
         env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
-        assert env["HF_HUB_OFFLINE"] == "1"
+        assert env["HF_HUB_OFFLINE"] == "1" and env["SERVE_APP_MODEL_CACHE"] == "/models"
+        assert env["HUGGINGFACE_HUB_CACHE"] == "/models/hub"
+        assert tier.engine.model_id not in cluster
     assert "/models" not in mounts(found["head"]) and "/models" not in mounts(found["router"])
 
 
@@ -340,10 +341,11 @@ def test_every_worker_group_has_a_budget_and_spreads(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_the_hf_token_reaches_every_pod_that_downloads_weights_as_a_file(overlay: str) -> None:
-    """With a model cache only the fill Job downloads; without one, every tier pod does. The
-    token is a file there (a rotated Secret reaches the next engine start), optional."""
+    """Tier pods download: their replicas into the model cache, or without one their engines.
+    The token is a file there (a rotated Secret reaches the next fill or engine start),
+    optional."""
     for name, spec in pods(overlay).items():
-        downloads = name == "fill-job" or (name.startswith("tier-") and overlay == "local")
+        downloads = name.startswith("tier-")
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         token = [m for m in mounts(spec).values()
                  if m["volume"].get("secret", {}).get("secretName") == "hf-token"]  # fmt: skip
