@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -27,12 +28,14 @@ from ..engine.sse import Batch
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..engine.tgi_over_openai import tgi_info
-from ..errors import EngineUnreachable
+from ..errors import EngineStartupError, EngineUnreachable
+from ..kube_events import pod_events
 from ..metrics import app_metrics
 from ..router.leases import EngineLease, ReplicaLeases
 from ..tracing import Tracing
 from .call import TierCall
 from .replica_choice import EngineState
+from .startup import Phase, RayKV, StartupPhases
 
 logger = logging.getLogger("ray.serve")
 # The engine's output and its supervisor's messages: Ray's replica log, and the pod's log
@@ -65,6 +68,16 @@ class TierDeployment:
         self._gpus = tier.gpus_per_replica
         self._metered_at = time.monotonic()  # the GPUs are held from here: GPU-seconds count
         replica = serve.get_replica_context().replica_id.unique_id
+        # What routers show of this replica until it serves (`serve_app.tier.startup`).
+        events = pod_events()
+        self.phases = StartupPhases(
+            tier.name,
+            replica,
+            RayKV(),
+            events.announce if events is not None else None,
+            pod=socket.gethostname(),
+        )
+        self.phases.set(Phase.STARTING)
         pod_log.attach(engine_logger)
         log = ReplicaLog(engine_logger, {"tier": tier.name, "replica": replica})
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
@@ -91,7 +104,16 @@ class TierDeployment:
         self._rule: dict[str, float] = {}
         app_metrics().engine_starts.inc(1, self._tags)
         self._price(tier.tuning.gpu_hour_price_usd)
-        await self._supervisor.start()
+        # Work before the engine starts (a model-cache fill) sets `Phase.FILLING_CACHE` first.
+        try:
+            await self._supervisor.start(on_spawned=lambda: self.phases.set(Phase.LOADING))
+        except EngineStartupError as exc:
+            self.phases.set(Phase.FAILED, exc.message)
+            raise
+        except Exception as exc:
+            self.phases.set(Phase.FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        self.phases.set(Phase.READY)
         self._log = log
         self._watch = asyncio.create_task(self._end_with_engine())
 
@@ -115,6 +137,7 @@ class TierDeployment:
         code = await self._supervisor.ended()
         if code is None:
             return  # stopped by Serve: scale-down, redeploy, shutdown
+        self.phases.set(Phase.FAILED, f"engine exited with code {code} while serving")
         try:
             self._log.error(
                 "engine exited with code %s while serving; this replica exits with it so that "
@@ -220,6 +243,8 @@ class TierDeployment:
     async def __del__(self) -> None:
         self._meter()
         await self._supervisor.stop()
+        if self.phases.current is None or self.phases.current.phase is not Phase.FAILED:
+            self.phases.clear()  # stopped in order; a failure stays for the routers to show
 
 
 @serve.deployment
