@@ -61,6 +61,7 @@ class EngineArgs:
     compute_type: str  # TGI's `x-compute-type` header, from the COMPUTE_TYPE variable as in TGI
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
+    sim_load_s: float = 0.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="prefill time per uncached prompt token (0: none)")  # fmt: skip
     sim.add_argument("--sim-prefix-cache-tokens", type=int, default=0,
                      help="prefix cache size in tokens (0: no cache)")  # fmt: skip
+    sim.add_argument("--sim-load-s", type=float, default=0.0,
+                     help="seconds the model takes to load before the port opens (a cold "
+                     "start)")  # fmt: skip
     for flag in GPU_ONLY_FLAGS:
         if flag in GPU_ONLY_SWITCHES:
             p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)

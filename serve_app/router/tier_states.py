@@ -163,8 +163,9 @@ def derive(
             return status(TierState.SCHEDULING, "Serve is deploying the tier's application")
         return status(TierState.NOT_DEPLOYED, f"Serve has no application tier-{tier}")
     app, deployment = found
-    serve_status = str(deployment.get("status") or "")
-    message = str(deployment.get("message") or "") or str(app.get("message") or "") or None
+    serve_status = _text(deployment.get("status"))
+    message = _text(deployment.get("message")) or _text(app.get("message")) or None
+    app_status = _text(app.get("status"))
     views = tuple(
         _view(replica, by_replica.get(str(replica.get("replica_id"))))
         for replica in deployment.get("replicas") or []
@@ -182,7 +183,7 @@ def derive(
     if any(v.serve_state == "RUNNING" for v in views):
         trouble = message if serve_status in ("UNHEALTHY", "DEPLOY_FAILED") else None
         return status(TierState.READY, trouble, **common)
-    if serve_status == "DEPLOY_FAILED" or app.get("status") == "DEPLOY_FAILED":
+    if serve_status == "DEPLOY_FAILED" or app_status == "DEPLOY_FAILED":
         return status(TierState.FAILED, message or last_failure, last_failure=last_failure,
                       **common)  # fmt: skip
     coming = [v for v in views if v.serve_state in COMING_UP]
@@ -199,7 +200,7 @@ def derive(
     if coming:
         return status(TierState.SCHEDULING, earlier or "waiting for resources for a replica",
                       last_failure=last_failure, **common)  # fmt: skip
-    if serve_status in ("UPDATING", "UPSCALING") or app.get("status") in ("DEPLOYING",):
+    if serve_status in ("UPDATING", "UPSCALING") or app_status == "DEPLOYING":
         return status(TierState.SCHEDULING, earlier, last_failure=last_failure, **common)
     return status(TierState.IDLE, "no replica runs; a request starts one", **common)
 
@@ -207,11 +208,18 @@ def derive(
 def _view(replica: Mapping[str, Any], phase: ReplicaPhase | None) -> ReplicaView:
     return ReplicaView(
         replica=str(replica.get("replica_id")),
-        serve_state=str(replica.get("state") or ""),
+        serve_state=_text(replica.get("state")),
         phase=phase.phase if phase is not None else None,
         since=phase.since if phase is not None else None,
         reason=first_line(phase.reason) if phase is not None else None,
     )
+
+
+def _text(value: Any) -> str:
+    """A field of Serve's details as text: its enums (str-valued) by their value."""
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return str(value) if value is not None else ""
 
 
 def describe(status: TierStatus, now: float) -> str:

@@ -158,3 +158,12 @@ def test_the_watch_derives_every_tier_exports_the_gauge_and_drops_stale_keys() -
     assert sum(gauge.values()) == 1.0
     assert list(store.data) == ["tier-phase/large/r1"]  # "gone": Serve has it no more, long ago
     assert stale_keys([], {}, NOW) == []
+
+
+def test_serves_enums_read_as_their_values() -> None:
+    from ray.serve._private.common import DeploymentStatus, ReplicaState
+
+    details = apps(DeploymentStatus.UPDATING, "DEPLOYING", r1=ReplicaState.STARTING)
+    status = derive("large", details, [phase("r1", Phase.LOADING)], NOW)
+    assert status.state is TierState.LOADING and status.serve_status == "UPDATING"
+    assert status.replicas[0].serve_state == "STARTING"
