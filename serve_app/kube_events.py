@@ -28,8 +28,9 @@ from .tier.startup import Phase, ReplicaPhase
 logger = logging.getLogger("ray.serve")
 
 ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-POD_NAME_ENV = "SERVE_APP_POD_NAME"  # the downward API's metadata.name; else the host name
-POD_UID_ENV = "SERVE_APP_POD_UID"  # the downward API's metadata.uid, when set
+# A pod's host name is its name; these override it (and add its uid) where a pod sets them.
+POD_NAME_ENV = "SERVE_APP_POD_NAME"
+POD_UID_ENV = "SERVE_APP_POD_UID"
 COMPONENT = "serve-app"
 MAX_MESSAGE = 1024
 POST_TIMEOUT_S = 5.0

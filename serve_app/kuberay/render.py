@@ -27,7 +27,7 @@ from .model_cache import fill_job
 from .overlays import OVERLAYS, Overlay
 from .pods import SERVE_PORT, Role, pod
 from .policies import network_policies
-from .security import API_KEYS, RAY_TOKEN
+from .security import API_KEYS, RAY_TOKEN, events_account
 from .sizing import head_shape
 
 RAY_VERSION = "2.60.0"
@@ -129,7 +129,7 @@ def manifests(
     """Everything an overlay deploys that comes from the config."""
     service = render(document, overlay, image, vllm_image)
     _, config = serve_config_v2(document)
-    docs = [service, *network_policies(overlay), *disruption_budgets(config)]
+    docs = [service, *network_policies(overlay), *disruption_budgets(config), *events_account()]
     if overlay.model_cache_claim:
         docs.append(fill_job(config, overlay, image))
     return docs
