@@ -5,6 +5,9 @@ engine's reason, in `/v1/models`, `/v1/status`, the 503 a request gets and the
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -122,6 +125,19 @@ def test_a_cold_start_is_loading_then_ready_and_a_failed_start_says_why(ray_head
     assert ask(ray_head, "slow").status_code == 200
     wait_for(lambda: gauge(ray_head, "slow", "ready") == 1.0, 30, "the ready gauge")
     assert gauge(ray_head, "slow", "loading") == 0.0
+
+    # The status command, against the same router.
+    command = [sys.executable, "-m", "serve_app.status", "--url", ray_head.url]
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 1, shown.stderr  # a tier failed
+    lines = shown.stdout.splitlines()
+    assert any(line.startswith("slow ") and " ready " in line for line in lines), shown.stdout
+    assert any(line.startswith("broken ") and " failed " in line for line in lines)
+    assert "'/models/missing.gguf' is neither a built-in model" in shown.stdout
+    as_json = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60)
+    assert {t["tier"]: t["state"] for t in json.loads(as_json.stdout)["tiers"]} == {
+        "slow": "ready", "broken": "failed"
+    }  # fmt: skip
     print(
         f"\nloading seen {loading_at:.1f}s after deploy, failed {failed_at:.1f}s, ready "
         f"{ready_at:.1f}s (engine load {LOAD_S}s); failed tier refused in "
