@@ -392,6 +392,11 @@ def test_models_and_the_status_route_show_each_tiers_state(tmp_path: Path) -> No
     assert by_id["large"]["status"]["state"] == "loading"
     assert "status" not in by_id["auto"]
     assert by_id["large"]["object"] == "model" and by_id["large"]["owned_by"] == "serve-app"
+    # OpenAI's client takes the list as it is, and keeps the extra field
+    from openai.types import Model
+
+    parsed = Model.model_validate(by_id["large"])
+    assert parsed.id == "large" and (parsed.model_extra or {})["status"]["state"] == "loading"
     one = asyncio.run(call(app, "GET", "/v1/models/large", None, bearer("team-a"))).json()
     assert one["status"]["state"] == "loading"
 
