@@ -345,7 +345,7 @@ class Dispatcher:
 
     def _refusal(self, status: TierStatus) -> TierUnavailable:
         return TierUnavailable(
-            f"{describe(status, self._clock())}; retry once it is redeployed",
+            f"{describe(status, self._clock())}; retry later",
             retry_after_s=retry_after_s(status),
         )
 

@@ -8,7 +8,9 @@ deployment and the start-up phases its replicas publish (`serve_app.tier.startup
     loading        a replica's engine runs and loads the model
     idle           no replica, none wanted (a tier scaled to zero): a request starts one
     ready          at least one replica serves
-    failed         Serve gave up starting the tier (DEPLOY_FAILED): `reason` says why
+    failed         Serve gave up starting the tier (DEPLOY_FAILED), or its replicas failed to
+                   start and none is starting now (UNHEALTHY): `reason` says why (the
+                   replica's own reason, else Serve's message)
     unknown        the router has not read Serve's status (yet)
 
 Pure: `derive` is fed what `serve_app.router.tier_watch` reads in the background, never on the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +51,7 @@ PROGRESS = {
 ORDER = [Phase.STARTING, Phase.FILLING_CACHE, Phase.LOADING, Phase.READY]
 # Serve's replica states of a replica on its way up.
 COMING_UP = {"STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours in Serve's messages (a replica's traceback)
 # Seconds a client is told to wait (`Retry-After`) in each state.
 RETRY_AFTER_S = {
     TierState.FAILED: 60,
@@ -87,6 +91,7 @@ class TierStatus:
     reason: str | None = None
     replicas: tuple[ReplicaView, ...] = ()
     serve_status: str | None = None  # Serve's status of the deployment, as it says it
+    serve_message: str | None = None  # and its message
     # The last failed start of a replica of the tier (`reason` of its phase), while none
     # serves: why a tier keeps starting.
     last_failure: str | None = None
@@ -109,6 +114,7 @@ class TierStatus:
             "since": self.since,
             "reason": self.reason,
             "serve_status": self.serve_status,
+            "serve_message": self.serve_message,
             "last_failure": self.last_failure,
             "replicas": [r.as_json() for r in self.replicas],
             **self.extra,
@@ -165,6 +171,7 @@ def derive(
     app, deployment = found
     serve_status = _text(deployment.get("status"))
     message = _text(deployment.get("message")) or _text(app.get("message")) or None
+    message = ANSI.sub("", message) if message else None
     app_status = _text(app.get("status"))
     views = tuple(
         _view(replica, by_replica.get(str(replica.get("replica_id"))))
@@ -178,13 +185,13 @@ def derive(
         key=lambda p: p.since,
     )
     last_failure = failures[-1].reason if failures else None
-    common = {"replicas": views, "serve_status": serve_status or None}
+    common = {"replicas": views, "serve_status": serve_status or None, "serve_message": message}
 
     if any(v.serve_state == "RUNNING" for v in views):
         trouble = message if serve_status in ("UNHEALTHY", "DEPLOY_FAILED") else None
         return status(TierState.READY, trouble, **common)
     if serve_status == "DEPLOY_FAILED" or app_status == "DEPLOY_FAILED":
-        return status(TierState.FAILED, message or last_failure, last_failure=last_failure,
+        return status(TierState.FAILED, last_failure or message, last_failure=last_failure,
                       **common)  # fmt: skip
     coming = [v for v in views if v.serve_state in COMING_UP]
     started = [
@@ -200,9 +207,13 @@ def derive(
     if coming:
         return status(TierState.SCHEDULING, earlier or "waiting for resources for a replica",
                       last_failure=last_failure, **common)  # fmt: skip
+    if serve_status == "UNHEALTHY":  # replicas failed to start, and none is trying now
+        return status(TierState.FAILED, last_failure or message, last_failure=last_failure,
+                      **common)  # fmt: skip
     if serve_status in ("UPDATING", "UPSCALING") or app_status == "DEPLOYING":
         return status(TierState.SCHEDULING, earlier, last_failure=last_failure, **common)
-    return status(TierState.IDLE, "no replica runs; a request starts one", **common)
+    return status(TierState.IDLE, earlier or "no replica runs; a request starts one",
+                  last_failure=last_failure, **common)  # fmt: skip
 
 
 def _view(replica: Mapping[str, Any], phase: ReplicaPhase | None) -> ReplicaView:

@@ -324,8 +324,7 @@ def test_a_failed_tier_is_refused_at_once_with_serves_reason() -> None:
     with pytest.raises(TierUnavailable) as refused:
         asyncio.run(dispatcher.request("small", CALL, OFF))
     assert refused.value.message == (
-        "tier 'small' failed to start: exited with code 1 during start-up; retry once it is "
-        "redeployed"
+        "tier 'small' failed to start: exited with code 1 during start-up; retry later"
     )
     assert refused.value.retry_after_s == 60
     assert transport.made[0].cancelled

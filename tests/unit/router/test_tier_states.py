@@ -60,6 +60,9 @@ def phase(replica: str, p: Phase, since: float = 900.0, reason: str | None = Non
         (apps("HEALTHY"), [], TierState.IDLE),
         (apps("UPSCALING"), [], TierState.SCHEDULING),
         (apps("DEPLOY_FAILED", "DEPLOY_FAILED", message=REASON), [], TierState.FAILED),
+        # a tier at zero whose replica failed to start: Serve says UNHEALTHY and tries no more
+        (apps("UNHEALTHY", message=REASON), [], TierState.FAILED),
+        (apps("UNHEALTHY", r2="STARTING"), [phase("r2", Phase.LOADING)], TierState.LOADING),
         # a phase of a replica Serve no longer has counts for nothing but its failure
         (apps("UPDATING", "DEPLOYING", r2="STARTING"), [phase("r1", Phase.LOADING)],
          TierState.SCHEDULING),
@@ -82,10 +85,17 @@ def test_a_failed_tier_says_why_and_is_refused_longest() -> None:
     assert retry_after_s(failed) == 60
 
 
-def test_without_serves_message_the_replicas_reason_is_the_failure() -> None:
+def test_the_replicas_own_reason_comes_before_serves_message() -> None:
     phases = [phase("r1", Phase.FAILED, 950.0, REASON)]
-    failed = derive("large", apps("DEPLOY_FAILED", "DEPLOY_FAILED"), phases, NOW)
+    serve = "The deployment failed to start 1 times in a row.\x1b[36mray::ServeReplica\x1b[39m"
+    failed = derive("large", apps("UNHEALTHY", message=serve), phases, NOW)
+    assert failed.state is TierState.FAILED
     assert failed.reason == REASON and failed.last_failure == REASON
+    assert (
+        failed.serve_message == "The deployment failed to start 1 times in a row.ray::ServeReplica"
+    )
+    failed = derive("large", apps("DEPLOY_FAILED", "DEPLOY_FAILED"), phases, NOW)
+    assert failed.reason == REASON
 
 
 def test_a_retried_start_tells_that_the_previous_one_failed() -> None:
