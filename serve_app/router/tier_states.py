@@ -177,9 +177,11 @@ def derive(
         _view(replica, by_replica.get(str(replica.get("replica_id"))))
         for replica in deployment.get("replicas") or []
     )
-    # The latest failed start of any replica since one was last ready (a failed replica is
-    # gone, or about to be).
-    readied = max((p.since for p in phases if p.phase is Phase.READY), default=0.0)
+    # The latest failed start of any replica since the tier was deployed and since one was last
+    # ready (a failed replica is gone, or about to be).
+    deployed = float(app.get("last_deployed_time_s") or 0.0)
+    readied = max((p.since for p in phases if p.phase is Phase.READY), default=deployed)
+    readied = max(readied, deployed)
     failures = sorted(
         (p for p in phases if p.phase is Phase.FAILED and p.since >= readied),
         key=lambda p: p.since,

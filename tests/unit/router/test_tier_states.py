@@ -96,6 +96,10 @@ def test_the_replicas_own_reason_comes_before_serves_message() -> None:
     )
     failed = derive("large", apps("DEPLOY_FAILED", "DEPLOY_FAILED"), phases, NOW)
     assert failed.reason == REASON
+    # a failure from before the tier's last deploy is not this deploy's
+    redeployed = apps("DEPLOY_FAILED", "DEPLOY_FAILED", message="Serve's own")
+    redeployed["tier-large"]["last_deployed_time_s"] = 960.0
+    assert derive("large", redeployed, phases, NOW).reason == "Serve's own"
 
 
 def test_a_retried_start_tells_that_the_previous_one_failed() -> None:
