@@ -38,6 +38,8 @@ Exported through Ray's metrics agent: each Ray pod serves them on its metrics po
     ray_serve_app_admission_queue{tier, priority}        waiting in a tier's admission queue
     ray_serve_app_api_keys_reloads_total{result}         API-keys file reloads: ok, invalid,
                                                          unreadable
+    ray_serve_app_tier_state{tier, state}                1 for the tier's current state (every
+                                                         router replica exports it: take max)
     ray_serve_app_api_keys_stale                         1 while the keys file on disk is invalid
                                                          or unreadable and the last good keys
                                                          are still in use
@@ -169,6 +171,12 @@ class _Metrics:
         self.keys_reloads = metrics.Counter(
             "serve_app_api_keys_reloads", "API-keys file reloads, by outcome.", ("result",)
         )
+        self.tier_state = metrics.Gauge(
+            "serve_app_tier_state",
+            "1 for each tier's current state (scheduling, starting, filling_cache, loading, "
+            "idle, ready, failed, ...), 0 for the others.",
+            ("tier", "state"),
+        )
         self.keys_stale = metrics.Gauge(
             "serve_app_api_keys_stale",
             "1 while the API-keys file on disk is invalid and the last good keys are in use.",
@@ -187,6 +195,11 @@ def keys_reloaded(outcome: str) -> None:
     m = app_metrics()
     m.keys_reloads.inc(1, {"result": outcome})
     m.keys_stale.set(0 if outcome == "ok" else 1)
+
+
+def tier_state(tier: str, state: str, value: float) -> None:
+    """A tier's state as the router sees it (`serve_app.router.tier_watch`)."""
+    app_metrics().tier_state.set(value, {"tier": tier, "state": str(state)})
 
 
 class FeatureLabels:

@@ -38,10 +38,16 @@ ROUTER_ENTRY = "serve_app.app:build_router"
 ROUTER_DEPLOYMENT = "router"
 
 
+def version_id(tier: str, version: str | None = None) -> str:
+    """One version of a tier: `<name>`, or `<name>@<version>` once versions are named (the
+    router's key for a candidate, the key its replicas publish their start-up phases under)."""
+    return tier if version is None else f"{tier}@{version}"
+
+
 def tier_app_name(tier: str, version: str | None = None) -> str:
     """A tier's application, or one version's (`tier-<name>@<version>`, the tier's `version` or
     its candidate's); its one deployment has the same name."""
-    return f"tier-{tier}" if version is None else f"tier-{tier}@{version}"
+    return f"tier-{version_id(tier, version)}"
 
 
 def scaling_options(tier: TierConfig) -> dict[str, Any]:

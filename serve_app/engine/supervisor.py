@@ -10,7 +10,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ..config import TierConfig, TracingConfig
@@ -67,8 +67,9 @@ class EngineSupervisor:
         self.client = EngineClient(self.url, tier.request_timeout_s, api_key=self.api_key)
         self.state = EngineState.STARTING
 
-    async def start(self) -> None:
-        """Start the engine and return once it serves the configured model.
+    async def start(self, on_spawned: Callable[[], None] | None = None) -> None:
+        """Start the engine and return once it serves the configured model; `on_spawned` is
+        called once its process runs (it then loads the model).
 
         Ready means: the process is alive, `/health` answers 200 and `/info` (vLLM:
         `/v1/models`) names the model.
@@ -77,7 +78,7 @@ class EngineSupervisor:
         replica's failure; the engine is stopped first, however start-up ends.
         """
         try:
-            await self._start()
+            await self._start(on_spawned)
         except EngineStartupError:
             await self.stop()
             raise
@@ -91,8 +92,10 @@ class EngineSupervisor:
             await self.stop()
             raise
 
-    async def _start(self) -> None:
+    async def _start(self, on_spawned: Callable[[], None] | None) -> None:
         await self.process.start()
+        if on_spawned is not None:
+            on_spawned()
         timeout = self._tier.engine.tuning.startup_timeout_s
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ from .overlays import Overlay
 from .security import (
     API_KEYS,
     CONTAINER_SECURITY,
+    EVENTS_ACCOUNT,
     HF_TOKEN,
     POD_SECURITY,
     RAY_TOKEN,
@@ -132,8 +133,10 @@ def pod(
         "volumeMounts": [mount for _, mount in pairs],
     }
     spec: dict[str, Any] = {
-        # Only the head's autoscaler sidecar talks to the Kubernetes API.
-        "automountServiceAccountToken": role is Role.HEAD,
+        # The head's autoscaler sidecar talks to the Kubernetes API, and the tier replicas post
+        # Events on their pod (their account may do nothing else: `security.events_account`).
+        "automountServiceAccountToken": role in (Role.HEAD, Role.TIER),
+        **({"serviceAccountName": EVENTS_ACCOUNT} if role is Role.TIER else {}),
         "securityContext": POD_SECURITY,
         "containers": [container],
         "volumes": [volume for volume, _ in pairs],
@@ -152,5 +155,10 @@ def pod(
         metadata["annotations"] = {
             "checkov.io/skip1": "CKV_K8S_38=the head's autoscaler sidecar scales worker groups "
             "through the Kubernetes API with this pod's service account token",
+        }
+    if role is Role.TIER:
+        metadata["annotations"] = {
+            "checkov.io/skip1": "CKV_K8S_38=the tier replicas post their start-up phases as "
+            "Events on this pod; the account may only create Events",
         }
     return {"metadata": metadata, "spec": spec}

@@ -26,7 +26,7 @@ from .images import DEFAULT_IMAGE, DEFAULT_VLLM_IMAGE, VLLM_IMAGE_PYTHON, Images
 from .overlays import OVERLAYS, Overlay
 from .pods import SERVE_PORT, Role, pod
 from .policies import network_policies
-from .security import API_KEYS, RAY_TOKEN
+from .security import API_KEYS, RAY_TOKEN, events_account
 from .sizing import head_shape
 
 RAY_VERSION = "2.60.0"
@@ -127,7 +127,7 @@ def manifests(
     """Everything an overlay deploys that comes from the config."""
     service = render(document, overlay, image, vllm_image)
     _, config = serve_config_v2(document)
-    return [service, *network_policies(overlay), *disruption_budgets(config)]
+    return [service, *network_policies(overlay), *disruption_budgets(config), *events_account()]
 
 
 class _ManifestDumper(yaml.SafeDumper):

@@ -1,5 +1,6 @@
 """What a security review asks of every pod: secrets mounted as files only where they are read,
-Ray's token read from its file, and Pod Security "restricted" settings."""
+Ray's token read from its file, Pod Security "restricted" settings, and the one Kubernetes API
+right a serving pod has (creating Events)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,24 @@ CONTAINER_SECURITY = {
     "runAsGroup": IMAGE_UID,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+# The tier pods' service account: its replicas post their start-up phases as Events on their own
+# pod (`serve_app.kube_events`), and may do nothing else with the Kubernetes API.
+EVENTS_ACCOUNT = "serve-app-events"
+
+
+def events_account() -> list[dict[str, Any]]:
+    """The ServiceAccount, a Role that may only create Events, and their RoleBinding (all in the
+    namespace the overlay deploys to)."""
+    meta = {"name": EVENTS_ACCOUNT}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta),
+         "automountServiceAccountToken": False},  # mounted only where a pod asks for it
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
+         "rules": [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": dict(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": EVENTS_ACCOUNT},
+         "subjects": [{"kind": "ServiceAccount", "name": EVENTS_ACCOUNT}]},
+    ]  # fmt: skip

@@ -91,6 +91,9 @@ def load_backend(args: EngineArgs) -> Backend:
 
 async def serve(args: EngineArgs) -> None:
     backend = load_backend(args)
+    if args.model_id == SIMULATED_MODEL and args.sim_load_s > 0:
+        log.info("loading the simulated model: %.1f s", args.sim_load_s)
+        await asyncio.sleep(args.sim_load_s)  # a cold start, as a large model's weights take
     try:
         scheduler = Scheduler(
             backend,

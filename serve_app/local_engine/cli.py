@@ -62,6 +62,7 @@ class EngineArgs:
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
     sim_failure_rate: float = 0.0
+    sim_load_s: float = 0.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="prefix cache size in tokens (0: no cache)")  # fmt: skip
     sim.add_argument("--sim-failure-rate", type=float, default=0.0,
                      help="share of generations that fail with a 500")  # fmt: skip
+    sim.add_argument("--sim-load-s", type=float, default=0.0,
+                     help="seconds the model takes to load before the port opens (a cold "
+                     "start)")  # fmt: skip
     for flag in GPU_ONLY_FLAGS:
         if flag in GPU_ONLY_SWITCHES:
             p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)

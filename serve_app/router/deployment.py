@@ -14,13 +14,15 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from ..config import AppConfig, TierConfig
-from ..metrics import MetricsRecorder
+from ..metrics import MetricsRecorder, tier_state
 from ..serve_config import tier_app_name
 from ..serve_env import missing_protections
+from ..tier.startup import RayKV
 from . import usage_log
 from .dispatch import ServeTransport
 from .ledger import ServeLedger
 from .routes import Router
+from .tier_watch import ControllerDetails, TierWatch
 from .version_board import share_rollbacks
 from .versions import targets
 
@@ -81,6 +83,8 @@ class RouterDeployment:
         self._reporting: asyncio.Task[None] | None = None
         self._board = board  # the version board: rollbacks shared with the other replicas
         self._sharing: asyncio.Task[None] | None = None
+        self._watch: TierWatch | None = None
+        self._watching: asyncio.Task[None] | None = None
         self._replica = serve.get_replica_context().replica_id.unique_id
         usage_log.to_stdout()
         missing = missing_protections(os.environ)
@@ -109,9 +113,15 @@ class RouterDeployment:
             self._router = Router(config, self._transport, MetricsRecorder(), self._ledger)
             self._router.missing_guards = self._missing_guards
             self._app.serve(self._router.asgi_app())
+            # Every tier's state, read in the background (`serve_app.router.tier_watch`).
+            self._watch = TierWatch(self._router.states, RayKV(), ControllerDetails(), tier_state)
+            self._watch.tiers(tiers)
+            self._watching = asyncio.create_task(self._watch.run())
         else:
             self._transport.update(handles, tiers)
             self._router.reconfigure(config)
+            if self._watch is not None:
+                self._watch.tiers(tiers)
             logger.info("router reconfigured: tiers %s", ", ".join(tiers))
         if self._reporting is not None:
             self._reporting.cancel()

@@ -8,6 +8,7 @@ project's (`ReplicaUnavailable`, `TierOverloaded`, `TierUnavailable`)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -34,6 +35,7 @@ from ..tier.replica_choice import route_hint
 from ..tier.request_router import session_header
 from ..tracing import RequestTrace
 from .leases import EngineLease, GrantCall, Keeping, TierLeases, reusable_after
+from .tier_states import TierBoard, TierStatus, describe, retry_after_s
 
 # A call that nothing served is tried once more: Serve may pick another replica.
 ATTEMPTS = 2
@@ -210,10 +212,19 @@ class RayCalls(Generic[T]):
 
 
 class Dispatcher:
-    def __init__(self, transport: TierTransport, wait_timeout_s: Mapping[str, float]) -> None:
-        """`wait_timeout_s`: each tier's `replica_wait_timeout_s`."""
+    def __init__(
+        self,
+        transport: TierTransport,
+        wait_timeout_s: Mapping[str, float],
+        states: TierBoard | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`wait_timeout_s`: each tier's `replica_wait_timeout_s`; `states`: the tiers' states
+        as the router's background watch last saw them (`serve_app.router.tier_states`)."""
         self._transport = transport
         self._wait_timeout_s = wait_timeout_s
+        self._states = states if states is not None else TierBoard()
+        self._clock = clock
 
     async def request(self, tier: str, call: TierCall, trace: RequestTrace) -> EngineReply:
         """The engine's whole answer (TGI's, for a call translated to an OpenAI-only engine:
@@ -290,17 +301,57 @@ class Dispatcher:
         await self._transport.report_queue(tier, router, queued)
 
     async def _taken(self, tier: str, calls: Calls[Any], trace: RequestTrace) -> None:
-        """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call."""
+        """Wait, within the tier's `replica_wait_timeout_s`, for a replica to take the call. A
+        tier known to have failed (Serve gave up starting it) is refused at once, and so is a
+        wait under way when it fails; a tier still starting is waited for, and the refusal at
+        the end of the wait says how far it got."""
+        failed = self._states.failed(tier)
+        if failed is not None:
+            raise self._refusal(failed)
         timeout = self._wait_timeout_s[tier]
+        status = self._states.get(tier)
         try:
             async with asyncio.timeout(timeout):  # passes on a cancellation, always
-                await anext(calls)
+                if status is None or status.ready:
+                    await anext(calls)
+                else:
+                    await self._unless_failed(tier, calls)
         except TimeoutError:
-            raise ReplicaWaitTimeout(
+            status = self._states.get(tier)
+            waited = (
                 f"no replica of tier {tier!r} took the request within {timeout:.0f}s "
-                "(replica_wait_timeout_s): the tier is starting or saturated; retry later"
+                "(replica_wait_timeout_s)"
+            )
+            if status is None or status.ready:
+                raise ReplicaWaitTimeout(
+                    f"{waited}: the tier is starting or saturated; retry later"
+                ) from None
+            raise ReplicaWaitTimeout(
+                f"{describe(status, self._clock())}; {waited}; retry later",
+                retry_after_s=retry_after_s(status),
             ) from None
         trace.replica_taken()
+
+    async def _unless_failed(self, tier: str, calls: Calls[Any]) -> None:
+        """The first item of `calls`, unless the tier is found to have failed first."""
+        taken = asyncio.ensure_future(anext(calls))
+        failing = asyncio.ensure_future(self._states.until_failed(tier))
+        try:
+            await asyncio.wait((taken, failing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (taken, failing):
+                if not task.done():
+                    task.cancel()
+        if taken.done() and not taken.cancelled():
+            taken.result()
+            return
+        raise self._refusal(failing.result())
+
+    def _refusal(self, status: TierStatus) -> TierUnavailable:
+        return TierUnavailable(
+            f"{describe(status, self._clock())}; retry later",
+            retry_after_s=retry_after_s(status),
+        )
 
 
 class ReplicaWaitTimeout(TierUnavailable):

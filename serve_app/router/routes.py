@@ -32,7 +32,8 @@ from .prompt_tokens import PromptTokens
 from .quota import LedgerCalls, Quotas
 from .requests import parse_tokenize
 from .shadow import Shadows
-from .versions import Versions, targets
+from .tier_states import TierBoard, TierState, TierStatus
+from .versions import Versions, candidate_key, targets
 
 Handler = Callable[[RequestLife], Awaitable[Response]]
 
@@ -53,6 +54,9 @@ class Router:
         deployment, in-process stand-ins in unit tests."""
         self._transport = transport
         self._ledger = ledger
+        # every tier's state, kept up to date by the deployment's background watch
+        # (`serve_app.router.tier_watch`); empty without one
+        self.states = TierBoard()
         self._services = self._build(config, None, recorder)
         self._created = int(time.time())
         # the ingress settings this Ray cluster lacks (`serve_app.serve_env.missing_protections`)
@@ -75,7 +79,9 @@ class Router:
             else None
         )
         dispatch = Dispatcher(
-            self._transport, {k: t.replica_wait_timeout_s for k, t in targets(config).items()}
+            self._transport,
+            {k: t.replica_wait_timeout_s for k, t in targets(config).items()},
+            self.states,
         )
         tier_bytes = {
             t.name: tier_body_bytes(t.engine.max_input_tokens, limits.body_bytes_per_input_token)
@@ -162,6 +168,7 @@ class Router:
                 Route("/v1/completions", openai(self.completions), methods=["POST"]),
                 Route("/v1/models", openai(self.list_models), methods=["GET"]),
                 Route("/v1/models/{model:path}", openai(self.get_model), methods=["GET"]),
+                Route("/v1/status", openai(self.status), methods=["GET"]),
                 Route("/generate", tgi(self.generate), methods=["POST"]),
                 Route("/generate_stream", tgi(self.generate_stream), methods=["POST"]),
                 Route("/", tgi(self.compat_generate), methods=["POST"]),
@@ -191,7 +198,39 @@ class Router:
         return JSONResponse(self._model_card(name))
 
     def _model_card(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self._created, "owned_by": "serve-app"}
+        """OpenAI's model object, and the state of the tier that serves it (`status`, beside
+        OpenAI's fields; none for `auto`)."""
+        card = {"id": name, "object": "model", "created": self._created, "owned_by": "serve-app"}
+        tier = self._services.policy.tier_of(name)
+        if tier is not None:
+            card["status"] = self._tier_status(tier).summary()
+        return card
+
+    def _tier_status(self, tier: str) -> TierStatus:
+        status = self.states.get(tier)
+        return status if status is not None else TierStatus(tier, TierState.UNKNOWN, self._created)
+
+    async def status(self, life: RequestLife) -> Response:
+        """Every tier the caller may use: its state, since when, why, its replicas and their
+        start-up phases (`serve_app.router.tier_states`)."""
+        tiers = [t.name for t in self._services.config.tiers]
+        if life.allowed is not None:
+            tiers = [t for t in tiers if t in life.allowed]
+        versions = self._services.versions.state()["tiers"]
+        entries = [
+            {**self._tier_status(t).as_json(), "versions": self._versions(t, versions.get(t))}
+            for t in tiers
+        ]
+        return JSONResponse({"object": "status", "time": time.time(), "tiers": entries})
+
+    def _versions(self, tier: str, versions: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The tier's versions (`Versions.state`), its candidate with its own state."""
+        if versions is None or versions.get("candidate") is None:
+            return versions
+        candidate = versions["candidate"]
+        status = self._tier_status(candidate_key(tier, candidate["version"])).as_json()
+        state = {k: status[k] for k in ("state", "since", "reason") if k in status}
+        return {**versions, "candidate": {**candidate, **state}}
 
     # -- TGI native ----------------------------------------------------------------------------
 

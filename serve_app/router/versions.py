@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import AppConfig, RollbackRule, TierConfig
+from ..serve_config import version_id
 
 logger = logging.getLogger("ray.serve")
 SESSION_HEADER = "x-session-id"
@@ -64,7 +65,7 @@ class Target:
 
 
 def candidate_key(tier: str, version: str) -> str:
-    return f"{tier}@{version}"
+    return version_id(tier, version)
 
 
 def targets(config: AppConfig) -> dict[str, TierConfig]:

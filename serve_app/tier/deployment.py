@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -27,13 +28,16 @@ from ..engine.sse import Batch
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..engine.tgi_over_openai import tgi_info
-from ..errors import EngineUnreachable
+from ..errors import EngineStartupError, EngineUnreachable
+from ..kube_events import pod_events
 from ..metrics import app_metrics
 from ..router.leases import EngineLease, ReplicaLeases
+from ..serve_config import version_id
 from ..tracing import Tracing
 from .call import TierCall
-from .model_fill import ensure_model_cached
+from .model_fill import ensure_model_cached, skip_reason
 from .replica_choice import EngineState
+from .startup import Phase, RayKV, StartupPhases
 
 logger = logging.getLogger("ray.serve")
 # The engine's output and its supervisor's messages: Ray's replica log, and the pod's log
@@ -66,11 +70,27 @@ class TierDeployment:
         self._gpus = tier.gpus_per_replica
         self._metered_at = time.monotonic()  # the GPUs are held from here: GPU-seconds count
         replica = serve.get_replica_context().replica_id.unique_id
+        # What routers show of this replica until it serves (`serve_app.tier.startup`).
+        events = pod_events()
+        self.phases = StartupPhases(
+            version_id(tier.name, tier.version),
+            replica,
+            RayKV(),
+            events.announce if events is not None else None,
+            pod=socket.gethostname(),
+        )
+        self.phases.set(Phase.STARTING)
         pod_log.attach(engine_logger)
         log = ReplicaLog(engine_logger, {"tier": tier.name, "replica": replica})
         # The model-cache fill: this tier's model into the shared cache before its engine
         # starts (a no-op without one, or for the local engine); a failed fill fails the start.
-        await ensure_model_cached(tier, os.environ, log)
+        if skip_reason(tier, os.environ) is None:
+            self.phases.set(Phase.FILLING_CACHE)
+        try:
+            await ensure_model_cached(tier, os.environ, log)
+        except EngineStartupError as exc:
+            self.phases.set(Phase.FAILED, exc.message)
+            raise
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         # With the direct data path, routers on any node stream from the engine: it listens on
         # the node's address (its key keeps everyone else out); otherwise on loopback only.
@@ -95,7 +115,16 @@ class TierDeployment:
         self._rule: dict[str, float] = {}
         app_metrics().engine_starts.inc(1, self._tags)
         self._price(tier.tuning.gpu_hour_price_usd)
-        await self._supervisor.start()
+        # Work before the engine starts (a model-cache fill) sets `Phase.FILLING_CACHE` first.
+        try:
+            await self._supervisor.start(on_spawned=lambda: self.phases.set(Phase.LOADING))
+        except EngineStartupError as exc:
+            self.phases.set(Phase.FAILED, exc.message)
+            raise
+        except Exception as exc:
+            self.phases.set(Phase.FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        self.phases.set(Phase.READY)
         self._log = log
         self._watch = asyncio.create_task(self._end_with_engine())
 
@@ -119,6 +148,7 @@ class TierDeployment:
         code = await self._supervisor.ended()
         if code is None:
             return  # stopped by Serve: scale-down, redeploy, shutdown
+        self.phases.set(Phase.FAILED, f"engine exited with code {code} while serving")
         try:
             self._log.error(
                 "engine exited with code %s while serving; this replica exits with it so that "
@@ -226,6 +256,14 @@ class TierDeployment:
         supervisor = getattr(self, "_supervisor", None)  # none yet when the fill failed
         if supervisor is not None:
             await supervisor.stop()
+        phases = getattr(self, "phases", None)
+        failed = (
+            phases is not None
+            and phases.current is not None
+            and (phases.current.phase is Phase.FAILED)
+        )
+        if phases is not None and not failed:
+            phases.clear()  # stopped in order; a failure stays for the routers to show
 
 
 @serve.deployment

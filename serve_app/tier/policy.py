@@ -44,6 +44,10 @@ class TierPolicy:
     def model_names(self) -> list[str]:
         return [*self._by_model, AUTO_MODEL]
 
+    def tier_of(self, model: str) -> str | None:
+        """The tier a model name (or alias) names; None for `auto` and unknown names."""
+        return self._by_model.get(model)
+
     def is_model(self, model: str) -> bool:
         return model == AUTO_MODEL or model in self._by_model
 

@@ -65,8 +65,10 @@ def test_an_engine_that_fails_its_info_check_is_stopped(tmp_path: Path) -> None:
 
 def test_a_launcher_that_is_not_installed_is_a_startup_error(tmp_path: Path) -> None:
     engine = supervisor(str(tmp_path))
+    spawned: list[bool] = []
     with pytest.raises(EngineStartupError, match="text-generation-launcher"):
-        asyncio.run(engine.start())
+        asyncio.run(engine.start(on_spawned=lambda: spawned.append(True)))
+    assert spawned == []  # never ran: never loading
 
 
 # vLLM's server as far as readiness goes: `/health`, and `/v1/models` naming what it serves.
@@ -111,15 +113,18 @@ def vllm_supervisor(tmp_path: Path, served: str) -> EngineSupervisor:
 
 def test_a_vllm_engine_is_ready_when_its_models_name_the_tiers(tmp_path: Path) -> None:
     engine = vllm_supervisor(tmp_path, "/models/smollm2")
+    spawned: list[bool] = []
 
     async def start_and_stop() -> None:
-        await engine.start()
+        # told once the process runs, before it is ready (the replica's `loading` phase)
+        await engine.start(on_spawned=lambda: spawned.append(engine.process.alive()))
         try:
             await engine.check()
         finally:
             await engine.stop()
 
     asyncio.run(start_and_stop())
+    assert spawned == [True]
     assert not engine.process.alive()
 
 

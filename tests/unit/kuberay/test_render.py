@@ -220,7 +220,8 @@ def test_every_container_is_restricted_with_explicit_writable_mounts(overlay: st
     for name, spec in pods(overlay).items():
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert spec["automountServiceAccountToken"] is (name == "head")
+        # the head's autoscaler scales groups; tier replicas post Events on their pod
+        assert spec["automountServiceAccountToken"] is (name == "head" or name.startswith("tier"))
         contexts += [
             c["securityContext"] for c in spec["containers"] + spec.get("initContainers", [])
         ]
@@ -356,3 +357,24 @@ def test_the_hf_token_reaches_every_pod_that_downloads_weights_as_a_file(overlay
             assert Path(env["HF_TOKEN_PATH"]).parent.as_posix() == mount["mountPath"]
         else:
             assert "HF_TOKEN_PATH" not in env, name
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_tier_pods_may_only_create_events_on_the_kubernetes_api(overlay: str) -> None:
+    docs = kustomize(f"kuberay/overlays/{overlay}")
+    (role,) = [
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "serve-app-events"
+    ]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "serve-app-events"}]
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert account["automountServiceAccountToken"] is False
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in cluster["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        is_tier = group["groupName"] != "router"
+        assert spec["automountServiceAccountToken"] is is_tier, group["groupName"]
+        assert (spec.get("serviceAccountName") == "serve-app-events") is is_tier
+    assert "serviceAccountName" not in cluster["headGroupSpec"]["template"]["spec"]

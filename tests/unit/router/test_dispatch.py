@@ -302,3 +302,68 @@ def test_an_update_gives_back_the_kept_leases_of_a_tier_whose_keeping_changed() 
         assert closed == ["large", "small"] and set(transport._leases) == {"large"}
 
     asyncio.run(run())
+
+
+# -- a tier's state (`serve_app.router.tier_states`) ------------------------------------------
+
+
+class Waiting(Attempt):
+    """A call no replica takes."""
+
+    async def __anext__(self) -> Any:
+        await asyncio.sleep(3600)
+
+
+def test_a_failed_tier_is_refused_at_once_with_serves_reason() -> None:
+    from serve_app.router.tier_states import TierBoard, TierState, TierStatus
+
+    board = TierBoard()
+    board.put(TierStatus("small", TierState.FAILED, 0.0, "exited with code 1 during start-up"))
+    transport = Transport(Waiting())
+    dispatcher = Dispatcher(transport, {"small": 600.0}, board, clock=lambda: 10.0)
+    with pytest.raises(TierUnavailable) as refused:
+        asyncio.run(dispatcher.request("small", CALL, OFF))
+    assert refused.value.message == (
+        "tier 'small' failed to start: exited with code 1 during start-up; retry later"
+    )
+    assert refused.value.retry_after_s == 60
+    assert transport.made[0].cancelled
+
+
+def test_a_wait_ends_when_the_tier_fails_meanwhile() -> None:
+    from serve_app.router.tier_states import TierBoard, TierState, TierStatus
+
+    async def scenario() -> TierUnavailable:
+        board = TierBoard()
+        board.put(TierStatus("small", TierState.LOADING, 0.0))
+        dispatcher = Dispatcher(Transport(Waiting()), {"small": 600.0}, board)
+        waiting = asyncio.ensure_future(dispatcher.request("small", CALL, OFF))
+        await asyncio.sleep(0.05)
+        board.put(TierStatus("small", TierState.FAILED, 0.0, "not ready within 900s"))
+        try:
+            await asyncio.wait_for(waiting, 2)
+        except TierUnavailable as exc:
+            return exc
+        raise AssertionError("the wait went on")
+
+    assert "tier 'small' failed to start: not ready within 900s" in asyncio.run(scenario()).message
+
+
+def test_a_wait_that_runs_out_names_the_tiers_state() -> None:
+    from serve_app.router.tier_states import TierBoard, TierState, TierStatus
+
+    board = TierBoard()
+    board.put(TierStatus("small", TierState.LOADING, 5.0))
+    dispatcher = Dispatcher(Transport(Waiting()), {"small": 0.05}, board, clock=lambda: 100.0)
+    with pytest.raises(TierUnavailable) as refused:
+        asyncio.run(dispatcher.stream("small", CALL, OFF))
+    assert refused.value.message == (
+        "tier 'small' is loading its model (started 95 s ago); no replica of tier 'small' took "
+        "the request within 0s (replica_wait_timeout_s); retry later"
+    )
+    assert refused.value.retry_after_s == 15
+    # a ready tier (or one whose state is unknown) that runs out is saturated, as before
+    board.put(TierStatus("small", TierState.READY, 5.0))
+    dispatcher = Dispatcher(Transport(Waiting()), {"small": 0.05}, board)
+    with pytest.raises(TierUnavailable, match="the tier is starting or saturated"):
+        asyncio.run(dispatcher.stream("small", CALL, OFF))

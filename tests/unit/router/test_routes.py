@@ -372,3 +372,66 @@ def test_a_reconfigured_router_applies_the_new_settings_and_keeps_its_state(
     args["tiers"][1]["admission"] = {"max_in_flight": 2}
     r.reconfigure(type(cfg).model_validate(args))
     assert r.services.admissions["large"] is not before.admissions["large"]
+
+
+# -- tiers' states ----------------------------------------------------------------------------
+
+
+def test_models_and_the_status_route_show_each_tiers_state(tmp_path: Path) -> None:
+    from serve_app.router.tier_states import ReplicaView, TierState, TierStatus
+    from serve_app.tier.startup import Phase
+
+    r, _, _ = router(config(tmp_path), engine)
+    app = r.asgi_app()
+    r.states.put(TierStatus("small", TierState.READY, 50.0))
+    loading = ReplicaView("r1", "STARTING", Phase.LOADING, 60.0)
+    r.states.put(TierStatus("large", TierState.LOADING, 60.0, None, (loading,)))
+    models = asyncio.run(call(app, "GET", "/v1/models", None, bearer("team-a"))).json()
+    by_id = {m["id"]: m for m in models["data"]}
+    assert by_id["gpt-4o-mini"]["status"] == {"state": "ready", "since": 50.0, "reason": None}
+    assert by_id["large"]["status"]["state"] == "loading"
+    assert "status" not in by_id["auto"]
+    assert by_id["large"]["object"] == "model" and by_id["large"]["owned_by"] == "serve-app"
+    # OpenAI's client takes the list as it is, and keeps the extra field
+    from openai.types import Model
+
+    parsed = Model.model_validate(by_id["large"])
+    assert parsed.id == "large" and (parsed.model_extra or {})["status"]["state"] == "loading"
+    one = asyncio.run(call(app, "GET", "/v1/models/large", None, bearer("team-a"))).json()
+    assert one["status"]["state"] == "loading"
+
+    status = asyncio.run(call(app, "GET", "/v1/status", None, bearer("team-a"))).json()
+    assert status["object"] == "status"
+    tiers = {t["tier"]: t for t in status["tiers"]}
+    assert tiers["large"]["replicas"] == [loading.as_json()]
+    assert tiers["small"]["state"] == "ready"
+    # a key sees the tiers it may use; without a key, nothing
+    mine = asyncio.run(call(app, "GET", "/v1/status", None, bearer("small-only"))).json()
+    assert [t["tier"] for t in mine["tiers"]] == ["small"]
+    assert asyncio.run(call(app, "GET", "/v1/status", None, {})).status == 401
+
+
+def test_a_tier_the_router_has_not_seen_yet_is_unknown(tmp_path: Path) -> None:
+    r, _, _ = router(config(tmp_path), engine)
+    status = asyncio.run(call(r.asgi_app(), "GET", "/v1/status", None, bearer("team-a"))).json()
+    assert {t["state"] for t in status["tiers"]} == {"unknown"}
+
+
+def test_the_status_route_shows_a_tiers_versions_and_its_candidates_state(tmp_path: Path) -> None:
+    from serve_app.config import AppConfig
+    from serve_app.router.tier_states import TierState, TierStatus
+
+    args = config(tmp_path).model_dump(mode="json", exclude_unset=True)
+    args["tiers"][0]["version"] = "v1"
+    args["tiers"][0]["candidate"] = {"version": "v2", "weight_percent": 10}
+    r, _, _ = router(AppConfig.model_validate(args), engine)
+    r.states.put(TierStatus("small", TierState.READY, 50.0))
+    r.states.put(TierStatus("small@v2", TierState.LOADING, 70.0))
+    status = asyncio.run(call(r.asgi_app(), "GET", "/v1/status", None, bearer("team-a"))).json()
+    tiers = {t["tier"]: t for t in status["tiers"]}
+    versions = tiers["small"]["versions"]
+    assert versions["stable"]["version"] == "v1"
+    candidate = versions["candidate"]
+    assert candidate["version"] == "v2" and candidate["weight_percent"] == 10
+    assert (candidate["state"], candidate["since"]) == ("loading", 70.0)
+    assert tiers["large"]["versions"]["candidate"] is None
