@@ -96,6 +96,15 @@ class KubeApi:
     namespace: str
     pod: str
     uid: str | None = None
+    token_file: Path | None = None  # re-read at each post: Kubernetes rotates bound tokens
+
+    def bearer(self) -> str:
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text().strip()
+            except OSError:
+                pass
+        return self.token
 
     @classmethod
     def in_cluster(
@@ -121,6 +130,7 @@ class KubeApi:
             namespace=namespace,
             pod=environ.get(POD_NAME_ENV) or socket.gethostname(),
             uid=environ.get(POD_UID_ENV) or None,
+            token_file=token,
         )
 
 
@@ -147,7 +157,7 @@ class KubeEvents:
             reply = httpx.post(
                 f"{api.url}/api/v1/namespaces/{api.namespace}/events",
                 json=body,
-                headers={"Authorization": f"Bearer {api.token}"},
+                headers={"Authorization": f"Bearer {api.bearer()}"},
                 verify=verify,
                 timeout=POST_TIMEOUT_S,
             )

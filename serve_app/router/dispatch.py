@@ -39,6 +39,8 @@ from .tier_states import TierBoard, TierStatus, describe, retry_after_s
 
 # A call that nothing served is tried once more: Serve may pick another replica.
 ATTEMPTS = 2
+# A version added while a request's services were built has no bound in them yet: the default.
+DEFAULT_WAIT_S: float = TierConfig.model_fields["replica_wait_timeout_s"].default
 T = TypeVar("T", covariant=True)
 
 
@@ -106,14 +108,22 @@ class ServeTransport:
         return _keeping(tier) if self._keep_leases else None
 
     def request(self, tier: str, call: TierCall) -> Calls[EngineReply | None]:
-        if self._tiers[tier].tuning.data_path == "direct":
+        if self._config(tier).tuning.data_path == "direct":
             return self._leases[tier].calls(call, self._post(tier, call), reusable_after)
         return RayCalls(tier, self._routed(tier, call).request.remote(call))
 
     def stream(self, tier: str, call: TierCall) -> Calls[Batch | None]:
-        if self._tiers[tier].tuning.data_path == "direct":
+        if self._config(tier).tuning.data_path == "direct":
             return self._leases[tier].calls(call, self._stream(tier, call))
         return RayCalls(tier, self._routed(tier, call).stream.remote(call))
+
+    def _config(self, tier: str) -> TierConfig:
+        """The tier's (or version's) settings; one the configuration no longer has (a candidate
+        promoted or removed while a request that chose it waited) cannot take requests."""
+        config = self._tiers.get(tier)
+        if config is None:
+            raise TierUnavailable(f"tier {tier!r} is no longer configured", retry_after_s=1)
+        return config
 
     def _asker(self, tier: str) -> Callable[[TierCall], GrantCall]:
         """Serve's call to `TierDeployment.lease`, for a request or (`SPARE`) for none."""
@@ -308,11 +318,11 @@ class Dispatcher:
         failed = self._states.failed(tier)
         if failed is not None:
             raise self._refusal(failed)
-        timeout = self._wait_timeout_s[tier]
+        timeout = self._wait_timeout_s.get(tier, DEFAULT_WAIT_S)
         status = self._states.get(tier)
         try:
             async with asyncio.timeout(timeout):  # passes on a cancellation, always
-                if status is None or status.ready:
+                if status is None or status.ready:  # the common case: no watch for failure
                     await anext(calls)
                 else:
                     await self._unless_failed(tier, calls)

@@ -274,8 +274,11 @@ class Router:
     async def versions(self, life: RequestLife) -> Response:
         """Every tier's versions as this router replica applies them: weights, the candidate's
         health over its rollback window, a rollback and why (`Versions.state`); with keys on,
-        for any valid key."""
-        return JSONResponse(self._services.versions.state())
+        the tiers the key may use."""
+        state = self._services.versions.state()
+        if life.allowed is not None:
+            state["tiers"] = {t: v for t, v in state["tiers"].items() if t in life.allowed}
+        return JSONResponse(state)
 
     # -- the boundary: a request's life begins, errors become HTTP answers ---------------------
 

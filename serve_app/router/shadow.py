@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..engine.client import EngineReply
-from ..errors import EngineReplyError, TierOverloaded
+from ..errors import EngineReplyError, TierOverloaded, TierUnavailable
 from ..tier.call import TierCall
 from .accounting import Recorder
 from .errors import api_error
@@ -202,13 +202,16 @@ class Shadows:
         timeout_s: float,
     ) -> None:
         start = time.perf_counter()
+        released = False
         try:
             try:
                 async with asyncio.timeout(timeout_s):
                     reply = await send(target.key, call)
                 outcome = reply_outcome(reply, time.perf_counter() - start)
-            except (TierOverloaded, EngineReplyError) as exc:
-                if isinstance(exc, TierOverloaded) or exc.status == 429:
+            except (TierOverloaded, TierUnavailable, EngineReplyError) as exc:
+                # A candidate that is busy, or not serving yet (no replica, still starting):
+                # the copy is dropped, and judges nothing.
+                if isinstance(exc, (TierOverloaded, TierUnavailable)) or exc.status == 429:
                     self._recorder.shadowed(target.tier, target.version, Comparison("dropped"))
                     return
                 outcome = Outcome(exc.status, time.perf_counter() - start, None, None)
@@ -218,9 +221,12 @@ class Shadows:
             if outcome.status == 429:
                 self._recorder.shadowed(target.tier, target.version, Comparison("dropped"))
                 return
-            rollback = versions.observe(target.key, outcome.status, outcome.seconds)
+            # Errors only: a whole answer's duration is not what a streamed client waits for.
+            rollback = versions.observe(target.key, outcome.status, None)
             if rollback is not None:
                 self._recorder.rolled_back(target.tier, target.version, rollback.code)
+            self._release(target.key)  # the candidate has answered: its slot is free
+            released = True
             try:
                 async with asyncio.timeout(timeout_s):
                     stable = await copy.stable
@@ -230,7 +236,11 @@ class Shadows:
         except Exception:
             logger.exception("a shadow copy to %s failed", target.key)
         finally:
-            self._in_flight[target.key] = self.in_flight(target.key) - 1
+            if not released:
+                self._release(target.key)
+
+    def _release(self, key: str) -> None:
+        self._in_flight[key] = self.in_flight(key) - 1
 
 
 async def tapped(events: AsyncIterator[bytes], into: bytearray) -> AsyncIterator[bytes]:

@@ -19,6 +19,7 @@ from .tier_states import TierBoard, TierState, TierStatus, derive
 logger = logging.getLogger("ray.serve")
 
 POLL_S = 3.0
+ROUND_S = 10.0  # the longest one round (Serve's details and the phases) may take
 # A phase key of a replica Serve no longer has is removed after this long (a failure stays
 # shown meanwhile); a replica that stops in order removes its own.
 STALE_S = 600.0
@@ -73,6 +74,7 @@ class TierWatch:
     def tiers(self, names: Iterable[str] | Mapping[str, TierConfig]) -> None:
         """The tiers configured now (a router's live reconfiguration): names, or every version
         under the router's key for it (`serve_app.router.versions.targets`)."""
+        before = set(self._tiers)
         if isinstance(names, Mapping):
             self._tiers = {
                 key: (tier_app_name(t.name, t.version), version_id(t.name, t.version))
@@ -81,6 +83,10 @@ class TierWatch:
         else:
             self._tiers = dict.fromkeys(names, (None, None))
         self._board.keep_only(list(self._tiers))
+        if self._gauge is not None:  # a version or tier gone: no series left at 1
+            for gone in before - set(self._tiers):
+                for state in TierState:
+                    self._gauge(gone, state, 0.0)
 
     async def once(self) -> dict[str, TierStatus]:
         details = await self._details()
@@ -103,7 +109,8 @@ class TierWatch:
         """Forever, every `every_s`; a failed round is logged once until one succeeds."""
         while True:
             try:
-                await self.once()
+                async with asyncio.timeout(max(ROUND_S, 2 * every_s)):  # a hung controller call
+                    await self.once()
                 self._failing = False
             except Exception as exc:
                 if not self._failing:

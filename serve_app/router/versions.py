@@ -87,9 +87,9 @@ class RollbackWindow:
 
     def __init__(self, rule: RollbackRule) -> None:
         self.rule = rule
-        self._outcomes: deque[tuple[float, bool, float]] = deque()
+        self._outcomes: deque[tuple[float, bool, float | None]] = deque()
 
-    def add(self, now: float, failed: bool, seconds: float) -> None:
+    def add(self, now: float, failed: bool, seconds: float | None) -> None:
         self._outcomes.append((now, failed, seconds))
         self._prune(now)
 
@@ -105,7 +105,7 @@ class RollbackWindow:
         return {
             "requests": count,
             "error_rate": failed / count if count else 0.0,
-            "p99_s": p99([s for _, _, s in self._outcomes]),
+            "p99_s": p99([s for _, _, s in self._outcomes if s is not None]),
         }
 
     def verdict(self, now: float) -> str | None:
@@ -218,9 +218,13 @@ class Versions:
         return candidate if where < weight else self.stable(tier)
 
     def other(self, target: Target) -> Target | None:
-        """Where a request the version could not take goes instead: the other version."""
+        """Where a request the version could not take goes instead: the other version; the
+        candidate only while it takes a share of the traffic (a shadowed one serves nobody)."""
         if target.candidate:
             return self.stable(target.tier)
+        candidate = self._config.tier(target.tier).candidate
+        if candidate is None or candidate.weight_percent <= 0:
+            return None
         return self.candidate(target.tier)
 
     def shadow(self, target: Target) -> Target | None:
@@ -233,9 +237,10 @@ class Versions:
         share = self._config.tier(target.tier).candidate.shadow_percent  # type: ignore[union-attr]
         return candidate if share > 0 and self._draw() * 100 < share else None
 
-    def observe(self, key: str, status: int, seconds: float) -> Rollback | None:
+    def observe(self, key: str, status: int, seconds: float | None) -> Rollback | None:
         """A candidate's outcome (a served request or a shadow copy); the rollback it decides,
-        once, when its window breaches the rule."""
+        once, when its window breaches the rule. `seconds` None: an outcome that counts for the
+        error rate only (a shadow copy's whole answer is not a client's latency)."""
         window = self._windows.get(key)
         if window is None or key in self.rolled_back:
             return None

@@ -69,6 +69,7 @@ class TierDeployment:
     async def __init__(self, tier: TierConfig, tracing: TracingConfig | None = None) -> None:
         self._gpus = tier.gpus_per_replica
         self._metered_at = time.monotonic()  # the GPUs are held from here: GPU-seconds count
+        self._tags = {"tier": tier.name}  # before anything that may fail: `_meter` needs them
         replica = serve.get_replica_context().replica_id.unique_id
         # What routers show of this replica until it serves (`serve_app.tier.startup`).
         events = pod_events()
@@ -91,6 +92,12 @@ class TierDeployment:
         except EngineStartupError as exc:
             self.phases.set(Phase.FAILED, exc.message)
             raise
+        except Exception as exc:
+            self.phases.set(Phase.FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        except BaseException:  # cancelled (the replica is being stopped): no phase to show
+            self.phases.clear()
+            raise
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         # With the direct data path, routers on any node stream from the engine: it listens on
         # the node's address (its key keeps everyone else out); otherwise on loopback only.
@@ -98,7 +105,6 @@ class TierDeployment:
         self._supervisor = EngineSupervisor(tier, gpu_ids, os.environ, log, tracing, host)
         self._tier = tier
         self._tracing = Tracing.configure(tracing, f"tier-{tier.name}")
-        self._tags = {"tier": tier.name}
         engine = tier.engine.tuning
         self._slots = engine.max_batch_size or engine.max_concurrent_requests
         # router replica -> (its admission queue's length, when it said so)

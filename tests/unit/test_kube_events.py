@@ -50,7 +50,10 @@ def test_only_a_pod_with_a_token_posts(tmp_path: Path) -> None:
     (tmp_path / "ca.crt").write_text("")
     api = KubeApi.in_cluster(env, tmp_path)
     assert api == KubeApi("https://10.0.0.1:443", "tok", str(tmp_path / "ca.crt"), "llm",
-                          "ray-worker-1")  # fmt: skip
+                          "ray-worker-1", token_file=tmp_path / "token")  # fmt: skip
+    # Kubernetes rotates a bound token in place: each post reads the file again
+    (tmp_path / "token").write_text("rotated\n")
+    assert api is not None and api.bearer() == "rotated"
 
 
 class Recorder(BaseHTTPRequestHandler):

@@ -13,6 +13,7 @@ import pytest
 
 from serve_app.config import AppConfig
 from serve_app.engine.client import EngineReply
+from serve_app.errors import TierUnavailable
 from serve_app.router.shadow import (
     MAX_IN_FLIGHT,
     Comparison,
@@ -142,3 +143,49 @@ def test_a_shadowed_request_is_answered_by_stable_and_copied(tmp_path: Path, str
     assert recorder.versions == ["stable"]  # the copy is not a request of the client's
     charged = recorder.tokens_by_tenant["team-a"]
     assert charged == recorder.outcomes[0][2].total  # the copy's tokens are not billed
+
+
+def test_a_candidate_not_serving_yet_drops_its_copies_and_judges_nothing() -> None:
+    recorder, versions = ListRecorder(), versions_for_shadow()
+    target = versions.target("small@v2")
+
+    async def send(key: str, c: Any) -> EngineReply:
+        raise TierUnavailable("no replica of tier 'small@v2' took the request within 600s")
+
+    async def run() -> None:
+        shadows = Shadows(recorder, set())
+        for _ in range(30):
+            copy = shadows.start(target, None, send, versions, 5)  # type: ignore[arg-type]
+            assert copy is not None
+            copy.settled(None)
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        assert shadows.in_flight("small@v2") == 0
+
+    asyncio.run(run())
+    assert [c.result for _, _, c in recorder.shadows] == ["dropped"] * 30
+    assert recorder.rollbacks == [] and versions.shadow(versions.stable("small")) is not None
+
+
+def test_slow_whole_answers_of_copies_do_not_roll_the_candidate_back() -> None:
+    versions = Versions(AppConfig.model_validate({"tiers": [{"name": "small", "candidate": {
+        "version": "v2", "shadow_percent": 100, "rollback": {"min_requests": 5,
+        "max_p99_s": 1.0}}}]}))  # fmt: skip
+    recorder, target = ListRecorder(), versions.target("small@v2")
+
+    async def send(key: str, c: Any) -> EngineReply:
+        await asyncio.sleep(0.02)
+        return EngineReply(200, b'{"choices": [{"text": "x"}]}', {})
+
+    async def run() -> None:
+        shadows = Shadows(recorder, set())
+        for _ in range(MAX_IN_FLIGHT):
+            copy = shadows.start(target, None, send, versions, 5)  # type: ignore[arg-type]
+            assert copy is not None
+            copy.settled(Outcome(200, 0.001, 1, "x"))  # the stable answer: far faster
+        await asyncio.sleep(0.2)
+
+    asyncio.run(run())
+    health = versions.state()["tiers"]["small"]["candidate"]["health"]
+    assert health["requests"] == MAX_IN_FLIGHT and health["p99_s"] is None
+    assert recorder.rollbacks == []

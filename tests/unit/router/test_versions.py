@@ -290,3 +290,22 @@ def test_the_versions_route_needs_a_key_when_keys_are_on(tmp_path: Path) -> None
     assert asyncio.run(call(r.asgi_app(), "GET", "/v1/versions")).status == 401
     answer = asyncio.run(call(r.asgi_app(), "GET", "/v1/versions", None, bearer("team-a")))
     assert answer.status == 200 and answer.json()["tiers"]["small"]["candidate"]["version"] == "v2"
+
+
+def test_a_shadowed_candidate_serves_nobody_when_stable_cannot(tmp_path: Path) -> None:
+    versions = Versions(versioned(weight=0, shadow=100))
+    assert versions.other(versions.stable("small")) is None
+    assert Versions(versioned(weight=10)).other(versions.stable("small")) is not None
+
+
+def test_a_version_no_longer_configured_cannot_take_requests_and_moves_them() -> None:
+    from serve_app.router.dispatch import ServeTransport, moved
+    from serve_app.tier.call import TierCall
+
+    # a candidate promoted away while a request that chose it waited: its key is gone
+    transport = ServeTransport({}, {}, keep_leases=True)
+    call = TierCall("/v1/chat/completions", {"messages": []}, False, 8, 2)
+    for send in (transport.request, transport.stream):
+        with pytest.raises(TierUnavailable, match="no longer configured") as caught:
+            send("small@v2", call)
+        assert moved(caught.value)
