@@ -175,7 +175,7 @@ def test_serve_status_shows_every_deployment_healthy(stack: Stack) -> None:
     assert set(apps) == {"llm", "tier-small", "tier-large"}, out
     assert {app["status"] for app in apps.values()} == {"RUNNING"}, out
     deployments = all_deployments(apps)
-    assert set(deployments) == {"router", "tier-small", "tier-large"}, out
+    assert set(deployments) == {"router", "version-board", "tier-small", "tier-large"}, out
     assert {d["status"] for d in deployments.values()} == {"HEALTHY"}, out
 
 
