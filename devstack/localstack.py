@@ -149,8 +149,16 @@ def _failure(name: str, app: dict[str, Any]) -> str:
 
 
 def tier_names(config: Path) -> list[str]:
-    apps = yaml.safe_load(config.read_text()).get("applications") or [{}]
-    return [tier["name"] for tier in (apps[0].get("args") or {}).get("tiers") or []] or ["?"]
+    """The tiers of a source config (the application's `args`) or of a rendered one (the
+    router's `user_config`, `serve_app.serve_config`)."""
+    for app in yaml.safe_load(config.read_text()).get("applications") or []:
+        sources = [app.get("args") or {}]
+        sources += [d.get("user_config") or {} for d in app.get("deployments") or []]
+        for source in sources:
+            names = [tier["name"] for tier in source.get("tiers") or []]
+            if names:
+                return names
+    return ["?"]
 
 
 def http_port(config: Path) -> int:

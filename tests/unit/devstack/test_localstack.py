@@ -68,6 +68,8 @@ def test_the_deployed_config_is_written_beside_the_state(tmp_path: Path) -> None
         root / ".vllm/venv/bin/python"
     )
     assert localstack.tier_names(out) == ["small", "vllm-small"]
+    # the rendered form `make up` deploys: the tiers are in the router's user_config
+    assert localstack.tier_names(root / "configs" / "local.yaml") == ["small", "large"]
 
 
 def test_the_local_node_takes_loopback_for_its_address() -> None:
