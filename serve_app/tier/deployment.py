@@ -28,7 +28,7 @@ from ..engine.sse import Batch
 from ..engine.stats import parse_load
 from ..engine.supervisor import EngineSupervisor
 from ..engine.tgi_over_openai import tgi_info
-from ..errors import EngineStartupError, EngineUnreachable
+from ..errors import EngineUnreachable
 from ..kube_events import pod_events
 from ..metrics import app_metrics
 from ..router.leases import EngineLease, ReplicaLeases
@@ -87,17 +87,8 @@ class TierDeployment:
         # starts (a no-op without one, or for the local engine); a failed fill fails the start.
         if skip_reason(tier, os.environ) is None:
             self.phases.set(Phase.FILLING_CACHE)
-        try:
+        with self.phases.failing():
             await ensure_model_cached(tier, os.environ, log)
-        except EngineStartupError as exc:
-            self.phases.set(Phase.FAILED, exc.message)
-            raise
-        except Exception as exc:
-            self.phases.set(Phase.FAILED, f"{type(exc).__name__}: {exc}")
-            raise
-        except BaseException:  # cancelled (the replica is being stopped): no phase to show
-            self.phases.clear()
-            raise
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         # With the direct data path, routers on any node stream from the engine: it listens on
         # the node's address (its key keeps everyone else out); otherwise on loopback only.
@@ -121,15 +112,8 @@ class TierDeployment:
         self._rule: dict[str, float] = {}
         app_metrics().engine_starts.inc(1, self._tags)
         self._price(tier.tuning.gpu_hour_price_usd)
-        # Work before the engine starts (a model-cache fill) sets `Phase.FILLING_CACHE` first.
-        try:
+        with self.phases.failing():
             await self._supervisor.start(on_spawned=lambda: self.phases.set(Phase.LOADING))
-        except EngineStartupError as exc:
-            self.phases.set(Phase.FAILED, exc.message)
-            raise
-        except Exception as exc:
-            self.phases.set(Phase.FAILED, f"{type(exc).__name__}: {exc}")
-            raise
         self.phases.set(Phase.READY)
         self._log = log
         self._watch = asyncio.create_task(self._end_with_engine())

@@ -17,13 +17,16 @@ logged once and otherwise ignored.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Protocol
+
+from ..errors import EngineStartupError
 
 logger = logging.getLogger("ray.serve")
 
@@ -160,6 +163,22 @@ class StartupPhases:
             except Exception as exc:  # an announcement never fails a start
                 self._warn(exc)
         return current
+
+    @contextlib.contextmanager
+    def failing(self) -> Iterator[None]:
+        """A start-up step: its failure is the replica's `FAILED` phase, with the reason; a
+        cancellation (the replica is being stopped) leaves no phase to show."""
+        try:
+            yield
+        except EngineStartupError as exc:
+            self.set(Phase.FAILED, exc.message)
+            raise
+        except Exception as exc:
+            self.set(Phase.FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        except BaseException:
+            self.clear()
+            raise
 
     def clear(self) -> None:
         self._guarded(lambda store: store.delete(self.key))

@@ -75,3 +75,23 @@ def test_anything_else_in_the_store_is_no_phase() -> None:
     assert ReplicaPhase.decode(b"not json") is None
     assert ReplicaPhase.decode(b'{"tier": "a", "replica": "b", "phase": "dancing"}') is None
     assert ReplicaPhase.decode(b"{}") is None
+
+
+def test_a_failing_step_is_the_failed_phase_and_a_cancelled_one_leaves_none() -> None:
+    import asyncio
+
+    import pytest
+
+    from serve_app.errors import EngineStartupError
+
+    store = MemoryStore()
+    phases = StartupPhases("small", "r1", store, clock=lambda: 5.0)
+    with pytest.raises(EngineStartupError), phases.failing():
+        raise EngineStartupError("the engine exited")
+    assert phases.current is not None and phases.current.reason == "the engine exited"
+    with pytest.raises(OSError), phases.failing():
+        raise OSError("disk full")
+    assert phases.current.phase is Phase.FAILED and phases.current.reason == "OSError: disk full"
+    with pytest.raises(asyncio.CancelledError), phases.failing():
+        raise asyncio.CancelledError
+    assert store.data == {}
